@@ -1,0 +1,165 @@
+"""The plan: targets x stages as a graph of nodes, each keyed by the hash of its inputs.
+
+Node ids: ``source`` (the checkpoint, imported into the workspace), ``prepare`` (host
+preprocessing), ``<target>.<stage>`` (from targets/<t>/target.yaml) and ``verify`` (host).
+A node's key is sha256 over its id, its code version, its runner fingerprint, its
+parameters and the digests of the exact files it reads. Upstream digests come from the
+upstream stamps, so a re-run that reproduces identical bytes stops the cascade there.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import REPO_ROOT
+from .config import Matrix
+from .errors import ConfigError
+from .workspace import iter_files, sha256_json
+
+HOST_CODE = {
+    "source": ["modelmatrix/workspace.py"],
+    "prepare": ["modelmatrix/data.py", "modelmatrix/config.py"],
+    "verify": ["modelmatrix/verify.py", "modelmatrix/reid_metrics.py", "modelmatrix/report.py",
+               "modelmatrix/pipeline.py"],
+}
+
+
+@dataclass
+class Ref:
+    producer: str        # node id
+    file: str            # output of that node (file or folder)
+    optional: bool = False
+
+
+@dataclass
+class Node:
+    id: str
+    target: str | None            # None for host nodes
+    stage: str
+    inputs: dict[str, Ref] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    outputs: list[str] = field(default_factory=list)
+
+    @property
+    def host(self) -> bool:
+        return self.target is None
+
+
+def parse_ref(text: str, where: str) -> Ref:
+    optional = text.endswith("?")
+    text = text.rstrip("?")
+    if "/" not in text:
+        raise ConfigError(f"{where}: input {text!r} must look like 'producer/file' "
+                          "(e.g. torch.export/model.onnx or prepare/inputs.npy)")
+    producer, file = text.split("/", 1)
+    return Ref(producer, file, optional)
+
+
+_code_cache: dict[str, str] = {}
+
+
+def code_hash(node: Node) -> str:
+    """Hash of the code a node runs: the whole target folder plus the shared contract."""
+    cache_key = node.target or node.id
+    if cache_key in _code_cache:
+        return _code_cache[cache_key]
+    h = hashlib.sha256()
+    if node.host:
+        paths = [REPO_ROOT / p for p in HOST_CODE.get(node.id, [])]
+    else:
+        paths = [REPO_ROOT / "targets" / "__init__.py", *iter_files(REPO_ROOT / "targets" / "common"),
+                 *iter_files(REPO_ROOT / "targets" / node.target)]
+    for p in paths:
+        if p.is_file():
+            h.update(p.relative_to(REPO_ROOT).as_posix().encode() + b"\0" + p.read_bytes())
+    _code_cache[cache_key] = h.hexdigest()
+    return _code_cache[cache_key]
+
+
+def stage_params(matrix: Matrix, target: str, names: list[str]) -> dict[str, Any]:
+    """The parameters a stage declares, from its stanza's params or (for `model`) the model section."""
+    stanza = matrix.target_cfg(target)["params"]
+    out = {}
+    for name in names:
+        if name == "model":
+            # The checkpoint enters through its content digest (the `source` node), not its path.
+            out["model"] = {**{k: v for k, v in matrix.model.items() if k != "checkpoint"},
+                            "contract": matrix.contract()}
+        elif name in stanza:
+            out[name] = stanza[name]
+        else:
+            raise ConfigError(f"targets/{target}/target.yaml: stage parameter {name!r} is not declared "
+                              "under params:")
+    return out
+
+
+def stage_node(matrix: Matrix, target: str, stage: str) -> Node:
+    sdef = matrix.targets[target].stages[stage]
+    where = f"targets/{target}/target.yaml: stages.{stage}"
+    node = Node(f"{target}.{stage}", target, stage, outputs=list(sdef.outputs),
+                params=stage_params(matrix, target, sdef.params))
+    for iname, text in sdef.inputs.items():
+        node.inputs[iname] = parse_ref(text, f"{where}.inputs.{iname}")
+    return node
+
+
+def build_plan(matrix: Matrix) -> list[Node]:
+    """All nodes in run order (topological)."""
+    model = matrix.model
+    data = matrix.raw["data"]
+    nodes: dict[str, Node] = {}
+    if model["checkpoint"]:
+        nodes["source"] = Node("source", None, "source", outputs=["checkpoint"],
+                               params={"path": str(matrix.resolve(model["checkpoint"]))})
+    nodes["prepare"] = Node("prepare", None, "prepare",
+                            params={"dataset": str(matrix.resolve(data["dataset"])),
+                                    "contract": matrix.contract(), "limit": data["limit"],
+                                    "ascend_bins": data["ascend_bins"]},
+                            outputs=["inputs.npy", "index.json"] + (["ascend"] if data["ascend_bins"] else []))
+    for tname in matrix.enabled_targets():
+        tdef = matrix.targets[tname]
+        for sname, sdef in tdef.matrix_stages.items():
+            nodes[f"{tname}.{sname}"] = stage_node(matrix, tname, sname)
+    features = {t: Ref(f"{t}.infer", "features.npy") for t in matrix.enabled_targets()
+                if "infer" in matrix.targets[t].matrix_stages}
+    nodes["verify"] = Node("verify", None, "verify",
+                           inputs={**{f"features:{t}": r for t, r in features.items()},
+                                   "index": Ref("prepare", "index.json")},
+                           outputs=["report.json", "report.md", "junit.xml"])
+    return _toposort(nodes)
+
+
+def _toposort(nodes: dict[str, Node]) -> list[Node]:
+    order: list[Node] = []
+    state: dict[str, int] = {}
+
+    def visit(nid: str, chain: tuple[str, ...]) -> None:
+        if state.get(nid) == 2:
+            return
+        if state.get(nid) == 1:
+            raise ConfigError(f"stage graph has a cycle: {' -> '.join(chain + (nid,))}")
+        state[nid] = 1
+        for ref in nodes[nid].inputs.values():
+            if ref.producer in nodes:
+                visit(ref.producer, chain + (nid,))
+            elif not ref.optional:
+                raise ConfigError(f"{nid}: input from {ref.producer!r}, which is not a stage of this plan "
+                                  "(is its target enabled in matrix.yaml?)")
+        state[nid] = 2
+        order.append(nodes[nid])
+
+    for nid in nodes:
+        visit(nid, ())
+    return order
+
+
+def node_key(node: Node, fingerprint: str, input_digests: dict[str, str]) -> str:
+    return sha256_json({"node": node.id, "code": code_hash(node), "env": fingerprint,
+                        "params": node.params, "inputs": input_digests})
+
+
+def short(key: str) -> str:
+    return key[:12]
+
+

@@ -1,0 +1,94 @@
+"""One runner interface, two homes: the local subprocess runner (the embedded default) and Docker.
+
+A runner executes ONE stage of a target: it writes the stage spec into the stage's (temporary)
+output folder, with paths as seen from where the stage runs, and runs
+``python -m targets.<target>.<stage> <spec.json>``. It raises StageFailed (with the tail of the
+stage's log) on a non-zero exit, a timeout, or a stage that wrote no result.json.
+"""
+from __future__ import annotations
+
+import abc
+import collections
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from targets.common.contract import RESULT_NAME, SPEC_NAME, atomic_write_json, spec_to_json
+
+from ..config import TargetDef
+from ..errors import StageFailed
+
+LOG_TAIL_LINES = 40
+
+
+@dataclass
+class StageRequest:
+    target: TargetDef
+    stage: str
+    workspace: Path                  # host path of the workspace root
+    inputs: dict[str, str]           # name -> path relative to the workspace root
+    out_dir: str                     # relative to the workspace root; created by the caller
+    params: dict[str, Any] = field(default_factory=dict)
+    timeout_s: float = 3600.0
+    origins: dict[str, str] = field(default_factory=dict)   # for messages only; not part of any key
+
+    @property
+    def label(self) -> str:
+        return f"{self.target.name}.{self.stage}"
+
+    @property
+    def module(self) -> str:
+        return f"targets.{self.target.name}.{self.stage}"
+
+    def write_spec(self, root_seen_by_stage: str) -> Path:
+        """Write spec.json into the out dir; returns its host path."""
+        path = self.workspace / self.out_dir / SPEC_NAME
+        atomic_write_json(path, spec_to_json(self.target.name, self.stage, root_seen_by_stage,
+                                             self.inputs, self.out_dir, self.params, self.origins))
+        return path
+
+    def check_result(self, log_tail: str) -> None:
+        if not (self.workspace / self.out_dir / RESULT_NAME).is_file():
+            raise StageFailed(f"{self.label}: exited 0 but wrote no {RESULT_NAME} "
+                              f"in {self.out_dir}; the stage is broken", log_tail)
+
+
+class LogTail:
+    """Streams a stage's output to the terminal, prefixed, and keeps the last lines."""
+
+    def __init__(self, label: str, echo: bool = True, lines: int = LOG_TAIL_LINES):
+        self.label, self.echo = label, echo
+        self.lines: collections.deque[str] = collections.deque(maxlen=lines)
+
+    def feed(self, line: str) -> None:
+        line = line.rstrip("\n")
+        self.lines.append(line)
+        if self.echo:
+            print(f"  [{self.label}] {line}", file=sys.stderr, flush=True)
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+class Runner(abc.ABC):
+    name: str = "?"
+
+    @abc.abstractmethod
+    def unavailable_reason(self, target: TargetDef) -> str | None:
+        """None when this runner can run the target's stages, else a one-line reason."""
+
+    @abc.abstractmethod
+    def fingerprint(self, target: TargetDef) -> str:
+        """The environment a stage's outputs depend on (toolchain versions, image id): part of its key."""
+
+    @abc.abstractmethod
+    def run(self, req: StageRequest, echo: bool = True) -> str:
+        """Run one stage; return the tail of its log. Raise StageFailed on failure."""
+
+    def prepare(self, target: TargetDef, echo: bool = True) -> str | None:
+        """Make the target runnable (e.g. build its image); a one-line reason when it cannot be."""
+        return None
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass

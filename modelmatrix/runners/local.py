@@ -1,0 +1,110 @@
+"""The embedded default: run a stage as a subprocess of this host's Python."""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from .. import REPO_ROOT
+from ..config import TargetDef
+from ..errors import StageFailed
+from .base import LogTail, Runner, StageRequest
+
+#: host device nodes that show a target's accelerator is present
+DEVICE_PROBES = {
+    "nvidia-gpu": ["/dev/nvidia0", "/dev/nvidiactl"],
+    "ascend-npu": ["/dev/davinci_manager"],
+}
+
+
+def missing_requirements(requires: dict[str, list[str]]) -> str | None:
+    """Why this host cannot run a target's code directly (checked without importing anything)."""
+    for module in requires.get("modules", []):
+        if importlib.util.find_spec(module) is None:
+            return f"python module '{module}' is not installed on this host"
+    for command in requires.get("commands", []):
+        if shutil.which(command) is None:
+            return f"command '{command}' is not on PATH"
+    return missing_devices(requires)
+
+
+def missing_devices(requires: dict[str, list[str]]) -> str | None:
+    for device in requires.get("devices", []):
+        probes = DEVICE_PROBES.get(device, [])
+        if not any(Path(p).exists() for p in probes):
+            return f"no {device} on this host ({' or '.join(probes) or 'unknown device'} absent)"
+    return None
+
+
+class LocalRunner(Runner):
+    name = "local"
+
+    def unavailable_reason(self, target: TargetDef) -> str | None:
+        reason = missing_requirements(target.requires)
+        return f"{reason} (local runner)" if reason else None
+
+    def fingerprint(self, target: TargetDef) -> str:
+        """What the stage outputs depend on besides code and inputs: the toolchain versions."""
+        versions = [f"python={sys.version.split()[0]}"]
+        for module in target.requires.get("modules", []):
+            try:
+                versions.append(f"{module}={importlib.metadata.version(module)}")
+            except importlib.metadata.PackageNotFoundError:
+                versions.append(f"{module}=?")
+        return "local:" + ",".join(versions)
+
+    def run(self, req: StageRequest, echo: bool = True) -> str:
+        spec = req.write_spec(str(req.workspace))
+        env = dict(os.environ)
+        root = str(REPO_ROOT)
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        tail = LogTail(req.label, echo)
+        proc = subprocess.Popen([sys.executable, "-m", req.module, str(spec)], cwd=root, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        timed_out = threading.Event()
+
+        def kill() -> None:
+            timed_out.set()
+            with _suppress_lookup():
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        timer = threading.Timer(req.timeout_s, kill)
+        timer.start()
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                tail.feed(line)
+            code = proc.wait()
+        except BaseException:
+            with _suppress_lookup():
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+        finally:
+            timer.cancel()
+        if timed_out.is_set():
+            raise StageFailed(f"{req.label}: timed out after {req.timeout_s:g} s and was killed "
+                              "(raise stage_timeout_s in matrix.yaml if it needs longer)", tail.text())
+        if code != 0:
+            last = tail.lines[-1] if tail.lines else ""
+            detail = last.removeprefix("error: ") if code == 2 and last.startswith("error: ") \
+                else f"exited with code {code}"
+            raise StageFailed(f"{req.label}: {detail}", tail.text())
+        req.check_result(tail.text())
+        return tail.text()
+
+
+class _suppress_lookup:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        return exc_type is ProcessLookupError

@@ -1,0 +1,152 @@
+"""The stage contract shared by the host and every target container.
+
+The host writes a stage spec (JSON) into the stage's output folder and runs
+``python -m targets.<target>.<stage> <spec.json>``. The stage reads its inputs,
+writes its outputs into ``spec.out_dir`` and finally ``result.json`` (timings,
+tool versions, anything small). The host treats a stage as done only when the
+process exited 0 *and* ``result.json`` exists.
+
+This module must stay importable with the standard library alone: it runs in
+every target image, including ones whose Python is old (Caffe's bullseye 3.9).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict
+
+SPEC_SCHEMA = 1
+SPEC_NAME = "spec.json"
+RESULT_NAME = "result.json"
+
+
+class StageError(Exception):
+    """A problem the user can fix. Printed as one line; the stage exits 2."""
+
+
+@dataclass
+class Spec:
+    target: str
+    stage: str
+    root: Path                      # workspace root as seen by this process
+    inputs: Dict[str, Path]         # absolute paths
+    out_dir: Path                   # absolute path; the only writable place
+    params: Dict[str, Any] = field(default_factory=dict)
+    origins: Dict[str, str] = field(default_factory=dict)   # input -> where the user's file came from
+
+    def input(self, name: str) -> Path:
+        try:
+            return self.inputs[name]
+        except KeyError:
+            raise StageError(f"stage {self.target}.{self.stage}: spec has no input {name!r} "
+                             f"(it has: {', '.join(sorted(self.inputs)) or 'none'})") from None
+
+    def label(self, name: str) -> str:
+        """How to name an input in a message: the user's own path when the host imported it."""
+        return self.origins.get(name) or str(self.input(name))
+
+    def output(self, name: str) -> Path:
+        return self.out_dir / name
+
+    def param(self, name: str, default: Any = ...) -> Any:
+        if name in self.params:
+            return self.params[name]
+        if default is ...:
+            raise StageError(f"stage {self.target}.{self.stage}: missing parameter {name!r}")
+        return default
+
+
+def spec_to_json(target: str, stage: str, root: str, inputs: Dict[str, str], out_dir: str,
+                 params: Dict[str, Any], origins: Dict[str, str] | None = None) -> Dict[str, Any]:
+    """The host side: paths relative to the workspace root, which the runner chooses."""
+    return {"schema": SPEC_SCHEMA, "target": target, "stage": stage, "workspace": str(root),
+            "inputs": dict(inputs), "out_dir": str(out_dir), "params": params,
+            "origins": dict(origins or {})}
+
+
+def load_spec(path: str | os.PathLike) -> Spec:
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StageError(f"{path}: spec file not found") from None
+    except json.JSONDecodeError as exc:
+        raise StageError(f"{path}: not valid JSON ({exc})") from None
+    if raw.get("schema") != SPEC_SCHEMA:
+        raise StageError(f"{path}: spec schema {raw.get('schema')!r}, this code reads {SPEC_SCHEMA}; "
+                         "rebuild the target image")
+    root = Path(raw["workspace"])
+    return Spec(target=raw["target"], stage=raw["stage"], root=root,
+                inputs={k: root / v for k, v in raw["inputs"].items()},
+                out_dir=root / raw["out_dir"], params=raw.get("params", {}),
+                origins=raw.get("origins", {}))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def save_npy(path: Path, array: Any) -> None:
+    """np.save through a temporary name (numpy is imported lazily: not every image has it at import time)."""
+    import numpy as np
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(array))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def batched_timings(n_items: int, batch_size: int) -> list:
+    """Batch boundaries [(start, stop), ...]; the last partial batch included."""
+    if batch_size < 1:
+        raise StageError(f"batch_size must be >= 1, got {batch_size}")
+    return [(i, min(i + batch_size, n_items)) for i in range(0, n_items, batch_size)]
+
+
+def main(stage_fn: Callable[[Spec], Dict[str, Any]], argv: list | None = None) -> None:
+    """Entry point of every stage module: ``main(run)`` under ``if __name__ == '__main__'``.
+
+    ``run(spec)`` does the work and returns a JSON-able dict (timings, versions, ...),
+    which is written to ``result.json`` last. A StageError becomes one line on stderr
+    and exit code 2; anything else is a crash (traceback, exit 1).
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m targets.<target>.<stage> SPEC.json", file=sys.stderr)
+        sys.exit(2)
+    try:
+        spec = load_spec(argv[0])
+        spec.out_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        result = stage_fn(spec) or {}
+        result.setdefault("wall_seconds", time.perf_counter() - t0)
+        result.setdefault("target", spec.target)
+        result.setdefault("stage", spec.stage)
+        atomic_write_json(spec.output(RESULT_NAME), result)
+    except StageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
