@@ -1,0 +1,1 @@
+"""ONNX Runtime target (runs inside the onnxruntime image)."""

@@ -1,0 +1,1 @@
+"""PyTorch target: model build, ONNX export, reference features (runs inside the torch image)."""
