@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from targets.common.archs import ARCH_CONTRACTS
+
 from . import TARGETS_DIR
 from .errors import ConfigError
 
@@ -168,21 +170,6 @@ def _join(path: str, key: str) -> str:
 
 
 # --------------------------------------------------------------------------- model contracts
-
-#: Preprocessing contract of each architecture (../shared/REFERENCE.md). The host applies it
-#: ONCE in `prepare`; the export stage records it in the ONNX metadata.
-ARCH_CONTRACTS: dict[str, dict[str, Any]] = {
-    "reid-strong-baseline": {
-        "color": "RGB", "interpolation": "bilinear", "scale": 1.0 / 255.0,
-        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-        "normalize_in_model": False,
-    },
-    "fastreid-bagtricks-r50": {
-        "color": "RGB", "interpolation": "bicubic", "scale": 1.0,
-        "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0],   # 0..255 in; mean/std inside the model
-        "normalize_in_model": True,
-    },
-}
 
 TOLERANCE = Map({
     "rtol": Num(0.0, min=0), "atol": Num(0.0, min=0),

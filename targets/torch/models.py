@@ -21,24 +21,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from targets.common.archs import ARCH_CONTRACTS
+
 FEATURE_DIM = 2048
 RESNET50_LAYERS = (3, 4, 6, 3)
 CALIBRATION_BATCH = 8
-
-#: Input contract per architecture; must equal modelmatrix.config.ARCH_CONTRACTS (a test checks).
-#: Duplicated because target images do not ship the host library.
-ARCH_CONTRACTS: Dict[str, Dict[str, Any]] = {
-    "reid-strong-baseline": {
-        "color": "RGB", "interpolation": "bilinear", "scale": 1.0 / 255.0,
-        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-        "normalize_in_model": False,
-    },
-    "fastreid-bagtricks-r50": {
-        "color": "RGB", "interpolation": "bicubic", "scale": 1.0,
-        "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0],
-        "normalize_in_model": True,
-    },
-}
 
 #: fast-reid's cfg.MODEL.PIXEL_MEAN / PIXEL_STD (ImageNet statistics x 255), applied in forward().
 FASTREID_PIXEL_MEAN = [123.675, 116.28, 103.53]
