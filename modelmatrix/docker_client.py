@@ -1,0 +1,325 @@
+"""The one module that imports the Docker SDK (docker-py).
+
+Everything else talks to the engine through :class:`Engine`, which hides the SDK's pitfalls
+(../shared/REFERENCE.md "Docker SDK pitfalls"):
+
+* builds go through ``APIClient.build(decode=True)`` so the log streams live; ``rm``/``forcerm``
+  are on and ``use_config_proxy`` is off (no proxy settings copied into build args);
+* containers are created by image ID (``create`` never pulls), started, waited on with a real
+  limit (``wait(timeout=)`` is only an HTTP timeout: on expiry it raises ReadTimeout or, over the
+  unix socket, ConnectionError, and the container keeps running) and removed by the caller;
+* long calls (build, import, load, save, push, pull, logs) use a client without a read timeout.
+
+SDK and requests exceptions become :class:`~modelmatrix.errors.DockerError` (one line) or
+:class:`~modelmatrix.errors.ImageMissing` (404 on an image).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import socket
+import tarfile
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import docker
+import docker.errors
+import docker.types
+import requests
+
+from .errors import DockerError, ImageMissing
+
+DEFAULT_TIMEOUT_S = 60
+SESSION_LABEL = "io.modelmatrix.session"
+OWNER_LABEL = "io.modelmatrix.owner"
+RUNNER_HINT = "start the engine, or run with `--runner local`"
+
+
+def engine_address() -> str:
+    return os.environ.get("DOCKER_HOST") or "the default socket (unix:///var/run/docker.sock)"
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    """The innermost useful line of an exception chain."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    for marker, meaning in (("FileNotFoundError", "no socket there"),
+                            ("PermissionError", "permission denied on the socket"),
+                            ("Connection refused", "connection refused"),
+                            ("Name or service not known", "unknown host")):
+        if marker in text:
+            return meaning
+    return text[:limit]
+
+
+def _unreachable(exc: BaseException) -> DockerError:
+    return DockerError(f"Docker engine not reachable at {engine_address()} ({_short(exc)}); {RUNNER_HINT}")
+
+
+def _api_error(what: str, exc: docker.errors.APIError) -> DockerError:
+    detail = (exc.explanation or str(exc)).strip().splitlines()[0] if (exc.explanation or str(exc)) else ""
+    return DockerError(f"{what}: {detail[:300]}")
+
+
+@contextlib.contextmanager
+def _translated(what: str, image: str | None = None):
+    """Turn SDK/requests exceptions into one-line ModelMatrixErrors."""
+    try:
+        yield
+    except docker.errors.ImageNotFound:
+        raise ImageMissing(f"{what}: image {image or '?'} not found in the local engine") from None
+    except docker.errors.APIError as exc:
+        raise _api_error(what, exc) from None
+    except requests.exceptions.ConnectionError as exc:
+        raise _unreachable(exc) from None
+    except docker.errors.DockerException as exc:
+        if "Error while fetching server API version" in str(exc):
+            raise _unreachable(exc) from None
+        raise DockerError(f"{what}: {_short(exc)}") from None
+
+
+class Engine:
+    """A connection to one Docker engine (from DOCKER_HOST / the active context)."""
+
+    def __init__(self, timeout: int = DEFAULT_TIMEOUT_S):
+        try:
+            self.client = docker.from_env(timeout=timeout)
+            version = self.client.api.api_version
+            self.long = docker.from_env(timeout=None, version=version).api  # no read timeout
+        except docker.errors.DockerException as exc:
+            raise _unreachable(exc) from None
+        self.api = self.client.api
+
+    # ------------------------------------------------------------------ engine
+    def ping(self) -> None:
+        with _translated("docker ping"):
+            self.api.ping()
+
+    def info(self) -> dict[str, Any]:
+        with _translated("docker info"):
+            return self.api.info()
+
+    # ------------------------------------------------------------------ images
+    def image(self, ref: str) -> dict[str, Any] | None:
+        """``inspect`` of a local image, or None when it does not exist (never pulls)."""
+        try:
+            with _translated(f"inspect image {ref}"):
+                return self.api.inspect_image(ref)
+        except ImageMissing:
+            return None
+        except DockerError as exc:
+            # A malformed reference is "not here", not an engine failure.
+            if "invalid reference format" in str(exc) or "no such image" in str(exc).lower():
+                return None
+            raise
+
+    def images(self, label: str) -> list[dict[str, Any]]:
+        with _translated("list images"):
+            return self.api.images(filters={"label": label})
+
+    def build(self, context: io.BufferedIOBase, *, buildargs: dict[str, str], labels: dict[str, str],
+              nocache: bool = False) -> Iterator[dict[str, Any]]:
+        """Stream the decoded build messages of a custom (already tarred) context."""
+        with _translated("docker build"):
+            yield from self.long.build(
+                fileobj=context, custom_context=True, decode=True, rm=True, forcerm=True,
+                pull=False, nocache=nocache, use_config_proxy=False, buildargs=dict(buildargs),
+                labels=dict(labels))
+
+    def tag(self, image_id: str, repository: str, tag: str) -> None:
+        with _translated(f"tag {image_id[:19]} as {repository}:{tag}", image_id):
+            if not self.api.tag(image_id, repository, tag, force=True):
+                raise DockerError(f"tag {image_id[:19]} as {repository}:{tag}: the engine refused")
+
+    def remove_image(self, ref: str, force: bool = False) -> None:
+        with _translated(f"remove image {ref}", ref):
+            self.api.remove_image(ref, force=force)
+
+    def read_file(self, image_id: str, path: str) -> bytes | None:
+        """Contents of one file of an image (a created, never started, container); None if absent."""
+        with _translated(f"read {path} from {image_id[:19]}", image_id):
+            cid = self.api.create_container(image_id, command=["true"], network_disabled=True,
+                                            labels=owner_labels("read-file"))["Id"]
+        try:
+            with _translated(f"read {path} from {image_id[:19]}", image_id):
+                try:
+                    stream, _stat = self.api.get_archive(cid, path)
+                except docker.errors.NotFound:
+                    return None
+                data = b"".join(stream)
+            with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+                member = tf.next()
+                fh = tf.extractfile(member) if member is not None else None
+                return fh.read() if fh is not None else None
+        finally:
+            with _translated("remove helper container"):
+                self.api.remove_container(cid, force=True)
+
+    def pull(self, ref: str, answer_timeout_s: float = 20.0) -> str | None:
+        """Try to pull ``ref``. None on success, else a one-line reason.
+
+        The registry must answer within ``answer_timeout_s``; once it does, a pull that makes
+        progress is waited for. The SDK's pull has no timeout, so it runs in a thread.
+        """
+        repo, tag = _split_ref(ref)
+        first = threading.Event()
+        box: dict[str, Any] = {}
+
+        def work():
+            try:
+                for chunk in self.long.pull(repo, tag=tag, stream=True, decode=True):
+                    first.set()
+                    if "error" in chunk:
+                        box["error"] = str(chunk["error"]).strip().splitlines()[0]
+                        return
+            except docker.errors.APIError as exc:
+                box["error"] = _api_error("pull", exc).args[0].removeprefix("pull: ")
+            except (requests.exceptions.RequestException, docker.errors.DockerException) as exc:
+                box["error"] = _short(exc)
+            finally:
+                box["done"] = True
+                first.set()
+
+        thread = threading.Thread(target=work, name=f"pull {ref}", daemon=True)
+        thread.start()
+        if not first.wait(answer_timeout_s):
+            return f"no answer from the registry within {answer_timeout_s:.0f}s"
+        thread.join()
+        if "error" in box:
+            return box["error"]
+        return None if self.image(ref) else "pull finished but the image is not there"
+
+    def import_tar(self, chunks: Iterable[bytes], changes: list[str]) -> str:
+        """``docker import`` of a streamed root filesystem tar; returns the new image ID (untagged)."""
+        with _translated("docker import"):
+            answer = self.long.import_image_from_data(iter(chunks), changes=changes)
+        image_id = ""
+        for line in str(answer).splitlines():
+            with contextlib.suppress(ValueError):
+                msg = json.loads(line)
+                if "error" in msg:
+                    raise DockerError(f"docker import: {str(msg['error']).strip()[:300]}")
+                image_id = msg.get("status", image_id)
+        if not image_id.startswith("sha256:"):
+            raise DockerError(f"docker import: unexpected answer {str(answer)[:200]!r}")
+        return image_id
+
+    def save(self, ref: str) -> Iterator[bytes]:
+        with _translated(f"docker save {ref}", ref):
+            yield from self.long.get_image(ref, chunk_size=1 << 20)
+
+    def load(self, fileobj: io.BufferedIOBase) -> list[str]:
+        """``docker load`` (plain or gzip tar); returns the lines the engine reported."""
+        lines = []
+        with _translated("docker load"):
+            for chunk in self.long.load_image(iter(lambda: fileobj.read(1 << 20), b"")):
+                if "error" in chunk:
+                    raise DockerError(f"docker load: {str(chunk['error']).strip()[:300]}")
+                if chunk.get("stream"):
+                    lines.append(chunk["stream"].strip())
+        return lines
+
+    def push(self, repository: str, tag: str) -> Iterator[dict[str, Any]]:
+        with _translated(f"docker push {repository}:{tag}"):
+            yield from self.long.push(repository, tag=tag, stream=True, decode=True)
+
+    # ------------------------------------------------------------------ containers
+    def create_container(self, image_id: str, command: list[str], *, user: str,
+                         mounts: list[tuple[str, str, bool]], labels: dict[str, str],
+                         environment: dict[str, str], mem_limit: str | None,
+                         network_mode: str = "none", working_dir: str | None = None,
+                         device_options: dict[str, Any] | None = None) -> str:
+        """Create (not start) a container from an image ID. ``mounts``: (host, container, read_only)."""
+        with _translated("create container", image_id):
+            host_config = self.api.create_host_config(
+                mounts=[docker.types.Mount(target=dst, source=src, type="bind", read_only=ro)
+                        for src, dst, ro in mounts],
+                network_mode=network_mode, mem_limit=mem_limit, **_device_kwargs(device_options or {}))
+            return self.api.create_container(
+                image_id, command=command, user=user, labels=labels, environment=environment,
+                host_config=host_config, working_dir=working_dir, detach=True)["Id"]
+
+    def start(self, cid: str) -> None:
+        with _translated("start container"):
+            self.api.start(cid)
+
+    def logs(self, cid: str) -> Iterator[bytes]:
+        """stdout+stderr from the beginning, following until the container stops."""
+        with _translated("container logs"):
+            yield from self.long.logs(cid, stream=True, follow=True, stdout=True, stderr=True)
+
+    def wait(self, cid: str, timeout_s: float) -> int | None:
+        """Exit code, or None when the container still runs after ``timeout_s``."""
+        try:
+            with contextlib.suppress(requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
+                result = self.api.wait(cid, timeout=timeout_s)
+                return int(result.get("StatusCode", -1))
+        except docker.errors.APIError as exc:
+            raise _api_error("wait for container", exc) from None
+        # Timeout or a dropped connection: ask the engine which one it was.
+        state = self.container_state(cid)
+        if state.get("Running"):
+            return None
+        return int(state.get("ExitCode", -1))
+
+    def container_state(self, cid: str) -> dict[str, Any]:
+        with _translated("inspect container"):
+            return self.api.inspect_container(cid)["State"]
+
+    def kill(self, cid: str) -> None:
+        try:
+            with _translated("kill container"):
+                self.api.kill(cid)
+        except DockerError as exc:
+            if "is not running" not in str(exc):
+                raise
+
+    def remove_container(self, cid: str) -> None:
+        try:
+            with _translated("remove container"):
+                self.api.remove_container(cid, force=True, v=True)
+        except DockerError as exc:
+            if "no such container" not in str(exc).lower() and "already in progress" not in str(exc):
+                raise
+
+    def containers(self, label: str) -> list[dict[str, Any]]:
+        with _translated("list containers"):
+            return self.api.containers(all=True, filters={"label": label})
+
+
+def owner_labels(session: str) -> dict[str, str]:
+    """Labels on every container modelmatrix creates, so leftovers can be found (`invoke clean`)."""
+    return {SESSION_LABEL: session, OWNER_LABEL: f"{socket.gethostname()}:{os.getpid()}"}
+
+
+def _split_ref(ref: str) -> tuple[str, str | None]:
+    """'repo/name:tag' -> ('repo/name', 'tag'); a registry port is not a tag; digests kept whole."""
+    if "@" in ref:
+        return ref, None
+    head, sep, tail = ref.rpartition(":")
+    if sep and "/" not in tail:
+        return head, tail
+    return ref, "latest"
+
+
+def _device_kwargs(options: dict[str, Any]) -> dict[str, Any]:
+    """Device options from the runner: {"gpus": True} or {"devices": [...], "binds": [...]}."""
+    out: dict[str, Any] = {}
+    if options.get("gpus"):
+        out["device_requests"] = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
+    if options.get("devices"):
+        out["devices"] = list(options["devices"])
+    if options.get("binds"):
+        out["binds"] = list(options["binds"])
+    return out
+
+
+def engine_reason() -> str | None:
+    """None when an engine answers, else one line saying why not (suggesting --runner local)."""
+    try:
+        Engine(timeout=10).ping()
+    except DockerError as exc:
+        return str(exc)
+    return None

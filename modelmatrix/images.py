@@ -1,0 +1,657 @@
+"""Target images: recipes -> content-addressed tags, builds through the Docker SDK, ship/load/push.
+
+A target's *recipe* is its build context, assembled here (never the repo root):
+
+    Dockerfile                    images/<t>/Dockerfile
+    <other files>                 the rest of images/<t>/ (e.g. requirements.txt)
+    targets/__init__.py, targets/common/**, targets/<t>/**     the code that runs in the image
+    .mm/ca/extra-ca.pem           the extra CA bundle for pip/apt in the builder stage (empty: none)
+    .mm/wheels/*                  wheelhouse files the recipe's requirements.txt names
+
+plus its build args and the resolved base image ID. The tar is normalised (sorted, fixed mtime,
+modes 644/755, owner 0), and ``sha256`` over (path, mode, content) of every file, the build args
+and the base ID is the recipe hash. The image is tagged ``modelmatrix/<t>:<hash[:16]>``: an
+unchanged recipe finds its tag locally and is not rebuilt; any change gives a new tag.
+
+Build: the context is built untagged (streaming the log with a step display), the toolchain
+versions are read from /opt/modelmatrix/versions.json inside that image, a label-only build adds
+the labels, and only then is the result tagged: a failed build leaves no tag.
+"""
+from __future__ import annotations
+
+import fnmatch
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import REPO_ROOT, __version__
+from .bases import BaseInfo, resolve, target_base
+from .config import Matrix, TargetDef
+from .docker_client import Engine
+from .errors import BuildFailed, ConfigError, DataError, DockerError, ImageMissing
+
+IMAGE_NAMESPACE = "modelmatrix"
+RECIPE_SCHEMA = "modelmatrix-recipe-1"
+CONTEXT_MTIME = 315532800                # 1980-01-01T00:00:00Z: fixed mtime of every context entry
+VERSIONS_PATH = "/opt/modelmatrix/versions.json"
+CA_ARCNAME = ".mm/ca/extra-ca.pem"
+WHEELS_DIR = ".mm/wheels"
+CA_ENV_VARS = ("PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
+PROXY_ARGS = {"http_proxy", "https_proxy", "ftp_proxy", "no_proxy", "all_proxy"}
+SKIP_NAMES = ("__pycache__", "*.pyc", "*.pyo", ".pytest_cache", ".DS_Store")
+BUILD_TAIL_LINES = 80
+LABEL_PREFIX = "io.modelmatrix."
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _say(target: str, msg: str, echo: bool) -> None:
+    if echo:
+        print(f"[{target}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- inputs
+
+def ca_bundle(matrix: Matrix) -> Path | None:
+    """images.ca_bundle: "auto" = first of $PIP_CERT/$SSL_CERT_FILE/$REQUESTS_CA_BUNDLE naming a file,
+    null = none, else a path (relative to matrix.yaml)."""
+    value = matrix.raw["images"]["ca_bundle"]
+    if value is None:
+        return None
+    if value == "auto":
+        for var in CA_ENV_VARS:
+            path = os.environ.get(var)
+            if path and Path(path).is_file():
+                return Path(path)
+        return None
+    path = matrix.resolve(value)
+    if not path.is_file():
+        raise ConfigError(f"{matrix.path.name}: images.ca_bundle: {path} is not a file; "
+                          "give a PEM bundle, 'auto' or null")
+    return path
+
+
+def wheelhouses(matrix: Matrix) -> list[Path]:
+    """images.wheelhouses (relative to matrix.yaml; each must exist) plus the local folders of $PIP_FIND_LINKS."""
+    out: list[Path] = []
+    for i, entry in enumerate(matrix.raw["images"]["wheelhouses"]):
+        path = matrix.resolve(entry)
+        if not path.is_dir():
+            raise ConfigError(f"{matrix.path.name}: images.wheelhouses[{i}]: {path} is not a folder")
+        out.append(path)
+    for entry in os.environ.get("PIP_FIND_LINKS", "").split():
+        entry = entry.removeprefix("file://")
+        if "://" not in entry and Path(entry).is_dir():
+            out.append(Path(entry))
+    seen: set[Path] = set()
+    return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_requirements(path: Path) -> dict[str, str | None]:
+    """Normalised package name -> pinned version (``==``) or None, from a requirements file."""
+    if not path.is_file():
+        return {}
+    out: dict[str, str | None] = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line or line.startswith("-"):
+            continue
+        m = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?\s*(?:===?\s*([^\s;,]+))?", line)
+        if m:
+            out[_norm(m.group(1))] = m.group(3)
+    return out
+
+
+def select_wheels(dirs: list[Path], requirements: dict[str, str | None]) -> list[Path]:
+    """Wheelhouse files the requirements name (and, when pinned, at that version); first folder wins."""
+    chosen: dict[str, Path] = {}
+    for folder in dirs:
+        for path in sorted(folder.glob("*.whl")):
+            parts = path.name[:-4].split("-")
+            if len(parts) < 5:
+                continue
+            name, version = _norm(parts[0]), parts[1]
+            if name not in requirements:
+                continue
+            pinned = requirements[name]
+            if pinned and version != pinned and ("+" in pinned or version.split("+")[0] != pinned):
+                continue
+            chosen.setdefault(path.name, path)
+    return [chosen[k] for k in sorted(chosen)]
+
+
+def user_build_args(matrix: Matrix, target: str) -> dict[str, str]:
+    """targets.<t>.image.build_args; proxies are refused (they would land in the image history)."""
+    args = dict(matrix.target_cfg(target)["image"]["build_args"])
+    for key in args:
+        if key.lower() in PROXY_ARGS:
+            raise ConfigError(f"{matrix.path.name}: targets.{target}.image.build_args.{key}: proxy settings "
+                              "are not recipe inputs; configure the Docker daemon's proxy instead")
+        if key == "BASE_IMAGE":
+            raise ConfigError(f"{matrix.path.name}: targets.{target}.image.build_args.BASE_IMAGE: set "
+                              f"targets.{target}.image.base instead")
+    return args
+
+
+# --------------------------------------------------------------------------- context and hash
+
+def _skipped(name: str) -> bool:
+    return any(fnmatch.fnmatch(name, pat) for pat in SKIP_NAMES)
+
+
+def _tree(root: Path, prefix: str) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    if not root.is_dir():
+        return out
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not _skipped(d))
+        rel = Path(dirpath).relative_to(root)
+        for fname in sorted(filenames):
+            if not _skipped(fname):
+                out[str(Path(prefix) / rel / fname)] = Path(dirpath) / fname
+    return out
+
+
+def _snapshot(files: dict[str, Path]) -> dict[str, Path | bytes]:
+    """Read source files now, so the hash and the tar see the same bytes even if a file is being
+    edited meanwhile; executables stay Paths (their mode matters) as do big files (wheels)."""
+    return {arc: src if os.access(src, os.X_OK) else src.read_bytes() for arc, src in files.items()}
+
+
+def context_files(target: TargetDef, ca: Path | None, wheels: list[Path]) -> dict[str, Path | bytes]:
+    """The build context of a target, arcname -> source file (or bytes)."""
+    image_dir = target.dockerfile.parent
+    if not target.dockerfile.is_file():
+        raise ConfigError(f"{target.dockerfile}: not found; every target needs images/{target.name}/Dockerfile")
+    targets_dir = target.folder.parent
+    files: dict[str, Path | bytes] = {"Dockerfile": target.dockerfile.read_bytes()}
+    for arc, src in _snapshot(_tree(image_dir, "")).items():
+        if arc == "Dockerfile":
+            continue
+        if arc.split("/")[0] in ("targets", ".mm"):
+            raise ConfigError(f"{image_dir / arc}: images/{target.name}/{arc.split('/')[0]} clashes with "
+                              "the assembled context; rename it")
+        files[arc] = src
+    if (targets_dir / "__init__.py").is_file():
+        files["targets/__init__.py"] = (targets_dir / "__init__.py").read_bytes()
+    files.update(_snapshot(_tree(targets_dir / "common", "targets/common")))
+    files.update(_snapshot(_tree(target.folder, f"targets/{target.name}")))
+    files[CA_ARCNAME] = ca.read_bytes() if ca else b""
+    for wheel in wheels:
+        files[f"{WHEELS_DIR}/{wheel.name}"] = wheel
+    return dict(sorted(files.items()))
+
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def _sha256(src: Path | bytes) -> str:
+    if isinstance(src, bytes):
+        return hashlib.sha256(src).hexdigest()
+    st = src.stat()
+    key = (str(src.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(src, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
+def _mode(src: Path | bytes) -> int:
+    return 0o755 if isinstance(src, Path) and os.access(src, os.X_OK) else 0o644
+
+
+def recipe_hash(files: dict[str, Path | bytes], build_args: dict[str, str], base_id: str) -> str:
+    h = hashlib.sha256(RECIPE_SCHEMA.encode() + b"\n")
+    for arc in sorted(files):
+        h.update(f"{arc}\0{_mode(files[arc]):o}\0{_sha256(files[arc])}\n".encode())
+    h.update(b"build-args\0" + json.dumps(build_args, sort_keys=True).encode() + b"\n")
+    h.update(b"base-id\0" + base_id.encode() + b"\n")
+    return h.hexdigest()
+
+
+def _dirs_of(arcnames: Iterable[str]) -> list[str]:
+    dirs = {WHEELS_DIR, ".mm/ca", ".mm"}
+    for arc in arcnames:
+        parts = arc.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            dirs.add("/".join(parts[:i]))
+    return sorted(dirs)
+
+
+def write_context(files: dict[str, Path | bytes], fileobj) -> None:
+    """A normalised tar of the context: sorted, fixed mtime, owner 0, modes 644/755."""
+    entries = [(d, None) for d in _dirs_of(files)] + sorted(files.items())
+    entries.sort(key=lambda e: e[0])
+    with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for arc, src in entries:
+            info = tarfile.TarInfo(arc)
+            info.mtime, info.uid, info.gid, info.uname, info.gname = CONTEXT_MTIME, 0, 0, "", ""
+            if src is None:
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tf.addfile(info)
+            elif isinstance(src, bytes):
+                info.size, info.mode = len(src), 0o644
+                tf.addfile(info, io.BytesIO(src))
+            else:
+                info.size, info.mode = src.stat().st_size, _mode(src)
+                with open(src, "rb") as fh:
+                    tf.addfile(info, fh)
+
+
+# --------------------------------------------------------------------------- the recipe
+
+@dataclass
+class Recipe:
+    target: str
+    dockerfile: Path
+    files: dict[str, Path | bytes]
+    build_args: dict[str, str]          # the user's (hashed); the builder also gets BASE_IMAGE
+    base: BaseInfo
+    ca: Path | None
+    wheels: list[Path] = field(default_factory=list)
+    hash: str = ""
+
+    @property
+    def repository(self) -> str:
+        return f"{IMAGE_NAMESPACE}/{self.target}"
+
+    @property
+    def tag_name(self) -> str:
+        return self.hash[:16]
+
+    @property
+    def tag(self) -> str:
+        return f"{self.repository}:{self.tag_name}"
+
+    def builder_args(self) -> dict[str, str]:
+        """Build args as sent to the engine: FROM the base by ID, so the builder never pulls."""
+        return {**self.build_args, "BASE_IMAGE": self.base.image_id}
+
+    @property
+    def ca_label(self) -> str:
+        return f"sha256:{_sha256(self.files[CA_ARCNAME])}" if self.ca else "none"
+
+
+def plan(matrix: Matrix, target: str, base: BaseInfo) -> Recipe:
+    """The recipe of a target once its base is resolved (no engine needed)."""
+    tdef = matrix.targets[target]
+    ca = ca_bundle(matrix)
+    reqs = read_requirements(tdef.dockerfile.parent / "requirements.txt")
+    wheels = select_wheels(wheelhouses(matrix), reqs) if reqs else []
+    files = context_files(tdef, ca, wheels)
+    args = user_build_args(matrix, target)
+    return Recipe(target, tdef.dockerfile, files, args, base, ca, wheels,
+                  recipe_hash(files, args, base.image_id))
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def image_labels(recipe: Recipe, versions: dict[str, Any]) -> dict[str, str]:
+    labels = {
+        "org.opencontainers.image.title": f"modelmatrix {recipe.target}",
+        "org.opencontainers.image.source": _git("remote", "get-url", "origin") or f"file://{REPO_ROOT}",
+        "org.opencontainers.image.version": __version__,
+        "org.opencontainers.image.base.name": recipe.base.ref,
+        LABEL_PREFIX + "target": recipe.target,
+        LABEL_PREFIX + "recipe-hash": recipe.hash,
+        LABEL_PREFIX + "base-requested": recipe.base.requested,
+        LABEL_PREFIX + "base-id": recipe.base.image_id,
+        LABEL_PREFIX + "base-source": recipe.base.source,
+        LABEL_PREFIX + "ca-bundle": recipe.ca_label,
+        LABEL_PREFIX + "wheelhouse": ",".join(w.name for w in recipe.wheels) or "none",
+        LABEL_PREFIX + "versions": json.dumps(versions, sort_keys=True, separators=(",", ":")),
+    }
+    revision = _git("rev-parse", "HEAD")
+    if revision:
+        labels["org.opencontainers.image.revision"] = revision
+    return labels
+
+
+# --------------------------------------------------------------------------- status
+
+def _engine(engine: Engine | None) -> Engine:
+    return engine or Engine()
+
+
+def _empty_row(target: str) -> dict[str, Any]:
+    return {"target": target, "tag": None, "recipe_hash": None, "image_id": None, "size": None,
+            "up_to_date": False, "base": None, "base_source": None, "versions": {}, "other_tags": [],
+            "problem": None}
+
+
+def _recipe_row(recipe: Recipe, engine: Engine) -> dict[str, Any]:
+    row = _empty_row(recipe.target)
+    row.update(tag=recipe.tag, recipe_hash=recipe.hash, base=recipe.base.ref, base_source=recipe.base.source)
+    img = engine.image(recipe.tag)
+    if img:
+        labels = img["Config"].get("Labels") or {}
+        row.update(image_id=img["Id"], size=img["Size"], up_to_date=True,
+                   versions=json.loads(labels.get(LABEL_PREFIX + "versions", "{}")))
+    else:
+        row["problem"] = f"{recipe.tag} is not built; run `invoke build --target {recipe.target}`"
+    return _with_other_tags(row, engine)
+
+
+def image_status(matrix: Matrix, target_name: str, engine: Engine | None = None) -> dict[str, Any]:
+    """Where a target's image stands. Never pulls or builds; problems go in ``problem``."""
+    engine = _engine(engine)
+    row = _empty_row(target_name)
+    try:
+        row["base"] = target_base(matrix, target_name)
+        base = resolve(matrix, row["base"], engine, allow_pull=False, where=f"targets.{target_name}.image.base")
+        recipe = plan(matrix, target_name, base)
+    except (ImageMissing, ConfigError) as exc:
+        row.update(problem=str(exc), base_source="missing")
+        return _with_other_tags(row, engine)
+    return _recipe_row(recipe, engine)
+
+
+def _with_other_tags(row: dict[str, Any], engine: Engine) -> dict[str, Any]:
+    repo = f"{IMAGE_NAMESPACE}/{row['target']}"
+    for img in engine.images(f"{LABEL_PREFIX}target={row['target']}"):
+        for tag in img.get("RepoTags") or []:
+            if tag.startswith(repo + ":") and tag != row["tag"]:
+                row["other_tags"].append(tag)
+    row["other_tags"].sort()
+    return row
+
+
+def list_images(matrix: Matrix, engine: Engine | None = None) -> list[dict[str, Any]]:
+    engine = _engine(engine)
+    return [image_status(matrix, t, engine) for t in matrix.targets]
+
+
+# --------------------------------------------------------------------------- building
+
+class BuildStream:
+    """Consumes the engine's decoded build messages: a step display, a tail, the image ID."""
+
+    def __init__(self, target: str, dockerfile: str, echo: bool = True, lines: int = BUILD_TAIL_LINES):
+        self.target, self.dockerfile, self.echo = target, dockerfile, echo
+        self.step = ""
+        self.step_lines: deque[str] = deque(maxlen=lines)
+        self.image_id: str | None = None
+        self._partial = ""
+
+    def consume(self, chunks: Iterable[dict[str, Any]]) -> str:
+        for chunk in chunks:
+            if "error" in chunk:
+                self._flush()
+                raise self._failure(str(chunk.get("error") or chunk.get("errorDetail")))
+            if isinstance(chunk.get("aux"), dict) and chunk["aux"].get("ID"):
+                self.image_id = chunk["aux"]["ID"]
+            if "stream" in chunk:
+                self._text(str(chunk["stream"]))
+            elif "status" in chunk:
+                self._line(f"{chunk['status']} {chunk.get('progress', '')}".rstrip())
+        self._flush()
+        if not self.image_id:
+            raise BuildFailed(f"{self.dockerfile}: the engine finished without an image ID", self.tail())
+        return self.image_id
+
+    def _text(self, text: str) -> None:
+        text = self._partial + text.replace("\r\n", "\n").replace("\r", "\n")
+        *lines, self._partial = text.split("\n")
+        for line in lines:
+            self._line(line)
+
+    def _flush(self) -> None:
+        if self._partial:
+            self._line(self._partial)
+            self._partial = ""
+
+    def _line(self, line: str) -> None:
+        line = ANSI_ESCAPE.sub("", line)          # the classic builder colours stderr red
+        m = re.match(r"^Step (\d+/\d+) : (.*)$", line)
+        if m:
+            self.step = f"step {m.group(1)} ({_shorten(m.group(2), 100)})"
+            self.step_lines.clear()
+            self.step_lines.append(line)
+            _say(self.target, f"Step {m.group(1)} : {_shorten(m.group(2), 160)}", self.echo)
+            return
+        if not line.strip():
+            return
+        self.step_lines.append(line)
+        if not re.match(r"^( ---> Running in |Removing intermediate container )", line):
+            _say(self.target, f"  {line}", self.echo)
+
+    def tail(self) -> str:
+        return "\n".join(self.step_lines)
+
+    def _failure(self, error: str) -> BuildFailed:
+        error = error.strip().splitlines()[0] if error.strip() else "unknown error"
+        code = re.search(r"returned a non-zero code: (\d+)", error)
+        what = f"exited {code.group(1)}" if code else _shorten(error, 200)
+        output = [ln for ln in list(self.step_lines)[1:] if not re.match(r"^( ---> |Removing interm)", ln)]
+        last = f"; last output: {_shorten(output[-1].strip(), 200)}" if output else ""
+        where = self.step or "the build"
+        return BuildFailed(f"{self.dockerfile}: {where} failed: {what}{last}", self.tail())
+
+
+def _shorten(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def _build_context(engine: Engine, files: dict[str, Path | bytes], *, buildargs: dict[str, str],
+                   labels: dict[str, str], stream: BuildStream, nocache: bool = False) -> str:
+    with tempfile.TemporaryFile(prefix="mm-context-") as ctx:
+        write_context(files, ctx)
+        ctx.seek(0)
+        return stream.consume(engine.build(ctx, buildargs=buildargs, labels=labels, nocache=nocache))
+
+
+def _versions(engine: Engine, image_id: str, recipe: Recipe) -> dict[str, Any]:
+    raw = engine.read_file(image_id, VERSIONS_PATH)
+    where = _rel(recipe.dockerfile)
+    if raw is None:
+        raise BuildFailed(f"{where}: the image has no {VERSIONS_PATH}; its last stage must write the "
+                          "toolchain versions there (images/README.md)")
+    try:
+        versions = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise BuildFailed(f"{where}: {VERSIONS_PATH} is not valid JSON ({exc})") from None
+    if not isinstance(versions, dict):
+        raise BuildFailed(f"{where}: {VERSIONS_PATH} must hold a JSON object (name -> version)")
+    return versions
+
+
+def build(matrix: Matrix, target_name: str, *, force: bool = False, echo: bool = True,
+          engine: Engine | None = None) -> dict[str, Any]:
+    """Build a target's image unless its tag exists (``force``: rebuild without the layer cache)."""
+    engine = _engine(engine)
+    t0 = time.monotonic()
+    ref = target_base(matrix, target_name)
+    base = resolve(matrix, ref, engine, allow_pull=True, where=f"targets.{target_name}.image.base")
+    _say(target_name, f"base {base.ref} ({base.image_id[7:19]}): {base.why}", echo)
+    recipe = plan(matrix, target_name, base)
+    _say(target_name, f"recipe {recipe.hash[:16]}: {len(recipe.files)} context files, CA bundle "
+         f"{recipe.ca or 'none'}, wheels {', '.join(w.name for w in recipe.wheels) or 'none'}", echo)
+    existing = engine.image(recipe.tag)
+    if existing and not force:
+        _say(target_name, f"{recipe.tag} is up to date (recipe unchanged); not rebuilding", echo)
+        return _result(recipe, engine, built=False, seconds=time.monotonic() - t0)
+    where = _rel(recipe.dockerfile)
+    stream = BuildStream(target_name, where, echo)
+    image_id = _build_context(engine, recipe.files, buildargs=recipe.builder_args(), labels={},
+                              stream=stream, nocache=force)
+    versions = _versions(engine, image_id, recipe)
+    labels = image_labels(recipe, versions)
+    final_id = _build_context(engine, {"Dockerfile": f"FROM {image_id}\n".encode()}, buildargs={},
+                              labels=labels, stream=BuildStream(target_name, f"{where} (labels)", False))
+    engine.tag(final_id, recipe.repository, recipe.tag_name)
+    if existing and existing["Id"] != final_id:
+        _drop_untagged(engine, existing["Id"], target_name, echo)
+    seconds = time.monotonic() - t0
+    out = _result(recipe, engine, built=True, seconds=seconds)
+    _say(target_name, f"built {recipe.tag} ({final_id[7:19]}, {out['size'] / 1e6:.0f} MB) in {seconds:.0f}s; "
+         f"versions: {', '.join(f'{k} {v}' for k, v in sorted(versions.items()))}", echo)
+    return out
+
+
+def _drop_untagged(engine: Engine, image_id: str, target: str, echo: bool) -> None:
+    img = engine.image(image_id)
+    if img and not img.get("RepoTags"):
+        try:
+            engine.remove_image(image_id)
+        except DockerError as exc:
+            _say(target, f"note: the previous image {image_id[7:19]} was kept: {exc}", echo)
+
+
+def _result(recipe: Recipe, engine: Engine, *, built: bool, seconds: float) -> dict[str, Any]:
+    row = _recipe_row(recipe, engine)
+    row.update(built=built, seconds=round(seconds, 1))
+    return row
+
+
+# --------------------------------------------------------------------------- ship / load / push
+
+def _current(matrix: Matrix, target: str, engine: Engine) -> dict[str, Any]:
+    row = image_status(matrix, target, engine)
+    if not row["up_to_date"]:
+        raise ImageMissing(row["problem"] or f"{target}: no image; run `invoke build --target {target}`")
+    return row
+
+
+def ship(matrix: Matrix, target_name: str, out_dir: str | Path, engine: Engine | None = None,
+         compresslevel: int = 3) -> Path:
+    """``docker save`` of the current image, gzipped, plus a manifest JSON next to it."""
+    engine = _engine(engine)
+    row = _current(matrix, target_name, engine)
+    img = engine.image(row["image_id"])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{IMAGE_NAMESPACE}-{target_name}-{row['recipe_hash'][:16]}"
+    archive = out_dir / f"{stem}.tar.gz"
+    digest, size = _write_gzip(archive, engine.save(row["tag"]), compresslevel)
+    manifest = {
+        "schema": 1, "target": target_name, "tag": row["tag"], "image_id": row["image_id"],
+        "diff_ids": list(img["RootFS"].get("Layers") or []), "labels": img["Config"].get("Labels") or {},
+        "size": img["Size"], "recipe_hash": row["recipe_hash"], "versions": row["versions"],
+        "archive": archive.name, "archive_sha256": digest, "archive_bytes": size,
+        "modelmatrix_version": __version__,
+    }
+    _atomic_text(out_dir / f"{stem}.manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return archive
+
+
+def _write_gzip(path: Path, chunks: Iterable[bytes], level: int) -> tuple[str, int]:
+    """Stream into ``path`` through a temporary name; returns (sha256, bytes) of the archive."""
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as raw, _HashingWriter(raw) as hw:
+            with gzip.GzipFile(filename="", mode="wb", fileobj=hw, mtime=0, compresslevel=level) as gz:
+                for chunk in chunks:
+                    gz.write(chunk)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return hw.sha.hexdigest(), hw.size
+
+
+class _HashingWriter(io.RawIOBase):
+    def __init__(self, raw):
+        self.raw, self.sha, self.size = raw, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.raw.write(data)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def manifest_path(archive: Path) -> Path:
+    name = archive.name.removesuffix(".gz").removesuffix(".tar")
+    return archive.with_name(f"{name}.manifest.json")
+
+
+def load(archive_path: str | Path, engine: Engine | None = None) -> dict[str, Any]:
+    """Load an archive written by :func:`ship`; checks its sha256 and the loaded image ID."""
+    archive = Path(archive_path)
+    mpath = manifest_path(archive)
+    if not archive.is_file():
+        raise DataError(f"{archive}: not found")
+    if not mpath.is_file():
+        raise DataError(f"{mpath}: not found next to the archive; `invoke ship` writes both")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{mpath}: not valid JSON ({exc})") from None
+    if _sha256(archive) != manifest.get("archive_sha256"):
+        raise DataError(f"{archive}: sha256 differs from {mpath.name}; the archive is damaged, ship it again")
+    engine = _engine(engine)
+    with open(archive, "rb") as fh:
+        lines = engine.load(fh)
+    img = engine.image(manifest["tag"])
+    if not img or img["Id"] != manifest["image_id"]:
+        raise DockerError(f"{archive}: loaded, but {manifest['tag']} is not image {manifest['image_id'][:19]}")
+    return {"archive": str(archive), "target": manifest["target"], "tag": manifest["tag"],
+            "image_id": img["Id"], "recipe_hash": manifest["recipe_hash"], "loaded": lines}
+
+
+def push(matrix: Matrix, target_name: str, engine: Engine | None = None, echo: bool = True) -> dict[str, Any]:
+    """Push the current image to images.registry (tagged <registry>/modelmatrix/<t>:<hash16>)."""
+    registry = matrix.raw["images"]["registry"]
+    if not registry:
+        raise ConfigError(f"{matrix.path.name}: images.registry: not set; give a registry "
+                          "(e.g. registry.example.com:5000) to push, or use `invoke ship`")
+    engine = _engine(engine)
+    row = _current(matrix, target_name, engine)
+    repo = f"{registry.rstrip('/')}/{IMAGE_NAMESPACE}/{target_name}"
+    tag = row["recipe_hash"][:16]
+    engine.tag(row["image_id"], repo, tag)
+    digest = None
+    for chunk in engine.push(repo, tag):
+        if "error" in chunk:
+            raise DockerError(f"push {repo}:{tag}: {str(chunk['error']).strip().splitlines()[0][:300]}")
+        if isinstance(chunk.get("aux"), dict) and chunk["aux"].get("Digest"):
+            digest = chunk["aux"]["Digest"]
+        if chunk.get("status") and not chunk.get("progressDetail"):
+            _say(target_name, f"push: {chunk.get('id', '')} {chunk['status']}".replace("  ", " "), echo)
+    return {"target": target_name, "pushed": f"{repo}:{tag}", "digest": digest, "image_id": row["image_id"]}

@@ -1,0 +1,332 @@
+"""The Docker runner: each stage runs in its target's image, in a fresh container.
+
+One class owns a container's whole life (as cibuildwheel's OCIContainer does): create it from the
+image *ID* (``create`` never pulls) -> start -> stream its log live -> wait with a real limit
+(killed on expiry) -> remove it in ``finally``. The container sees the workspace read-only at
+/workspace with only the stage's own output folder writable on top, runs as the invoking
+user's uid:gid with networking disabled and a memory limit, and carries labels
+(io.modelmatrix.session/owner/stage) so that leftovers of a crash can be found: :func:`clean`.
+"""
+from __future__ import annotations
+
+import codecs
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from targets.common.contract import SPEC_NAME
+
+from .. import REPO_ROOT, images
+from ..config import Matrix, TargetDef
+from ..docker_client import OWNER_LABEL, SESSION_LABEL, Engine, engine_reason, owner_labels
+from ..errors import ConfigError, DockerError, ImageMissing, ModelMatrixError, StageFailed
+from .base import LogTail, Runner, StageRequest
+
+CONTAINER_WORKSPACE = "/workspace"
+STAGE_LABEL = "io.modelmatrix.stage"
+IMAGE_LABEL = "io.modelmatrix.image"
+KILL_GRACE_S = 10.0
+LOG_DRAIN_S = 10.0
+
+__all__ = ["DockerRunner", "StageContainer", "engine_reason", "clean", "bench_container_overhead",
+           "device_reason"]
+
+
+# --------------------------------------------------------------------------- devices
+
+def _nvidia_present() -> str | None:
+    if not Path("/dev/nvidiactl").exists():
+        return "no /dev/nvidiactl on this host"
+    return None
+
+
+def _ascend_present() -> str | None:
+    if not any(Path("/dev").glob("davinci[0-9]*")):
+        return "no /dev/davinci* on this host"
+    return None
+
+
+def _ascend_options() -> dict[str, Any]:
+    devices = [f"{p}:{p}:rwm" for p in sorted(Path("/dev").glob("davinci[0-9]*"))]
+    devices += [f"/dev/{n}:/dev/{n}:rwm" for n in ("davinci_manager", "devmm_svm", "hisi_hdc")
+                if Path(f"/dev/{n}").exists()]
+    binds = [f"{p}:{p}:ro" for p in ("/usr/local/Ascend/driver", "/usr/local/dcmi", "/usr/local/bin/npu-smi",
+                                     "/etc/ascend_install.info") if Path(p).exists()]
+    return {"devices": devices, "binds": binds}
+
+
+#: requires.devices kind -> (probe returning a reason when absent, container options)
+DEVICE_KINDS = {
+    "nvidia-gpu": (_nvidia_present, lambda: {"gpus": True}),
+    "ascend-npu": (_ascend_present, _ascend_options),
+}
+
+
+def device_reason(target: TargetDef) -> str | None:
+    """None when the host has every device the target requires, else a one-line reason."""
+    for kind in target.requires.get("devices", []):
+        if kind not in DEVICE_KINDS:
+            return (f"targets/{target.name}/target.yaml: requires.devices: unknown kind {kind!r} "
+                    f"(known: {', '.join(DEVICE_KINDS)})")
+        missing = DEVICE_KINDS[kind][0]()
+        if missing:
+            return f"{target.name} needs {kind} (requires.devices): {missing}"
+    return None
+
+
+def _device_options(target: TargetDef) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for kind in target.requires.get("devices", []):
+        for key, value in DEVICE_KINDS[kind][1]().items():
+            out[key] = out.get(key, []) + value if isinstance(value, list) else value
+    return out
+
+
+# --------------------------------------------------------------------------- one container
+
+class StageContainer:
+    """create -> start -> stream logs -> wait (real timeout; kill) -> remove, as a context manager."""
+
+    def __init__(self, engine: Engine, image_id: str, command: list[str], *, label: str, user: str,
+                 mounts: list[tuple[str, str, bool]], labels: dict[str, str], environment: dict[str, str],
+                 mem_limit: str | None, device_options: dict[str, Any] | None = None):
+        self.engine, self.image_id, self.command, self.label = engine, image_id, command, label
+        self.kwargs = dict(user=user, mounts=mounts, labels=labels, environment=environment,
+                           mem_limit=mem_limit, network_mode="none", device_options=device_options)
+        self.cid: str | None = None
+        self.log_error: str | None = None
+        self.oom_killed = False
+
+    def __enter__(self) -> StageContainer:
+        self.cid = self.engine.create_container(self.image_id, self.command, **self.kwargs)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.cid:
+            self.engine.remove_container(self.cid)
+            self.cid = None
+
+    def run(self, tail: LogTail, timeout_s: float) -> int:
+        """Start, stream the log into ``tail``, wait. Returns the exit code; raises on timeout."""
+        assert self.cid, "use StageContainer as a context manager"
+        self.engine.start(self.cid)
+        pump = threading.Thread(target=self._pump, args=(tail,), name=f"logs {self.label}", daemon=True)
+        pump.start()
+        code = self.engine.wait(self.cid, timeout_s)
+        if code is None:
+            self.engine.kill(self.cid)
+            self.engine.wait(self.cid, KILL_GRACE_S)
+            pump.join(LOG_DRAIN_S)
+            raise StageFailed(f"{self.label}: timed out after {timeout_s:g}s; the container was killed "
+                              "(raise stage_timeout_s if the stage needs longer)", tail.text())
+        pump.join(LOG_DRAIN_S)
+        if self.log_error:
+            tail.feed(f"[modelmatrix: the log stream broke: {self.log_error}]")
+        self.oom_killed = bool(self.engine.container_state(self.cid).get("OOMKilled"))
+        return code
+
+    def _pump(self, tail: LogTail) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        partial = ""
+        try:
+            for chunk in self.engine.logs(self.cid):
+                text = partial + decoder.decode(chunk).replace("\r\n", "\n").replace("\r", "\n")
+                *lines, partial = text.split("\n")
+                for line in lines:
+                    tail.feed(line)
+            partial += decoder.decode(b"", final=True)
+        except DockerError as exc:
+            self.log_error = str(exc)
+        if partial:
+            tail.feed(partial)
+
+
+# --------------------------------------------------------------------------- the runner
+
+def _memory_limit(matrix: Matrix) -> str:
+    value = str(matrix.raw["images"]["memory_limit"]).strip()
+    if not re.fullmatch(r"\d+(\.\d+)?[bkmgBKMG]?", value):
+        raise ConfigError(f"{matrix.path.name}: images.memory_limit: {value!r} is not a size like 8g or 512m")
+    return value
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+class DockerRunner(Runner):
+    name = "docker"
+
+    def __init__(self, matrix: Matrix, engine: Engine | None = None, user: str | None = None):
+        self.matrix = matrix
+        self.session = uuid.uuid4().hex[:16]
+        self.user = user or f"{os.getuid()}:{os.getgid()}"
+        self._engine = engine
+        self._images: dict[str, tuple[str, str]] = {}
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = Engine()
+        return self._engine
+
+    def unavailable_reason(self, target: TargetDef) -> str | None:
+        """Engine down, or a device the target needs is absent. A missing image is not a reason
+        here: :meth:`prepare` builds it (and says why when it cannot)."""
+        try:
+            self.engine.ping()
+        except DockerError as exc:
+            return str(exc)
+        return device_reason(target)
+
+    def prepare(self, target: TargetDef, echo: bool = True) -> str | None:
+        """Build the target's image unless its recipe's tag exists; a one-line reason on failure
+        (base not available -> `invoke bases`; a failing Dockerfile -> its failing step)."""
+        try:
+            row = images.build(self.matrix, target.name, echo=echo, engine=self.engine)
+        except ModelMatrixError as exc:
+            return f"image: {exc}"
+        self._images[target.name] = (row["image_id"], row["tag"])
+        return None
+
+    def fingerprint(self, target: TargetDef) -> str:
+        """The recipe tag (content-addressed: Dockerfile, context, build args, base image ID)."""
+        image_id, tag = self.image_for(target)
+        return f"docker:{tag}"
+
+    def image_for(self, target: TargetDef) -> tuple[str, str]:
+        """(image ID, tag) of the target's current recipe; ImageMissing when it is not built."""
+        if target.name not in self._images:
+            row = images.image_status(self.matrix, target.name, self.engine)
+            if not row["up_to_date"]:
+                raise ImageMissing(f"{target.name}: {row['problem']} (the docker runner never pulls)")
+            self._images[target.name] = (row["image_id"], row["tag"])
+        return self._images[target.name]
+
+    def run(self, req: StageRequest, echo: bool = True) -> str:
+        image_id, tag = self.image_for(req.target)
+        reason = device_reason(req.target)
+        if reason:
+            raise StageFailed(f"{req.label}: {reason}")
+        workspace = req.workspace.resolve()
+        out = (workspace / req.out_dir).resolve()
+        if out == workspace or not out.is_relative_to(workspace):
+            raise StageFailed(f"{req.label}: out_dir {req.out_dir!r} must be a folder inside the workspace")
+        if not out.is_dir():
+            raise StageFailed(f"{req.label}: output folder {out} does not exist (the caller creates it)")
+        rel = out.relative_to(workspace).as_posix()
+        req.write_spec(CONTAINER_WORKSPACE)
+        command = ["python3", "-m", req.module, f"{CONTAINER_WORKSPACE}/{rel}/{SPEC_NAME}"]
+        tail = LogTail(req.label, echo)
+        container = StageContainer(
+            self.engine, image_id, command, label=req.label, user=self.user,
+            mounts=[(str(workspace), CONTAINER_WORKSPACE, True), (str(out), f"{CONTAINER_WORKSPACE}/{rel}", False)],
+            labels={**owner_labels(self.session), STAGE_LABEL: req.label, IMAGE_LABEL: tag},
+            environment={"HOME": "/tmp"}, mem_limit=_memory_limit(self.matrix),
+            device_options=_device_options(req.target))
+        try:
+            with container:
+                code = container.run(tail, req.timeout_s)
+        except ImageMissing:
+            self._images.pop(req.target.name, None)
+            raise ImageMissing(f"{req.label}: image {tag} ({image_id[7:19]}) is gone from the engine; "
+                               f"run `invoke build --target {req.target.name}` (the docker runner never pulls)") from None
+        if code != 0:
+            why = f" (killed: out of memory, images.memory_limit {_memory_limit(self.matrix)})" \
+                if container.oom_killed else ""
+            last = _last_line(tail.text())
+            raise StageFailed(f"{req.label}: exited {code} in {tag}{why}" + (f": {last}" if last else ""),
+                              tail.text())
+        req.check_result(tail.text())
+        return tail.text()
+
+    def close(self) -> None:
+        """Remove whatever this runner's session left behind (normally nothing)."""
+        if self._engine is None:
+            return
+        for c in self._engine.containers(f"{SESSION_LABEL}={self.session}"):
+            self._engine.remove_container(c["Id"])
+
+
+# --------------------------------------------------------------------------- housekeeping
+
+def _owner_alive(owner: str) -> bool:
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean(all_images: bool = False, force: bool = False, engine: Engine | None = None) -> dict[str, Any]:
+    """Remove leftover modelmatrix containers (those whose creating process still runs on this host
+    are kept unless ``force``);
+    with ``all_images`` also every image modelmatrix built (not the bootstrapped bases)."""
+    engine = engine or Engine()
+    removed, kept, removed_images = [], [], []
+    for c in engine.containers(SESSION_LABEL):
+        labels = c.get("Labels") or {}
+        name = (c.get("Names") or [c["Id"][:12]])[0].lstrip("/")
+        what = f"{name} ({labels.get(STAGE_LABEL, labels.get(SESSION_LABEL))})"
+        if not force and _owner_alive(labels.get(OWNER_LABEL, "")):
+            kept.append(what)
+            continue
+        engine.remove_container(c["Id"])
+        removed.append(what)
+    if all_images:
+        for img in engine.images(f"{images.LABEL_PREFIX}target"):
+            engine.remove_image(img["Id"], force=True)
+            removed_images.append(", ".join(img.get("RepoTags") or []) or img["Id"][7:19])
+    return {"containers": removed, "kept_running": kept, "images": removed_images}
+
+
+def bench_container_overhead(matrix: Matrix, runs: int = 5, target: str | None = None,
+                             engine: Engine | None = None) -> dict[str, Any]:
+    """Seconds from create to removal of a container running a no-op stage (``python3 -m
+    targets.common.contract``: interpreter start + the contract import), against the same command run
+    locally. The issue's goal is under 1 s per container."""
+    engine = engine or Engine()
+    rows = {r["target"]: r for r in images.list_images(matrix, engine)}
+    order = [target] if target else sorted(rows, key=lambda t: (t != "onnxruntime", t))
+    chosen = next((rows[t] for t in order if t in rows and rows[t]["up_to_date"]), None)
+    if chosen is None:
+        raise ImageMissing(f"bench: no built image among {', '.join(order)}; run `invoke build` first")
+    command = ["python3", "-m", "targets.common.contract"]
+    seconds = []
+    for i in range(runs):
+        t0 = time.perf_counter()
+        with StageContainer(engine, chosen["image_id"], command, label=f"bench.{i}",
+                            user=f"{os.getuid()}:{os.getgid()}", mounts=[],
+                            labels={**owner_labels(f"bench-{uuid.uuid4().hex[:8]}"), STAGE_LABEL: "bench"},
+                            environment={"HOME": "/tmp"}, mem_limit=_memory_limit(matrix)) as c:
+            tail = LogTail("bench", echo=False)
+            code = c.run(tail, 60)
+        seconds.append(time.perf_counter() - t0)
+        if code != 0:
+            raise StageFailed(f"bench: the no-op stage exited {code} in {chosen['tag']}", tail.text())
+    local = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "targets.common.contract"], cwd=REPO_ROOT, check=True)
+        local.append(time.perf_counter() - t0)
+    median = statistics.median(seconds)
+    return {"target": chosen["target"], "image": chosen["tag"], "runs": runs,
+            "seconds": [round(s, 3) for s in seconds], "median_s": round(median, 3),
+            "min_s": round(min(seconds), 3), "max_s": round(max(seconds), 3),
+            "local_median_s": round(statistics.median(local), 3),
+            "overhead_s": round(median - statistics.median(local), 3), "goal_s": 1.0,
+            "meets_goal": median < 1.0}

@@ -1,0 +1,114 @@
+"""Helpers shared by the docker tests (a plain module: tests/ is not a package, and a package
+named ``docker`` would shadow the Docker SDK)."""
+from __future__ import annotations
+
+import shutil
+import textwrap
+from pathlib import Path
+
+import yaml
+
+from modelmatrix import REPO_ROOT
+from modelmatrix.config import Matrix, load_matrix
+
+CI_BASE = "modelmatrix/base:bookworm-minbase"      # bootstrapped by `invoke bases` (debootstrap)
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# --------------------------------------------------------------------------- throwaway targets
+
+STAGES = {
+    "noop.py": """
+        from targets.common.contract import main
+        if __name__ == "__main__":
+            main(lambda spec: {"ok": True})
+        """,
+    "crash.py": """
+        from targets.common.contract import main
+
+        def run(spec):
+            print("about to crash", flush=True)
+            raise RuntimeError("boom from mmtest.crash")
+
+        if __name__ == "__main__":
+            main(run)
+        """,
+    "hang.py": """
+        import time
+        from targets.common.contract import main
+
+        def run(spec):
+            print("hanging now", flush=True)
+            time.sleep(3600)
+
+        if __name__ == "__main__":
+            main(run)
+        """,
+    "nothing.py": """
+        print("doing nothing, writing nothing")
+        """,
+    "probe.py": """
+        import os, socket
+        from targets.common.contract import atomic_write_bytes, main
+
+        def run(spec):
+            facts = {"uid": os.getuid(), "gid": os.getgid(), "home": os.environ.get("HOME"),
+                     "input": spec.input("data").read_text()}
+            try:
+                (spec.root / "intruder.txt").write_text("x")
+                facts["workspace_writable"] = True
+            except OSError as exc:
+                facts["workspace_writable"], facts["workspace_errno"] = False, exc.errno
+            facts["interfaces"] = sorted(os.listdir("/sys/class/net"))
+            try:
+                socket.create_connection(("1.1.1.1", 53), timeout=2).close()
+                facts["network"] = True
+            except OSError:
+                facts["network"] = False
+            for p in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+                if os.path.exists(p):
+                    facts["memory_limit"] = open(p).read().strip()
+                    break
+            atomic_write_bytes(spec.output("owned.txt"), b"mine")
+            return facts
+
+        if __name__ == "__main__":
+            main(run)
+        """,
+}
+
+
+def make_project(root: Path, name: str, dockerfile: str, base: str, stages: dict | None = None,
+                 memory_limit: str = "1g") -> Matrix:
+    """A throwaway project (targets/, images/, matrix.yaml) with one target ``name``."""
+    targets = root / "targets"
+    if not (targets / "common").is_dir():
+        shutil.copytree(REPO_ROOT / "targets" / "common", targets / "common",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copyfile(REPO_ROOT / "targets" / "__init__.py", targets / "__init__.py")
+    tdir = targets / name
+    tdir.mkdir(parents=True, exist_ok=True)
+    (tdir / "__init__.py").write_text("")
+    stages = STAGES if stages is None else stages
+    for fname, text in stages.items():
+        (tdir / fname).write_text(textwrap.dedent(text).lstrip())
+    write_yaml(tdir / "target.yaml", {"name": name, "image": {"base": base},
+                                      "stages": {f[:-3]: {} for f in stages}})
+    (root / "images" / name).mkdir(parents=True, exist_ok=True)
+    (root / "images" / name / "Dockerfile").write_text(textwrap.dedent(dockerfile).lstrip())
+    path = write_yaml(root / f"matrix-{name}.yaml", {
+        "workspace": str(root / "ws"), "verify": {"reference": name},
+        "images": {"memory_limit": memory_limit}, "targets": {name: {}},
+    })
+    return load_matrix(path, targets_dir=targets)
+
+
+ON_TOP = """
+    ARG BASE_IMAGE=modelmatrix/onnxruntime
+    FROM ${BASE_IMAGE}
+    COPY targets /opt/modelmatrix/targets
+    """
