@@ -113,11 +113,13 @@ def images(c, config=DEFAULT_CONFIG):
     """List target images: tag, id, size, up to date or not."""
     from modelmatrix import images as mimages
     m = _load(config)
-    print(f"{'target':<12} {'up to date':<10} {'tag':<36} {'id':<19} {'size':>9}  base")
+    print(f"{'target':<12} {'up to date':<10} {'tag':<36} {'id':<19} {'size':>9}  base / versions / problem")
     for st in mimages.list_images(m):
         size = f"{st['size'] / 1e6:.0f} MB" if st.get("size") else "-"
-        print(f"{st['target']:<12} {'yes' if st['up_to_date'] else 'no':<10} {st['tag']:<36} "
-              f"{(st.get('image_id') or '-')[:19]:<19} {size:>9}  {st.get('base', '')}")
+        versions = " ".join(f"{k}={v}" for k, v in sorted((st.get("versions") or {}).items()))
+        extra = st.get("problem") or versions
+        print(f"{st['target']:<12} {'yes' if st['up_to_date'] else 'no':<10} {st['tag'] or '-':<36} "
+              f"{(st.get('image_id') or '-')[:19]:<19} {size:>9}  {st.get('base') or '-'}  {extra}")
 
 
 @task(help={"force": "re-bootstrap even if the base exists", "config": "matrix file"})
@@ -128,7 +130,8 @@ def bases(c, force=False, config=DEFAULT_CONFIG):
     m = _load(config)
     for ref in m.raw["images"]["bases"]:
         info = mbases.bootstrap(m, ref, force=force)
-        print(f"{ref:<28} -> {info['tag']} ({info.get('status', 'ok')})")
+        state = "bootstrapped" if info.get("created") else "already present"
+        print(f"{ref:<28} -> {info['tag']} ({state})")
 
 
 @task(help={"target": "target whose image to ship", "out": "output folder", "push": "also push to images.registry",

@@ -107,9 +107,9 @@ def run_bench(matrix: Matrix, targets: list[str], runner_choice: str | None,
         for t in targets:
             say(f"bench: {t}")
             results["targets"][t] = _bench_target(matrix, summary, runner, t)
-        overhead = getattr(runner, "bench_overhead", None)
-        if overhead is not None:
-            results["container_overhead"] = overhead()
+        if runner.name == "docker":
+            from .runners.docker import bench_container_overhead
+            results["container_overhead"] = bench_container_overhead(matrix)
     finally:
         runner.close()
     path = out_path or (matrix.workspace / "bench" / "bench.json")

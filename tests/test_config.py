@@ -7,7 +7,7 @@ import yaml
 from modelmatrix.config import load_matrix
 from modelmatrix.errors import ConfigError
 
-from conftest import REPO
+from mm_testing import REPO
 
 
 def _write(tmp_path, data) -> str:

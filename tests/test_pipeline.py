@@ -16,7 +16,7 @@ from modelmatrix import data
 from modelmatrix.config import load_matrix
 from modelmatrix.pipeline import CACHED, DONE, FAILED, SKIPPED, run_matrix
 
-from conftest import run_invoke, write_matrix
+from mm_testing import run_invoke, write_matrix
 
 
 @pytest.fixture(scope="module")

@@ -225,7 +225,11 @@ class DockerRunner(Runner):
             raise StageFailed(f"{req.label}: output folder {out} does not exist (the caller creates it)")
         rel = out.relative_to(workspace).as_posix()
         req.write_spec(CONTAINER_WORKSPACE)
-        command = ["python3", "-m", req.module, f"{CONTAINER_WORKSPACE}/{rel}/{SPEC_NAME}"]
+        # stderr joined to stdout inside the container: Docker copies the two streams separately,
+        # so their lines would otherwise interleave out of order (a traceback before the print
+        # that preceded it) and the last line would not be the error.
+        command = ["sh", "-c", 'exec "$@" 2>&1', "stage",
+                   "python3", "-m", req.module, f"{CONTAINER_WORKSPACE}/{rel}/{SPEC_NAME}"]
         tail = LogTail(req.label, echo)
         container = StageContainer(
             self.engine, image_id, command, label=req.label, user=self.user,

@@ -1,0 +1,68 @@
+"""`invoke matrix --runner docker` end to end: every stage in its target's real image.
+
+torch and onnxruntime build FROM the shipped default `python:3.11-slim-bookworm`, caffe FROM
+`debian:bullseye-slim`; with no registry here, both resolve to the bootstrapped bases that the
+shipped matrix.yaml declares (`invoke bases`), and the build output says so.
+"""
+from __future__ import annotations
+
+import yaml
+
+from modelmatrix import REPO_ROOT, data
+from modelmatrix.config import load_matrix
+from modelmatrix.pipeline import CACHED, DONE, SKIPPED, run_matrix
+
+from mm_testing import run_invoke, write_matrix
+
+
+def _matrix(tmp_path):
+    shipped = yaml.safe_load((REPO_ROOT / "matrix.yaml").read_text())
+    cfg = write_matrix(tmp_path, runner="docker", images=shipped["images"], targets={
+        "torch": {"params": {"batch_size": 8}},
+        "onnxruntime": {"params": {"batch_size": 8}},
+        "caffe": {"params": {"batch_size": 8}},
+        "tensorrt": {}, "ascend": {},
+    })
+    m = load_matrix(cfg)
+    data.make_synthetic(m.resolve(m.raw["data"]["dataset"]), **m.raw["data"]["synthetic"])
+    return cfg
+
+
+def test_containerised_matrix_passes_and_reruns_as_a_no_op(tmp_path, capfd):
+    tmp_path.chmod(0o755)
+    cfg = _matrix(tmp_path)
+    first = run_matrix(load_matrix(cfg), echo=True)
+    err = capfd.readouterr().err
+    assert first.runner == "docker"
+    st = {k: o.status for k, o in first.outcomes.items()}
+    for node in ("torch.export", "torch.infer", "onnxruntime.infer", "caffe.convert", "caffe.infer"):
+        assert st[node] in (DONE, CACHED), (node, first.outcomes[node].reason)
+    assert first.passed, first.report
+    for t in ("onnxruntime", "caffe"):
+        assert first.report["targets"][t]["status"] == "passed"
+    # No GPU, no Ascend card here: skipped with the device named, never passed.
+    assert st["tensorrt.convert"] == SKIPPED and "nvidia" in first.outcomes["tensorrt.convert"].reason
+    assert st["ascend.convert"] == SKIPPED
+    # The shipped bases are not pullable here: the build said which bootstrapped base it used.
+    assert "modelmatrix/base:bookworm-minbase" in err or "up to date" in err
+
+    again = run_matrix(load_matrix(cfg), echo=False)
+    assert not again.did_work
+    assert all(o.status in (CACHED, SKIPPED) for o in again.outcomes.values())
+
+
+def test_cli_runner_docker_and_local_agree(tmp_path):
+    """The same matrix through both runners: the local run reuses nothing of the docker one
+    (the runner environment is part of every key) and both pass with the same retrieval."""
+    tmp_path.chmod(0o755)
+    cfg = _matrix(tmp_path)
+    r = run_invoke(["matrix", "--config", str(cfg), "--runner", "docker", "--target", "onnxruntime"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    docker_report = yaml.safe_load((tmp_path / "ws" / "report.json").read_text())
+    r = run_invoke(["matrix", "--config", str(cfg), "--runner", "local", "--target", "onnxruntime"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "built      torch.export" in r.stderr     # not reused from the docker run
+    local_report = yaml.safe_load((tmp_path / "ws" / "report.json").read_text())
+    assert local_report["runner"] == "local" and docker_report["runner"] == "docker"
+    for key in ("rank1", "mAP"):
+        assert local_report["reference_retrieval"][key] == docker_report["reference_retrieval"][key]
