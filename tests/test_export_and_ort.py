@@ -212,7 +212,7 @@ def test_random_weights_calibrated_on_the_prepared_inputs(tmp_path):
         export.run(spec)
     np.save(tmp_path / "wide.npy", images("reid-strong-baseline", 2, size=[64, 64]))
     spec.inputs["calibration"] = tmp_path / "wide.npy"
-    with pytest.raises(StageError, match=r"wide.npy: shape \(2, 3, 64, 64\), expected \(N, 3, 64, 32\)"):
+    with pytest.raises(StageError, match=r"wide.npy: shape \(2, 3, 64, 64\), but this model takes \(N, 3, 64, 32\)"):
         export.run(spec)
 
 

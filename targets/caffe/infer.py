@@ -23,6 +23,7 @@ os.environ.setdefault("GLOG_minloglevel", "2")   # before pycaffe loads glog: no
 
 import numpy as np  # noqa: E402
 
+from targets.common.arrays import load_inputs as common_load_inputs
 from targets.common.contract import Spec, StageError, batched_timings, main, save_npy  # noqa: E402
 
 DPKG_STATUS = Path("/var/lib/dpkg/status")
@@ -286,21 +287,8 @@ def open_net(caffe, proto: Path, model: Path):
 
 
 def load_inputs(path: Path, chw: Tuple[int, ...], proto: Path) -> np.ndarray:
-    """inputs.npy memory-mapped as float32 (N, C, H, W) matching the net's input blob."""
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except FileNotFoundError:
-        raise StageError(f"{path}: not found; run the prepare stage") from None
-    except (ValueError, OSError, EOFError) as exc:
-        raise StageError(f"{path}: not a readable .npy file ({exc}); run the prepare stage again") from None
-    if arr.ndim != 4 or tuple(arr.shape[1:]) != tuple(chw):
-        raise StageError(f"{path}: shape {tuple(arr.shape)}, but {proto} takes (N, "
-                         f"{', '.join(map(str, chw))}); run prepare and export with the same model.input_size")
-    if arr.dtype != np.float32:
-        raise StageError(f"{path}: dtype {arr.dtype}, expected float32; run the prepare stage again")
-    if arr.shape[0] == 0:
-        raise StageError(f"{path}: holds no images; check the dataset and data.limit")
-    return arr
+    """inputs.npy matching the net's input blob (memory-mapped float32 (N, C, H, W))."""
+    return common_load_inputs(path, chw, str(proto))
 
 
 def output_blob(net, name: str, proto: Path) -> str:

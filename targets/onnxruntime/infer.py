@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
+from targets.common.arrays import load_inputs as common_load_inputs
 from targets.common.contract import Spec, StageError, batched_timings, main, save_npy
 
 OPT_LEVELS = {
@@ -80,21 +81,8 @@ def input_spec(sess: ort.InferenceSession, onnx_path: Path) -> Tuple[str, Any, i
 
 
 def load_inputs(path: Path, height: int, width: int) -> np.ndarray:
-    """inputs.npy memory-mapped as float32 (N, 3, H, W), or one line saying what is wrong."""
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except FileNotFoundError:
-        raise StageError(f"{path}: not found; run the prepare stage") from None
-    except (ValueError, OSError, EOFError) as exc:
-        raise StageError(f"{path}: not a readable .npy file ({exc}); run the prepare stage again") from None
-    if arr.ndim != 4 or arr.shape[1] != 3 or tuple(arr.shape[2:]) != (height, width):
-        raise StageError(f"{path}: shape {tuple(arr.shape)}, expected (N, 3, {height}, {width}) for "
-                         "this model; run the prepare stage with the same model.input_size")
-    if arr.dtype != np.float32:
-        raise StageError(f"{path}: dtype {arr.dtype}, expected float32; run the prepare stage again")
-    if arr.shape[0] == 0:
-        raise StageError(f"{path}: holds no images; check the dataset and data.limit")
-    return arr
+    """inputs.npy for this ONNX model (memory-mapped float32 (N, 3, H, W))."""
+    return common_load_inputs(path, (3, height, width))
 
 
 def check_batch(batch_size: int, fixed_batch, n_images: int, onnx_path: Path) -> None:

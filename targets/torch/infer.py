@@ -14,6 +14,7 @@ from typing import Any, Dict
 import numpy as np
 import torch
 
+from targets.common.arrays import load_inputs as common_load_inputs
 from targets.common.contract import Spec, StageError, batched_timings, main, save_npy
 
 from . import checkpoint as ckpt
@@ -44,24 +45,8 @@ def read_meta(path: Path) -> Dict[str, Any]:
 
 
 def load_inputs(path: Path, input_size) -> np.ndarray:
-    """inputs.npy memory-mapped as float32 (N, 3, H, W), or one line saying what is wrong.
-
-    Memory-mapped: the full Market1501 query+gallery is ~7.6 GB at 256x128."""
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except FileNotFoundError:
-        raise StageError(f"{path}: not found; run the prepare stage") from None
-    except (ValueError, OSError, EOFError) as exc:
-        raise StageError(f"{path}: not a readable .npy file ({exc}); run the prepare stage again") from None
-    height, width = (int(v) for v in input_size)
-    if arr.ndim != 4 or arr.shape[1] != 3 or tuple(arr.shape[2:]) != (height, width):
-        raise StageError(f"{path}: shape {tuple(arr.shape)}, expected (N, 3, {height}, {width}) for "
-                         "this model; run the prepare stage with the same model.input_size")
-    if arr.dtype != np.float32:
-        raise StageError(f"{path}: dtype {arr.dtype}, expected float32; run the prepare stage again")
-    if arr.shape[0] == 0:
-        raise StageError(f"{path}: holds no images; check the dataset and data.limit")
-    return arr
+    """inputs.npy for a model of this input size (memory-mapped float32 (N, 3, H, W))."""
+    return common_load_inputs(path, (3, *input_size))
 
 
 def set_threads(threads: int) -> None:
