@@ -29,6 +29,13 @@ def _errors_to_exit(fn):
     return wrapper
 
 
+def _known(matrix, config: str, name: str) -> str:
+    if name not in matrix.raw["targets"]:
+        raise Exit(f"error: --target {name}: not in {config} targets "
+                   f"(known: {', '.join(matrix.raw['targets'])})", code=2)
+    return name
+
+
 def _load(config: str, targets: list[str] | None = None, dataset: str | None = None):
     from modelmatrix.config import load_matrix
     overrides = {"data.dataset": dataset} if dataset else {}
@@ -95,16 +102,30 @@ def matrix(c, runner="", target=None, force=False, dataset="", config=DEFAULT_CO
 def build(c, target=None, all=False, force=False, config=DEFAULT_CONFIG):
     """Build target images through the Docker SDK (content-addressed tags; no-op when up to date)."""
     from modelmatrix import images
+    from modelmatrix.errors import ModelMatrixError
     m = _load(config)
-    names = list(m.raw["targets"]) if all else (target or [])
+    names = [_known(m, config, t) for t in target or []]
+    if all:
+        names = [t for t in m.raw["targets"] if m.targets[t].dockerfile.is_file()]
+        for t in m.raw["targets"]:
+            if t not in names:
+                print(f"{t:<12} {'no image':<10} images/{t}/Dockerfile does not exist yet")
     if not names:
         raise Exit("error: say which image: --target <name> (repeatable) or --all", code=2)
+    failed = []
     for name in names:
-        if name not in m.raw["targets"]:
-            raise Exit(f"error: --target {name}: not in {config} targets", code=2)
-        st = images.build(m, name, force=force)
+        try:
+            st = images.build(m, name, force=force)
+        except ModelMatrixError as exc:
+            if not all:
+                raise
+            failed.append(name)           # --all: build what can be built, then report the rest
+            print(f"{name:<12} {'FAILED':<10} {exc}")
+            continue
         state = "built" if st.get("built") else "up to date"
         print(f"{name:<12} {state:<10} {st['tag']}  {st.get('image_id', '')[:19]}")
+    if failed:
+        raise Exit(f"error: could not build {', '.join(failed)} (reasons above)", code=1)
 
 
 @task(help={"config": "matrix file"})
@@ -141,7 +162,7 @@ def ship(c, target, out="dist", push=False, config=DEFAULT_CONFIG):
     """Write a target image as docker-save .tar.gz plus a manifest JSON (and optionally push it)."""
     from modelmatrix import images
     m = _load(config)
-    path = images.ship(m, target, m.resolve(out))
+    path = images.ship(m, _known(m, config, target), m.resolve(out))
     print(f"wrote {path}")
     if push:
         print(f"pushed {images.push(m, target)}")
@@ -175,14 +196,15 @@ def clean(c, images=False, workspace=False, config=DEFAULT_CONFIG):
 
 @task(iterable=["target"], help={"target": "target to benchmark; repeatable (default: torch and onnxruntime)",
                                  "runner": "auto | local | docker", "out": "results file (JSON)",
+                                 "compare_runners": "also time a forced full matrix run with each runner",
                                  "config": "matrix file"})
 @_errors_to_exit
-def bench(c, target=None, runner="", out="", config=DEFAULT_CONFIG):
+def bench(c, target=None, runner="", out="", compare_runners=False, config=DEFAULT_CONFIG):
     """Benchmark backends (img/s, p50/p95 at several batch sizes) and the pipeline itself; writes a JSON file."""
     from modelmatrix.bench import run_bench
     m = _load(config)
     path = run_bench(m, target or ["torch", "onnxruntime"], runner or None,
-                     Path(out) if out else None)
+                     Path(out) if out else None, compare_runners=compare_runners)
     print(f"wrote {path}")
 
 

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +48,6 @@ class BaseInfo:
     image_id: str
     source: str        # local | pulled | bootstrap
     why: str           # one sentence for the build output
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _say(msg: str, echo: bool) -> None:
@@ -150,13 +147,6 @@ def resolve(matrix: Matrix, ref: str, engine: Engine, *, allow_pull: bool, where
                        "`invoke bases`")
 
 
-def ensure_base(matrix: Matrix, base_ref: str, echo: bool = True, engine: Engine | None = None) -> str:
-    """The image ref a build uses for ``base_ref`` (trying one pull), said out loud."""
-    info = resolve(matrix, base_ref, engine or Engine(), allow_pull=True)
-    _say(f"base {info.ref} ({info.image_id[7:19]}): {info.why}", echo)
-    return info.ref
-
-
 # --------------------------------------------------------------------------- bootstrap
 
 def bootstrap(matrix: Matrix, base: str | dict[str, Any], force: bool = False, echo: bool = True,
@@ -183,8 +173,11 @@ def bootstrap(matrix: Matrix, base: str | dict[str, Any], force: bool = False, e
         repo, tg = _split_ref(tag)
         engine.tag(image_id, repo, tg or "latest")
     finally:
-        _unmount_below(tmp)
-        shutil.rmtree(tmp, ignore_errors=False)
+        try:       # never let cleanup replace the real (one-line) error of the bootstrap
+            _unmount_below(tmp)
+            shutil.rmtree(tmp)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            _say(f"warning: could not remove {tmp} ({exc}); remove it by hand", True)
     seconds = time.monotonic() - t0
     _say(f"{tag} = {image_id[7:19]} ({seconds:.0f}s)", echo)
     return _bootstrap_result(key, decl, mirror, image_id, created=True, seconds=seconds)

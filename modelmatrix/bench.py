@@ -10,6 +10,8 @@ Measured, then written to a JSON file and printed; never asserted in tests:
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import platform
@@ -81,8 +83,31 @@ def _preprocessing(matrix: Matrix) -> dict[str, Any]:
             "cores": os.cpu_count(), "target": ">= 300 img/s on 2 cores"}
 
 
+def _compare_runners(matrix: Matrix) -> dict[str, Any]:
+    """A forced full `invoke matrix` with each runner on the same data (target: docker <= 1.3x local)."""
+    from .runners.docker import engine_reason
+    reason = engine_reason()
+    if reason:
+        return {"status": "skipped", "reason": reason}
+    # Only targets both runners can run (pycaffe, for one, exists only in its image).
+    matrix = dataclasses.replace(matrix, raw=copy.deepcopy(matrix.raw))
+    for name, stanza in matrix.raw["targets"].items():
+        stanza["enabled"] = name in ("torch", "onnxruntime")
+    seconds = {}
+    for name in ("local", "docker"):
+        run_matrix(matrix, name, echo=False)            # images built, inputs prepared: not timed
+        t0 = time.perf_counter()
+        forced = run_matrix(matrix, name, echo=False, force=True)
+        seconds[name] = round(time.perf_counter() - t0, 2)
+        if not forced.passed:
+            return {"status": "skipped", "reason": f"the forced {name} run did not pass: "
+                    + "; ".join(f"{k}: {o.reason}" for k, o in forced.outcomes.items() if not o.ok)}
+    return {"status": "measured", "seconds": seconds,
+            "docker_over_local": round(seconds["docker"] / seconds["local"], 3), "target": "<= 1.3"}
+
+
 def run_bench(matrix: Matrix, targets: list[str], runner_choice: str | None,
-              out_path: Path | None = None) -> Path:
+              out_path: Path | None = None, compare_runners: bool = False) -> Path:
     for t in targets:
         if t not in matrix.raw["targets"]:
             raise ModelMatrixError(f"--target {t}: not a target of {matrix.path}")
@@ -112,6 +137,9 @@ def run_bench(matrix: Matrix, targets: list[str], runner_choice: str | None,
             results["container_overhead"] = bench_container_overhead(matrix)
     finally:
         runner.close()
+    if compare_runners:
+        say("bench: a forced matrix run with each runner")
+        results["runners"] = _compare_runners(matrix)
     path = out_path or (matrix.workspace / "bench" / "bench.json")
     atomic_write_json(path, results)
     for line in summary_lines(results):
@@ -136,6 +164,10 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
             lines.append(f"{t:<12} matrix loop {cmp_['matrix_images_per_second']:.1f} img/s vs bare loop "
                          f"{cmp_['bare_images_per_second']:.1f} img/s (ratio {cmp_['matrix_over_bare']:.3f}, "
                          "target >= 0.9)")
+    if results.get("runners", {}).get("status") == "measured":
+        r = results["runners"]
+        lines.append(f"forced matrix run: local {r['seconds']['local']} s, docker {r['seconds']['docker']} s "
+                     f"(ratio {r['docker_over_local']}, target <= 1.3)")
     if "container_overhead" in results:
         lines.append(f"container overhead per stage: {json.dumps(results['container_overhead'])}")
     return lines

@@ -7,6 +7,7 @@ Validation fills in defaults, so the rest of the code reads plain, complete dict
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,14 +78,17 @@ class Bool(_Node):
 
 
 class Str(_Node):
-    def __init__(self, default=None, choices=None, required=False):
+    def __init__(self, default=None, choices=None, required=False, pattern=None, example=None):
         self.default, self.choices, self.required = default, choices, required
+        self.pattern, self.example = pattern, example
 
     def check(self, value, path):
         if not isinstance(value, str):
             raise _fail(path, f"expected a string, got {_show(value)}")
         if self.choices and value not in self.choices:
             raise _fail(path, f"expected one of {', '.join(self.choices)}, got {value!r}")
+        if self.pattern and not re.fullmatch(self.pattern, value):
+            raise _fail(path, f"expected {self.example}, got {value!r}")
         return value
 
 
@@ -185,7 +189,7 @@ MATRIX = Map({
     "stage_timeout_s": Int(3600, min=1),
     "model": Map({
         "arch": Str("reid-strong-baseline", choices=list(ARCH_CONTRACTS)),
-        "checkpoint": Opt(Str()),
+        "checkpoint": Opt(Str(pattern=r".*\S.*", example="a path, or null for seeded random weights")),
         "seed": Int(0),
         "num_classes": Int(751, min=1),
         "last_stride": Int(1, min=1, max=2),
@@ -218,7 +222,7 @@ MATRIX = Map({
         "ca_bundle": Opt(Str(), default="auto"),
         "wheelhouses": List(Str()),
         "registry": Opt(Str()),
-        "memory_limit": Str("8g"),
+        "memory_limit": Str("8g", pattern=r"\d+(\.\d+)?[bkmgBKMG]?", example="8g or 512m"),
         "bases": DictOf(Map({
             "suite": Str(required=True), "variant": Str("minbase"),
             "mirror": Str("auto"), "tag": Str(required=True),

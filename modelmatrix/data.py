@@ -88,6 +88,9 @@ def make_synthetic(out_dir: Path, identities: int = 30, cameras: int = 6, galler
                         f"to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    tmp.chmod(0o777 & ~mask)      # mkdtemp's 0700 would hide the dataset from other users
     try:
         counts = _write_synthetic(tmp, identities, cameras, gallery_per_camera, junk, distractors,
                                   seed, queries_per_identity, train_identities)

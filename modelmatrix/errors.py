@@ -23,12 +23,6 @@ class StageFailed(ModelMatrixError):
         self.log_tail = log_tail
 
 
-class RunnerUnavailable(ModelMatrixError):
-    pass
-
-
-class VerifyFailed(ModelMatrixError):
-    exit_code = 1
 
 
 # --------------------------------------------------------------------------- images and Docker

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from targets.common.contract import atomic_write, atomic_write_bytes
+
 from . import REPO_ROOT, __version__
 from .bases import BaseInfo, resolve, target_base
 from .config import Matrix, TargetDef
@@ -489,12 +491,15 @@ def _versions(engine: Engine, image_id: str, recipe: Recipe) -> dict[str, Any]:
 
 
 def build(matrix: Matrix, target_name: str, *, force: bool = False, echo: bool = True,
-          engine: Engine | None = None) -> dict[str, Any]:
-    """Build a target's image unless its tag exists (``force``: rebuild without the layer cache)."""
+          engine: Engine | None = None, allow_pull: bool = True) -> dict[str, Any]:
+    """Build a target's image unless its tag exists (``force``: rebuild without the layer cache).
+
+    ``allow_pull``: try the registry once for a base that is not local (`invoke build`); the matrix
+    run passes False, so a no-op run never waits on a registry and never switches bases under you."""
     engine = _engine(engine)
     t0 = time.monotonic()
     ref = target_base(matrix, target_name)
-    base = resolve(matrix, ref, engine, allow_pull=True, where=f"targets.{target_name}.image.base")
+    base = resolve(matrix, ref, engine, allow_pull=allow_pull, where=f"targets.{target_name}.image.base")
     _say(target_name, f"base {base.ref} ({base.image_id[7:19]}): {base.why}", echo)
     recipe = plan(matrix, target_name, base)
     _say(target_name, f"recipe {recipe.hash[:16]}: {len(recipe.files)} context files, CA bundle "
@@ -569,17 +574,17 @@ def ship(matrix: Matrix, target_name: str, out_dir: str | Path, engine: Engine |
 
 def _write_gzip(path: Path, chunks: Iterable[bytes], level: int) -> tuple[str, int]:
     """Stream into ``path`` through a temporary name; returns (sha256, bytes) of the archive."""
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as raw, _HashingWriter(raw) as hw:
+    hashing: list[_HashingWriter] = []
+
+    def write(raw) -> None:
+        with _HashingWriter(raw) as hw:
+            hashing.append(hw)
             with gzip.GzipFile(filename="", mode="wb", fileobj=hw, mtime=0, compresslevel=level) as gz:
                 for chunk in chunks:
                     gz.write(chunk)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return hw.sha.hexdigest(), hw.size
+
+    atomic_write(path, write)
+    return hashing[0].sha.hexdigest(), hashing[0].size
 
 
 class _HashingWriter(io.RawIOBase):
@@ -596,14 +601,7 @@ class _HashingWriter(io.RawIOBase):
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, text.encode())
 
 
 def manifest_path(archive: Path) -> Path:

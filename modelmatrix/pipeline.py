@@ -5,13 +5,20 @@ Knows nothing about Invoke; tasks.py is a thin shell over `run_matrix`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import platform
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import PIL
 
 from targets.common.contract import atomic_write_json
 
@@ -122,6 +129,10 @@ def _host_verify(matrix: Matrix, ws: Workspace, node: Node, tmp: Path, inputs: d
     return {"passed": rep["passed"]}
 
 
+#: What host stages' outputs depend on besides their code: the decoder and the arithmetic.
+HOST_FINGERPRINT = (f"host:python={platform.python_version()},numpy={np.__version__},"
+                    f"pillow={PIL.__version__}")
+
 HOST_NODES: dict[str, Callable[..., dict]] = {
     "source": _host_source, "prepare": _host_prepare, "verify": _host_verify,
 }
@@ -134,7 +145,7 @@ class MatrixRun:
         self.matrix, self.runner, self.echo, self.force = matrix, runner, echo, force
         self.ws = Workspace(matrix.workspace)
         self.outcomes: dict[str, Outcome] = {}
-        self._target_reason: dict[str, str | None] = {}
+        self._target_reason: dict[str, tuple[str | None, str]] = {}
 
     # -- helpers
     def _upstream_problem(self, node: Node) -> str | None:
@@ -148,7 +159,10 @@ class MatrixRun:
                 return f"needs {ref.producer} ({up.status}{': ' + up.reason if up.reason else ''})"
         return None
 
-    def _target_unavailable(self, target: str) -> str | None:
+    def _target_state(self, target: str) -> tuple[str | None, str]:
+        """(SKIPPED, why) when this host or runner cannot run the target (toolchain, device, stage
+        code missing), (FAILED, why) when making it runnable failed (e.g. its image build), else
+        (None, "")."""
         if target not in self._target_reason:
             tdef = self.matrix.targets[target]
             missing = [s for s in tdef.matrix_stages if not (tdef.folder / f"{s}.py").is_file()]
@@ -156,10 +170,14 @@ class MatrixRun:
             if missing:
                 reasons.append(f"stage code {', '.join(f'targets/{target}/{s}.py' for s in missing)} "
                                "not written yet")
-            reason = "; ".join(r for r in reasons if r) or None
-            if reason is None:
-                reason = self.runner.prepare(tdef, echo=self.echo)
-            self._target_reason[target] = reason
+            reason = "; ".join(r for r in reasons if r)
+            state: tuple[str | None, str] = (SKIPPED, reason) if reason else (None, "")
+            if not reason:
+                try:
+                    self.runner.prepare(tdef, echo=self.echo)
+                except ModelMatrixError as exc:
+                    state = (FAILED, str(exc))
+            self._target_reason[target] = state
         return self._target_reason[target]
 
     def _resolved_inputs(self, node: Node) -> tuple[dict[str, Path], dict[str, str]]:
@@ -204,12 +222,12 @@ class MatrixRun:
         if problem:
             return Outcome(node, SKIPPED, problem)
         if node.target is not None:
-            reason = self._target_unavailable(node.target)
-            if reason:
-                return Outcome(node, SKIPPED, reason)
+            status, reason = self._target_state(node.target)
+            if status:
+                return Outcome(node, status, reason)
             fingerprint = self.runner.fingerprint(self.matrix.targets[node.target])
         else:
-            fingerprint = "host"
+            fingerprint = HOST_FINGERPRINT
         paths, digests = self._resolved_inputs(node)
         if node.id == "source":
             digests["file"] = self.ws.hashes.file(_existing(Path(node.params["path"]), "model.checkpoint"))
@@ -219,7 +237,8 @@ class MatrixRun:
                 from . import data
                 data.scan_dataset(dataset)   # raises the one-line error for a missing folder
             digests["dataset"] = self.ws.hashes.tree(dataset)
-        key = node_key(node, fingerprint, digests)
+        folder = self.matrix.targets[node.target].folder if node.target else None
+        key = node_key(node, fingerprint, digests, folder)
         stamp = None if self.force else self.ws.lookup(node.id, key)
         if stamp is not None:
             return Outcome(node, CACHED, key=key, dir=self.ws.stage_dir(node.id, key), stamp=stamp)
@@ -296,11 +315,29 @@ def _existing(path: Path, key: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C: the running stage's process group is
+    killed or its container removed, and its temporary folder deleted, instead of being orphaned."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_matrix(matrix: Matrix, runner_choice: str | None = None, echo: bool = True,
                force: bool = False) -> RunSummary:
     t0 = time.perf_counter()
     ws = Workspace(matrix.workspace)
-    with ws.lock():
+    with ws.lock(), _sigterm_unwinds():
         ws.sweep()
         plan = build_plan(matrix)
         runner, notices = select_runner(matrix, runner_choice, echo)
@@ -318,7 +355,7 @@ def run_matrix(matrix: Matrix, runner_choice: str | None = None, echo: bool = Tr
                 ws.publish(v.dir / name, name)
             report = json.loads((v.dir / "report.json").read_text())
     summary = RunSummary(outcomes, report, ws.root, runner.name, time.perf_counter() - t0, notices)
-    if not summary.did_work:
+    if not summary.did_work and not any(o.status == FAILED for o in outcomes.values()):
         say(f"nothing to do: all {sum(o.ok for o in outcomes.values())} runnable stages are up to date "
             f"({summary.seconds:.2f} s)", echo)
     return summary

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import REPO_ROOT
@@ -59,20 +60,22 @@ def parse_ref(text: str, where: str) -> Ref:
 _code_cache: dict[str, str] = {}
 
 
-def code_hash(node: Node) -> str:
-    """Hash of the code a node runs: the whole target folder plus the shared contract."""
-    cache_key = node.target or node.id
+def code_hash(node: Node, folder: Path | None = None) -> str:
+    """Hash of the code a node runs: the whole target folder (``folder``) plus the shared contract."""
+    cache_key = str(folder) if folder else node.id
     if cache_key in _code_cache:
         return _code_cache[cache_key]
     h = hashlib.sha256()
-    if node.host:
-        paths = [REPO_ROOT / p for p in HOST_CODE.get(node.id, [])]
+    if folder is None:
+        paths = [(p, REPO_ROOT / p) for p in HOST_CODE.get(node.id, [])]
     else:
-        paths = [REPO_ROOT / "targets" / "__init__.py", *iter_files(REPO_ROOT / "targets" / "common"),
-                 *iter_files(REPO_ROOT / "targets" / node.target)]
-    for p in paths:
+        common = REPO_ROOT / "targets"
+        paths = [(f"targets/{f.relative_to(common).as_posix()}", f)
+                 for f in [common / "__init__.py", *iter_files(common / "common")]]
+        paths += [(f"target/{f.relative_to(folder).as_posix()}", f) for f in iter_files(folder)]
+    for name, p in paths:
         if p.is_file():
-            h.update(p.relative_to(REPO_ROOT).as_posix().encode() + b"\0" + p.read_bytes())
+            h.update(str(name).encode() + b"\0" + p.read_bytes())
     _code_cache[cache_key] = h.hexdigest()
     return _code_cache[cache_key]
 
@@ -127,7 +130,20 @@ def build_plan(matrix: Matrix) -> list[Node]:
                            inputs={**{f"features:{t}": r for t, r in features.items()},
                                    "index": Ref("prepare", "index.json")},
                            outputs=["report.json", "report.md", "junit.xml"])
+    _check_refs(nodes)
     return _toposort(nodes)
+
+
+def _check_refs(nodes: dict[str, Node]) -> None:
+    """Every input names an output its producer declares (e.g. prepare/ascend needs ascend_bins)."""
+    for node in nodes.values():
+        for name, ref in node.inputs.items():
+            producer = nodes.get(ref.producer)
+            if producer is not None and ref.file not in producer.outputs:
+                where = f"targets/{node.target}/target.yaml: stages.{node.stage}" if node.target else node.id
+                hint = " (set data.ascend_bins: true in matrix.yaml)" if ref.producer == "prepare" else ""
+                raise ConfigError(f"{where}.inputs.{name}: {ref.producer} has no output {ref.file!r} "
+                                  f"(it declares {', '.join(producer.outputs)}){hint}")
 
 
 def _toposort(nodes: dict[str, Node]) -> list[Node]:
@@ -154,8 +170,8 @@ def _toposort(nodes: dict[str, Node]) -> list[Node]:
     return order
 
 
-def node_key(node: Node, fingerprint: str, input_digests: dict[str, str]) -> str:
-    return sha256_json({"node": node.id, "code": code_hash(node), "env": fingerprint,
+def node_key(node: Node, fingerprint: str, input_digests: dict[str, str], folder: Path | None = None) -> str:
+    return sha256_json({"node": node.id, "code": code_hash(node, folder), "env": fingerprint,
                         "params": node.params, "inputs": input_digests})
 
 

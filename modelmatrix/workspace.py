@@ -144,7 +144,12 @@ class Workspace:
             data = json.loads(stamp.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return None
-        return data if data.get("key") == key else None
+        if data.get("key") != key:
+            return None
+        # An output deleted by hand since: not a result any more (the stage runs again).
+        if not all((stamp.parent / name).exists() for name in data.get("outputs", {})):
+            return None
+        return data
 
     def begin(self, node: str, key: str) -> Path:
         tmp = self.node_dir(node) / f".tmp-{key[:16]}-{os.getpid()}"

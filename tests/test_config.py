@@ -87,3 +87,18 @@ def test_defaults_filled_and_relative_paths(tmp_path):
     assert m.target_cfg("torch")["params"]["batch_size"] == 16
     assert m.contract()["input_size"] == [256, 128]
     assert m.contract()["interpolation"] == "bilinear"
+
+
+def test_values_checked_on_load_not_at_first_use(tmp_path):
+    assert "images.memory_limit: expected 8g or 512m, got 'lots'" in _error(
+        tmp_path, {"images": {"memory_limit": "lots"}})
+    assert "model.checkpoint: expected a path, or null for seeded random weights, got ''" in _error(
+        tmp_path, {"model": {"checkpoint": ""}})
+
+
+def test_an_input_the_producer_does_not_write_is_refused_when_planning(tmp_path):
+    from modelmatrix.plan import build_plan
+    m = load_matrix(_write(tmp_path, {"data": {"ascend_bins": False}, "targets": {"torch": {}, "ascend": {}}}))
+    with pytest.raises(ConfigError, match=r"stages.infer.inputs.bins: prepare has no output 'ascend'.*"
+                                          r"data.ascend_bins: true"):
+        build_plan(m)

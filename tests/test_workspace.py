@@ -82,3 +82,24 @@ def test_point_symlink(tmp_path):
     ws.point("onnxruntime", "infer", ws.stage_dir("onnxruntime.infer", "1" * 64))
     assert (ws.root / "targets/onnxruntime/infer/features.npy").read_bytes() == b"x"
     assert os.path.islink(ws.root / "targets/onnxruntime/infer")
+
+
+def test_a_result_whose_output_was_deleted_is_not_reused(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    ws.ensure()
+    tmp = ws.begin("t.s", "9" * 64)
+    (tmp / "features.npy").write_bytes(b"x")
+    ws.commit("t.s", "9" * 64, tmp, ["features.npy"])
+    (ws.stage_dir("t.s", "9" * 64) / "features.npy").unlink()
+    assert ws.lookup("t.s", "9" * 64) is None
+
+
+def test_written_files_are_not_private(tmp_path):
+    """Reports and archives are for other people too: not mkstemp's 0600."""
+    from targets.common.contract import atomic_write_json
+    mask = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "r.json", {"a": 1})
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644

@@ -22,6 +22,36 @@ from ..errors import StageFailed
 LOG_TAIL_LINES = 40
 
 
+# --------------------------------------------------------------------------- devices
+
+def _nvidia_present() -> str | None:
+    if not Path("/dev/nvidiactl").exists():
+        return "no /dev/nvidiactl on this host"
+    return None
+
+
+def _ascend_present() -> str | None:
+    if not any(Path("/dev").glob("davinci[0-9]*")):
+        return "no /dev/davinci* on this host"
+    return None
+
+
+#: requires.devices kind -> probe returning a reason when the host lacks it
+DEVICE_PROBES = {"nvidia-gpu": _nvidia_present, "ascend-npu": _ascend_present}
+
+
+def device_reason(target: TargetDef) -> str | None:
+    """None when the host has every device the target requires, else a one-line reason."""
+    for kind in target.requires.get("devices", []):
+        if kind not in DEVICE_PROBES:
+            return (f"targets/{target.name}/target.yaml: requires.devices: unknown kind {kind!r} "
+                    f"(known: {', '.join(DEVICE_PROBES)})")
+        missing = DEVICE_PROBES[kind]()
+        if missing:
+            return f"{target.name} needs {kind} (requires.devices): {missing}"
+    return None
+
+
 @dataclass
 class StageRequest:
     target: TargetDef
@@ -86,9 +116,9 @@ class Runner(abc.ABC):
     def run(self, req: StageRequest, echo: bool = True) -> str:
         """Run one stage; return the tail of its log. Raise StageFailed on failure."""
 
-    def prepare(self, target: TargetDef, echo: bool = True) -> str | None:
-        """Make the target runnable (e.g. build its image); a one-line reason when it cannot be."""
-        return None
+    def prepare(self, target: TargetDef, echo: bool = True) -> None:  # noqa: B027 - optional hook
+        """Make the target runnable (e.g. build its image). Raises a ModelMatrixError (one line)
+        when that fails: the target is then FAILED, unlike unavailable_reason's SKIPPED."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass

@@ -28,7 +28,7 @@ from .. import REPO_ROOT, images
 from ..config import Matrix, TargetDef
 from ..docker_client import OWNER_LABEL, SESSION_LABEL, Engine, engine_reason, owner_labels
 from ..errors import ConfigError, DockerError, ImageMissing, ModelMatrixError, StageFailed
-from .base import LogTail, Runner, StageRequest
+from .base import LogTail, Runner, StageRequest, device_reason
 
 CONTAINER_WORKSPACE = "/workspace"
 STAGE_LABEL = "io.modelmatrix.stage"
@@ -42,18 +42,6 @@ __all__ = ["DockerRunner", "StageContainer", "engine_reason", "clean", "bench_co
 
 # --------------------------------------------------------------------------- devices
 
-def _nvidia_present() -> str | None:
-    if not Path("/dev/nvidiactl").exists():
-        return "no /dev/nvidiactl on this host"
-    return None
-
-
-def _ascend_present() -> str | None:
-    if not any(Path("/dev").glob("davinci[0-9]*")):
-        return "no /dev/davinci* on this host"
-    return None
-
-
 def _ascend_options() -> dict[str, Any]:
     devices = [f"{p}:{p}:rwm" for p in sorted(Path("/dev").glob("davinci[0-9]*"))]
     devices += [f"/dev/{n}:/dev/{n}:rwm" for n in ("davinci_manager", "devmm_svm", "hisi_hdc")
@@ -63,29 +51,17 @@ def _ascend_options() -> dict[str, Any]:
     return {"devices": devices, "binds": binds}
 
 
-#: requires.devices kind -> (probe returning a reason when absent, container options)
-DEVICE_KINDS = {
-    "nvidia-gpu": (_nvidia_present, lambda: {"gpus": True}),
-    "ascend-npu": (_ascend_present, _ascend_options),
+#: requires.devices kind -> the container options that give a stage that device
+DEVICE_OPTIONS = {
+    "nvidia-gpu": lambda: {"gpus": True},
+    "ascend-npu": _ascend_options,
 }
-
-
-def device_reason(target: TargetDef) -> str | None:
-    """None when the host has every device the target requires, else a one-line reason."""
-    for kind in target.requires.get("devices", []):
-        if kind not in DEVICE_KINDS:
-            return (f"targets/{target.name}/target.yaml: requires.devices: unknown kind {kind!r} "
-                    f"(known: {', '.join(DEVICE_KINDS)})")
-        missing = DEVICE_KINDS[kind][0]()
-        if missing:
-            return f"{target.name} needs {kind} (requires.devices): {missing}"
-    return None
 
 
 def _device_options(target: TargetDef) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for kind in target.requires.get("devices", []):
-        for key, value in DEVICE_KINDS[kind][1]().items():
+        for key, value in DEVICE_OPTIONS[kind]().items():
             out[key] = out.get(key, []) + value if isinstance(value, list) else value
     return out
 
@@ -188,20 +164,21 @@ class DockerRunner(Runner):
             return str(exc)
         return device_reason(target)
 
-    def prepare(self, target: TargetDef, echo: bool = True) -> str | None:
-        """Build the target's image unless its recipe's tag exists; a one-line reason on failure
+    def prepare(self, target: TargetDef, echo: bool = True) -> None:
+        """Build the target's image unless its recipe's tag exists (never pulling a base: that is
+        `invoke build`'s job). A failure raises a one-line error: the target FAILED, not skipped
         (base not available -> `invoke bases`; a failing Dockerfile -> its failing step)."""
         try:
-            row = images.build(self.matrix, target.name, echo=echo, engine=self.engine)
+            row = images.build(self.matrix, target.name, echo=echo, engine=self.engine, allow_pull=False)
         except ModelMatrixError as exc:
-            return f"image: {exc}"
+            raise StageFailed(f"{target.name} image: {exc}", getattr(exc, "log_tail", "")) from None
         self._images[target.name] = (row["image_id"], row["tag"])
-        return None
 
     def fingerprint(self, target: TargetDef) -> str:
-        """The recipe tag (content-addressed: Dockerfile, context, build args, base image ID)."""
+        """The image id: a rebuild of the same recipe (`invoke build --force`, no layer cache,
+        apt may bring other packages) is another environment, so stage results are not reused."""
         image_id, tag = self.image_for(target)
-        return f"docker:{tag}"
+        return f"docker:{image_id}"
 
     def image_for(self, target: TargetDef) -> tuple[str, str]:
         """(image ID, tag) of the target's current recipe; ImageMissing when it is not built."""

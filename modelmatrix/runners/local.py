@@ -9,19 +9,11 @@ import signal
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 from .. import REPO_ROOT
 from ..config import TargetDef
 from ..errors import StageFailed
-from .base import LogTail, Runner, StageRequest
-
-#: host device nodes that show a target's accelerator is present
-DEVICE_PROBES = {
-    "nvidia-gpu": ["/dev/nvidia0", "/dev/nvidiactl"],
-    "ascend-npu": ["/dev/davinci_manager"],
-}
-
+from .base import LogTail, Runner, StageRequest, device_reason
 
 def missing_requirements(requires: dict[str, list[str]]) -> str | None:
     """Why this host cannot run a target's code directly (checked without importing anything)."""
@@ -31,14 +23,6 @@ def missing_requirements(requires: dict[str, list[str]]) -> str | None:
     for command in requires.get("commands", []):
         if shutil.which(command) is None:
             return f"command '{command}' is not on PATH"
-    return missing_devices(requires)
-
-
-def missing_devices(requires: dict[str, list[str]]) -> str | None:
-    for device in requires.get("devices", []):
-        probes = DEVICE_PROBES.get(device, [])
-        if not any(Path(p).exists() for p in probes):
-            return f"no {device} on this host ({' or '.join(probes) or 'unknown device'} absent)"
     return None
 
 
@@ -46,7 +30,7 @@ class LocalRunner(Runner):
     name = "local"
 
     def unavailable_reason(self, target: TargetDef) -> str | None:
-        reason = missing_requirements(target.requires)
+        reason = missing_requirements(target.requires) or device_reason(target)
         return f"{reason} (local runner)" if reason else None
 
     def fingerprint(self, target: TargetDef) -> str:

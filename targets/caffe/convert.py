@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,16 +21,14 @@ from typing import Any, Dict, List
 os.environ.setdefault("GLOG_minloglevel", "2")   # before pycaffe loads glog
 
 
-from targets.common.contract import Spec, StageError, main  # noqa: E402
+from targets.common.contract import Spec, StageError, main, temp_path  # noqa: E402
 
 from . import onnx2caffe as oc  # noqa: E402
 from .infer import import_caffe, round_mode_supported, versions  # noqa: E402
 
 
 def _temp_path(final: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix="." + final.name + ".", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    return Path(tmp)
+    return temp_path(final)
 
 
 def check_round_mode(net: oc.CaffeNet, proto: Path) -> None:

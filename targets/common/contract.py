@@ -87,18 +87,34 @@ def load_spec(path: str | os.PathLike) -> Spec:
                 origins=raw.get("origins", {}))
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+def temp_path(final: Path) -> Path:
+    """A new empty file beside ``final`` to write and then rename over it. Its mode is what a
+    plain open() would give (mkstemp's 0600 would make reports and archives unreadable to others)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + final.name + ".", suffix=".tmp", dir=final.parent)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)
+    os.close(fd)
+    return Path(tmp)
+
+
+def atomic_write(final: Path, write: Callable[[Any], None]) -> None:
+    """``write(binary file)`` into a temporary name, then rename it to ``final``; nothing half-written."""
+    tmp = temp_path(final)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
+        with open(tmp, "wb") as fh:
+            write(fh)
+        os.replace(tmp, final)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp.exists():
+            tmp.unlink()
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda fh: fh.write(data))
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -108,16 +124,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 def save_npy(path: Path, array: Any) -> None:
     """np.save through a temporary name (numpy is imported lazily: not every image has it at import time)."""
     import numpy as np
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, np.ascontiguousarray(array))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda fh: np.save(fh, np.ascontiguousarray(array)))
 
 
 def batched_timings(n_items: int, batch_size: int) -> list:

@@ -8,7 +8,6 @@ fixtures below build each image at most once, and a second run of the suite buil
 """
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 from modelmatrix import images
 from modelmatrix.config import Matrix, load_matrix
 from modelmatrix.docker_client import Engine, engine_reason
-from mm_docker_support import CI_BASE, ON_TOP, make_project, write_yaml
+from mm_docker_support import BULLSEYE_BASE, CI_BASE, ON_TOP, make_project, unavailable, write_yaml
 
 HERE = Path(__file__).resolve().parent
 
@@ -31,12 +30,6 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if HERE in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.docker)
-
-
-def unavailable(reason: str) -> None:
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI=true and the docker tests cannot run: {reason}", pytrace=False)
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -52,6 +45,14 @@ def ci_base(docker_engine) -> dict:
     img = docker_engine.image(CI_BASE)
     if not img:
         unavailable(f"{CI_BASE} is not in the engine; run `invoke bases`")
+    return img
+
+
+@pytest.fixture(scope="session")
+def bullseye_base(docker_engine) -> dict:
+    img = docker_engine.image(BULLSEYE_BASE)
+    if not img:
+        unavailable(f"{BULLSEYE_BASE} is not in the engine; run `invoke bases`")
     return img
 
 

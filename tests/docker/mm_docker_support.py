@@ -2,16 +2,26 @@
 named ``docker`` would shadow the Docker SDK)."""
 from __future__ import annotations
 
+import os
 import shutil
 import textwrap
 from pathlib import Path
 
+import pytest
 import yaml
 
 from modelmatrix import REPO_ROOT
 from modelmatrix.config import Matrix, load_matrix
 
 CI_BASE = "modelmatrix/base:bookworm-minbase"      # bootstrapped by `invoke bases` (debootstrap)
+BULLSEYE_BASE = "modelmatrix/base:bullseye-minbase"
+
+
+def unavailable(reason: str) -> None:
+    """Skip with the reason - except under CI=true, where the docker tests must run."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true and the docker tests cannot run: {reason}", pytrace=False)
+    pytest.skip(reason)
 
 
 def write_yaml(path: Path, data: dict) -> Path:

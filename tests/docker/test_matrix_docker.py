@@ -28,7 +28,7 @@ def _matrix(tmp_path):
     return cfg
 
 
-def test_containerised_matrix_passes_and_reruns_as_a_no_op(tmp_path, capfd):
+def test_containerised_matrix_passes_and_reruns_as_a_no_op(tmp_path, capfd, ci_base, bullseye_base):
     tmp_path.chmod(0o755)
     cfg = _matrix(tmp_path)
     first = run_matrix(load_matrix(cfg), echo=True)
@@ -43,15 +43,17 @@ def test_containerised_matrix_passes_and_reruns_as_a_no_op(tmp_path, capfd):
     # No GPU, no Ascend card here: skipped with the device named, never passed.
     assert st["tensorrt.convert"] == SKIPPED and "nvidia" in first.outcomes["tensorrt.convert"].reason
     assert st["ascend.convert"] == SKIPPED
-    # The shipped bases are not pullable here: the build said which bootstrapped base it used.
-    assert "modelmatrix/base:bookworm-minbase" in err or "up to date" in err
+    # The shipped bases are not local here and a matrix run never pulls: the build output says
+    # which bootstrapped base it used instead, for both images.
+    assert "using modelmatrix/base:bookworm-minbase, bootstrapped from" in err
+    assert "using modelmatrix/base:bullseye-minbase, bootstrapped from" in err
 
     again = run_matrix(load_matrix(cfg), echo=False)
     assert not again.did_work
     assert all(o.status in (CACHED, SKIPPED) for o in again.outcomes.values())
 
 
-def test_cli_runner_docker_and_local_agree(tmp_path):
+def test_cli_runner_docker_and_local_agree(tmp_path, ci_base, bullseye_base):
     """The same matrix through both runners: the local run reuses nothing of the docker one
     (the runner environment is part of every key) and both pass with the same retrieval."""
     tmp_path.chmod(0o755)
