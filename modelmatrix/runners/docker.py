@@ -269,9 +269,11 @@ def clean(all_images: bool = False, force: bool = False, engine: Engine | None =
         engine.remove_container(c["Id"])
         removed.append(what)
     if all_images:
-        for img in engine.images(f"{images.LABEL_PREFIX}target"):
-            engine.remove_image(img["Id"], force=True)
-            removed_images.append(", ".join(img.get("RepoTags") or []) or img["Id"][7:19])
+        # the images, then their builder stages (untagged layer caches holding the CA and wheels)
+        for label in (f"{images.LABEL_PREFIX}target", f"{images.LABEL_PREFIX}builder-stage"):
+            for img in engine.images(label):
+                engine.remove_image(img["Id"], force=True)
+                removed_images.append(", ".join(img.get("RepoTags") or []) or img["Id"][7:19])
     return {"containers": removed, "kept_running": kept, "images": removed_images}
 
 
