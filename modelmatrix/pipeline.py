@@ -192,10 +192,8 @@ class MatrixRun:
 
     def _verify_params(self, node: Node) -> None:
         m = self.matrix
-        skipped, failed, stages = {}, {}, {}
+        skipped, failed = {}, {}
         for o in self.outcomes.values():
-            stages[o.node.id] = {"status": o.status, "reason": o.reason, "seconds": round(o.seconds, 3),
-                                 "key": short(o.key) if o.key else None}
             t = o.node.target
             if t is None or o.ok:
                 continue
@@ -207,9 +205,9 @@ class MatrixRun:
             "skipped": skipped, "failed": failed,
             "model": {k: m.model[k] for k in ("arch", "checkpoint", "neck_feat", "last_stride", "input_size")},
             "runner": self.runner.name,
-            # Timings, and done vs up to date, would change the key every run: only what ran or not.
-            "stages": {k: {"status": "ok" if v["status"] in (DONE, CACHED) else v["status"],
-                           "reason": v["reason"]} for k, v in stages.items()},
+            # Not timings, nor done vs up to date: they would change the key every run.
+            "stages": {k: {"status": "ok" if o.ok else o.status, "reason": o.reason}
+                       for k, o in self.outcomes.items()},
         }
         if "torch.export" in self.outcomes and self.outcomes["torch.export"].ok:
             node.inputs["meta"] = Ref("torch.export", "meta.json")
