@@ -41,11 +41,8 @@ def _load(config: str, targets: list[str] | None = None, dataset: str | None = N
     overrides = {"data.dataset": dataset} if dataset else {}
     matrix = load_matrix(config, overrides)
     if targets:
-        from modelmatrix.errors import ConfigError
         for t in targets:
-            if t not in matrix.raw["targets"]:
-                raise ConfigError(f"--target {t}: not in {config} targets "
-                                  f"(known: {', '.join(matrix.raw['targets'])})")
+            _known(matrix, config, t)
         keep = set(targets) | {matrix.raw["verify"]["reference"]}
         for name, stanza in matrix.raw["targets"].items():
             stanza["enabled"] = stanza["enabled"] and name in keep or name in targets
