@@ -40,20 +40,21 @@ def docker_engine() -> Engine:
     return Engine()
 
 
+def _bootstrapped(engine: Engine, ref: str) -> dict:
+    img = engine.image(ref)
+    if not img:
+        unavailable(f"{ref} is not in the engine; run `invoke bases`")
+    return img
+
+
 @pytest.fixture(scope="session")
 def ci_base(docker_engine) -> dict:
-    img = docker_engine.image(CI_BASE)
-    if not img:
-        unavailable(f"{CI_BASE} is not in the engine; run `invoke bases`")
-    return img
+    return _bootstrapped(docker_engine, CI_BASE)
 
 
 @pytest.fixture(scope="session")
 def bullseye_base(docker_engine) -> dict:
-    img = docker_engine.image(BULLSEYE_BASE)
-    if not img:
-        unavailable(f"{BULLSEYE_BASE} is not in the engine; run `invoke bases`")
-    return img
+    return _bootstrapped(docker_engine, BULLSEYE_BASE)
 
 
 @pytest.fixture(scope="session")

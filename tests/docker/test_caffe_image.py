@@ -35,7 +35,7 @@ from modelmatrix.runners.docker import CONTAINER_WORKSPACE, DockerRunner, StageC
 from targets.torch.export import calibration_sample, export_onnx
 from targets.torch.models import init_random_model
 
-from mm_docker_support import BULLSEYE_BASE, unavailable, write_yaml
+from mm_docker_support import BULLSEYE_BASE, write_yaml
 
 SIZE = [256, 128]
 VARIANTS = [(arch, neck) for arch in ("reid-strong-baseline", "fastreid-bagtricks-r50")
@@ -58,9 +58,7 @@ def shared_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def caffe_matrix(shared_root, docker_engine):
-    if not docker_engine.image(BULLSEYE_BASE):
-        unavailable(f"{BULLSEYE_BASE} is not in the engine; run `invoke bases`")
+def caffe_matrix(shared_root, bullseye_base):
     root = shared_root / "caffe"
     root.mkdir(exist_ok=True)
     path = write_yaml(root / "matrix.yaml", {
