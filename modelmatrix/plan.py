@@ -16,7 +16,7 @@ from typing import Any
 from . import REPO_ROOT
 from .config import Matrix
 from .errors import ConfigError
-from .workspace import iter_files, sha256_json
+from .hashing import iter_files, sha256_json
 
 HOST_CODE = {
     "source": ["modelmatrix/workspace.py"],
