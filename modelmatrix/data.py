@@ -20,12 +20,16 @@ This module imports numpy and Pillow only (no toolchain).
 from __future__ import annotations
 
 import collections
+import errno
+import hashlib
 import itertools
 import json
+import logging
 import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +42,9 @@ from PIL import Image
 from targets.common.contract import atomic_write_bytes, atomic_write_json
 
 from .errors import DataError
+from .hashing import HashCache, kind_of, name_problem, not_regular, open_regular, os_problem, shown
+
+log = logging.getLogger(__name__)
 
 QUERY_DIR = "query"
 GALLERY_DIR = "bounding_box_test"
@@ -321,71 +328,135 @@ def scan_dataset(root: Path, limit: int | None = None) -> list[dict[str, Any]]:
 
     Each item: ``{"file": "query/0002_c1s1_000451_03.jpg", "pid": 2, "camid": 0, "split": "query"}``.
     Skipped quietly: names containing ``.db`` (Thumbs.db), hidden files, sub-folders and files
-    that are not images (by suffix: .jpg .jpeg .png .bmp). Skipped as junk: pid -1.
+    that are not images (by suffix: .jpg .jpeg .png .bmp); a FIFO, socket, device file or broken
+    link among those is skipped with a logged note. Skipped as junk: pid -1.
+
+    An image-named entry (by suffix) must be a regular file (or a link to one) with a name that is
+    UTF-8 without control characters: a FIFO, socket or device file, a broken or looping link, a
+    non-UTF-8 name or a control character is a one-line DataError naming it. Nothing is opened.
 
     ``limit`` keeps the first ``limit`` queries (in that sorted order) and, from the gallery, every
     image of those queries' identities plus the first ``limit`` other gallery images (distractors
     and other identities, in sorted order), so each kept query keeps all its matches and
     retrieval still has something to reject. Same inputs, same subset.
     """
+    return [item for item, _ in _scan(Path(root), limit)]
+
+
+def dataset_digest(root: Path, hashes: HashCache, limit: int | None = None) -> str:
+    """sha256 over exactly what :func:`prepare` reads: the scanned query + gallery items, in order,
+    each as its relative path and content digest. Files prepare does not read (bounding_box_train/,
+    junk pid -1, Thumbs.db, notes) do not enter, so touching them re-runs nothing.
+
+    Cheap when nothing changed: one ``scandir`` per folder and one ``stat`` per image (taken during
+    the scan and reused), a cache entry per file keyed by the dataset root resolved once plus the
+    relative path; a file is read only when its (size, mtime_ns) changed. DataError, one line, for
+    what the scan refuses and for an image that cannot be read (permission denied).
+    """
     root = Path(root)
+    scanned = _scan(root, limit)
+    base = os.path.realpath(root)
+    prefix = os.path.join(os.fspath(root), "")
+    h = hashlib.sha256()
+    for item, st in scanned:
+        rel = item["file"]
+        digest = hashes.digest(prefix + rel, f"{base}/{rel}", st, external=True)
+        h.update(f"{rel}\0{digest}\n".encode())
+    return h.hexdigest()
+
+
+def _scan(root: Path, limit: int | None) -> list[tuple[dict[str, Any], os.stat_result]]:
     if not root.is_dir():
-        raise DataError(f"{root}: dataset folder not found; {NO_DATASET_FIX}")
+        raise DataError(f"{shown(root)}: dataset folder not found; {NO_DATASET_FIX}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise DataError(f"data.limit: expected an integer >= 1 or null, got {limit!r}; fix matrix.yaml")
     for sub, _ in SPLITS:                   # both folders first: the layout error before any other
         if not (root / sub).is_dir():
-            raise DataError(f"{root / sub}: folder not found; a Market1501 dataset has {QUERY_DIR}/ and "
+            raise DataError(f"{shown(root / sub)}: folder not found; a Market1501 dataset has {QUERY_DIR}/ and "
                             f"{GALLERY_DIR}/ ({NO_DATASET_FIX})")
     query = _scan_split(root, QUERY_DIR, "query")
     gallery = _scan_split(root, GALLERY_DIR, "gallery")
     if limit is not None:
-        query, gallery = _limit(query, gallery, limit)
+        stats = {id(item): st for item, st in query + gallery}
+        q, g = _limit([i for i, _ in query], [i for i, _ in gallery], limit)
+        return [(i, stats[id(i)]) for i in q + g]
     return query + gallery
 
 
-def _scan_split(root: Path, sub: str, split: str) -> list[dict[str, Any]]:
+def _scan_split(root: Path, sub: str, split: str) -> list[tuple[dict[str, Any], os.stat_result]]:
     folder = root / sub
+    folder_s = os.fspath(folder)
     items = []
     found_images = 0
-    for path in sorted(folder.iterdir(), key=lambda p: p.name):
-        if not _is_image_file(path):
+    try:
+        with os.scandir(folder_s) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as exc:
+        raise os_problem(folder_s, exc, "folder") from None
+    for entry in entries:
+        name = entry.name
+        if ".db" in name or name.startswith("."):
             continue
+        if os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
+            _note_skipped(entry)
+            continue
+        problem = name_problem(name)
+        if problem:
+            raise DataError(f"{shown(entry.path)}: file name {problem}; rename the file (Market1501 names "
+                            f"look like {NAME_EXAMPLE}) or move it out of the folder")
+        try:
+            st = entry.stat()               # follows a link; one syscall, reused by dataset_digest
+        except OSError as exc:
+            raise os_problem(entry.path, exc, "image") from None
+        if not stat.S_ISREG(st.st_mode):
+            if stat.S_ISDIR(st.st_mode):
+                log.info("%s: a folder named like an image; skipped", shown(entry.path))
+                continue
+            raise not_regular(entry.path, st.st_mode)
         found_images += 1
-        pid, camid = parse_name(path)
+        pid, camid = _parse(name, entry.path)
         if pid == -1:
             continue
-        items.append({"file": f"{sub}/{path.name}", "pid": pid, "camid": camid, "split": split})
+        items.append(({"file": f"{sub}/{name}", "pid": pid, "camid": camid, "split": split}, st))
     if not items:
         what = "only junk images (pid -1)" if found_images else "no images"
-        raise DataError(f"{folder}: {what}; expected Market1501 crops named like {NAME_EXAMPLE} "
+        raise DataError(f"{shown(folder)}: {what}; expected Market1501 crops named like {NAME_EXAMPLE} "
                         f"({NO_DATASET_FIX})")
     return items
 
 
-def _is_image_file(path: Path) -> bool:
-    name = path.name
-    return (".db" not in name and not name.startswith(".")
-            and path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
+def _note_skipped(entry: os.DirEntry) -> None:
+    """A non-image entry is skipped; a special file or a broken link gets a logged note."""
+    try:
+        mode = entry.stat().st_mode
+    except OSError as exc:
+        log.info("%s: skipped (not an image, and %s)", shown(entry.path), exc.strerror or "unreadable")
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        log.info("%s: skipped (%s, not an image)", shown(entry.path), kind_of(mode))
 
 
 def parse_name(path: Path) -> tuple[int, int]:
     """(pid, 0-based camera) from a Market1501 file name; DataError if it does not parse."""
-    m = NAME_PATTERN.match(path.name)
+    return _parse(Path(path).name, path)
+
+
+def _parse(name: str, path: Any) -> tuple[int, int]:
+    m = NAME_PATTERN.match(name)
     if not m:
-        raise DataError(f"{path}: file name does not match the Market1501 pattern (like "
+        raise DataError(f"{shown(path)}: file name does not match the Market1501 pattern (like "
                         f"{NAME_EXAMPLE}: <pid>_c<camera>...); rename the file or move it out of the folder")
     try:
         pid = int(m.group(1))
     except ValueError:
-        raise DataError(f"{path}: person id {m.group(1)!r} is not a number (like {NAME_EXAMPLE}); "
+        raise DataError(f"{shown(path)}: person id {m.group(1)!r} is not a number (like {NAME_EXAMPLE}); "
                         f"rename the file or move it out of the folder") from None
     if pid < -1:
-        raise DataError(f"{path}: person id {pid} is invalid (-1 junk, 0 distractor, else >= 1); "
+        raise DataError(f"{shown(path)}: person id {pid} is invalid (-1 junk, 0 distractor, else >= 1); "
                         f"rename the file or move it out of the folder")
     cam = int(m.group(2))
     if not 1 <= cam <= 6:
-        raise DataError(f"{path}: camera {cam} is outside 1..6 (Market1501 has cameras c1..c6); "
+        raise DataError(f"{shown(path)}: camera {cam} is outside 1..6 (Market1501 has cameras c1..c6); "
                         f"rename the file or move it out of the folder")
     return pid, cam - 1
 
@@ -439,12 +510,15 @@ def _checked_contract(contract: dict[str, Any], input_size: Sequence[int]) -> tu
 def load_image(path: Path, params: tuple, out: np.ndarray | None = None) -> np.ndarray:
     """One image as float32 (3, H, W) per the checked contract ``params`` (written into ``out``)."""
     interp, size_wh, divisor, scale, mean, std, bgr = params
-    try:
-        with Image.open(path) as im:
-            rgb = im.convert("RGB")          # decodes fully: a truncated file raises here
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise DataError(f"{path}: cannot decode image ({reason}); replace or delete the file") from None
+    with open_regular(path) as fh:          # never a FIFO, socket or device; one line if unreadable
+        try:
+            with Image.open(fh) as im:
+                rgb = im.convert("RGB")      # decodes fully: a truncated file raises here
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            if isinstance(exc, OSError) and exc.errno is not None:
+                raise os_problem(path, exc, "image") from None
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise DataError(f"{shown(path)}: cannot decode image ({reason}); replace or delete the file") from None
     if rgb.size != size_wh:
         rgb = rgb.resize(size_wh, INTERPOLATIONS[interp])
     hwc = np.asarray(rgb)
@@ -475,7 +549,8 @@ def _load_chunk(args: tuple) -> np.ndarray:
     for i, p in enumerate(paths):
         load_image(p, params, out[i])
         if bin_paths:
-            out[i].tofile(bin_paths[i])      # raw float32 CHW, no header
+            with open(bin_paths[i], "wb") as fh:     # raw float32 CHW, no header; ENOSPC raises
+                fh.write(memoryview(out[i]).cast("B"))
     return out
 
 
@@ -557,44 +632,101 @@ def prepare(dataset: Path, out_dir: Path, contract: dict, input_size: Sequence[i
     dataset, out_dir = Path(dataset), Path(out_dir)
     items = scan_dataset(dataset, limit)
     H, W = input_size
-    stems = _unique_stems(dataset, items) if ascend_bins else []
+    _checked_contract(contract, tuple(input_size))       # a bad contract before any disk check
+    stems = _ascend_stems(dataset, items) if ascend_bins else []
     out_dir.mkdir(parents=True, exist_ok=True)
-    if ascend_bins:
-        (out_dir / ASCEND_DIR).mkdir(exist_ok=True)
+    needed = _bytes_needed(len(items), H, W, ascend_bins)
+    _check_free_space(out_dir, needed, len(items))
+    made_ascend = False
+    if ascend_bins and not (out_dir / ASCEND_DIR).exists():
+        (out_dir / ASCEND_DIR).mkdir()
+        made_ascend = True
     final = out_dir / "inputs.npy"
     tmp = out_dir / ".inputs.npy.tmp"
     try:
-        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(items), 3, H, W))
         bins = [out_dir / ASCEND_DIR / f"{s}.bin" for s in stems] if ascend_bins else None
-        for start, arr in iter_preprocessed(items, dataset, contract, input_size, workers, bin_paths=bins):
-            mm[start:start + len(arr)] = arr
-        mm.flush()
-        del mm
+        shape = (len(items), 3, H, W)
+        # Plain writes, not a memory map: a full disk is then an OSError (ENOSPC) at write(),
+        # not a SIGBUS that kills the process with no message and leaves the file behind.
+        chunks = iter_preprocessed(items, dataset, contract, input_size, workers, bin_paths=bins)
+        try:
+            with open(tmp, "wb") as fh:
+                np.lib.format.write_array_header_1_0(
+                    fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                         "fortran_order": False, "shape": shape})
+                for _start, arr in chunks:
+                    fh.write(memoryview(np.ascontiguousarray(arr, dtype=np.float32)).cast("B"))
+        finally:
+            chunks.close()                  # waits for the workers: none still writing a .bin
         os.replace(tmp, final)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
+        if ascend_bins:
+            lines = [f"{i} {ASCEND_DIR}/{s}.bin {W} {H}\n" for i, s in enumerate(stems)]
+            atomic_write_bytes(out_dir / ASCEND_DIR / ASCEND_INFO, "".join(lines).encode())
+        num_query = sum(1 for it in items if it["split"] == "query")
+        atomic_write_json(out_dir / "index.json", {"contract": contract, "input_size": [H, W],
+                                                   "items": items, "num_query": num_query})
+    except BaseException as exc:
+        for leftover in (tmp, final):
+            if leftover.exists():
+                leftover.unlink()
+        if made_ascend:
+            shutil.rmtree(out_dir / ASCEND_DIR, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = _free_bytes(out_dir)
+            raise DataError(f"{shown(out_dir)}: no space left on the device while writing the prepared "
+                            f"inputs ({needed} bytes needed, {free} bytes free); nothing was kept: free "
+                            f"space there or point workspace: (matrix.yaml) at a larger disk") from None
         raise
-    if ascend_bins:
-        lines = [f"{i} {ASCEND_DIR}/{s}.bin {W} {H}\n" for i, s in enumerate(stems)]
-        atomic_write_bytes(out_dir / ASCEND_DIR / ASCEND_INFO, "".join(lines).encode())
-    num_query = sum(1 for it in items if it["split"] == "query")
-    atomic_write_json(out_dir / "index.json", {"contract": contract, "input_size": [H, W],
-                                               "items": items, "num_query": num_query})
     seconds = time.perf_counter() - t0
     return {"images": len(items), "query": num_query, "gallery": len(items) - num_query,
             "input_size": [H, W], "ascend_bins": bool(ascend_bins), "workers": _workers(workers),
             "seconds": round(seconds, 3), "images_per_second": round(len(items) / seconds, 1)}
 
 
-def _unique_stems(dataset: Path, items: Sequence[dict]) -> list[str]:
+# Room kept free beyond what prepare writes (file system metadata, other writers, the report).
+FREE_SPACE_MARGIN = 8 << 20
+
+
+def _bytes_needed(n: int, H: int, W: int, ascend_bins: bool) -> int:
+    """What prepare writes: inputs.npy, index.json and (Ascend) one .bin per image + the list."""
+    image = 3 * H * W * 4
+    total = 128 + n * image + 4096 + n * 256                # npy header + data, index.json
+    if ascend_bins:
+        total += n * (image + 4096) + n * 96                 # bins (rounded up to a block), info
+    return total + FREE_SPACE_MARGIN
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return -1
+
+
+def _check_free_space(out_dir: Path, needed: int, n: int) -> None:
+    free = _free_bytes(out_dir)
+    if 0 <= free < needed:
+        raise DataError(f"{shown(out_dir)}: not enough free space to prepare {n} images: {needed} bytes "
+                        f"needed ({needed / 2**20:.1f} MiB, incl. a {FREE_SPACE_MARGIN >> 20} MiB margin), "
+                        f"{free} bytes free ({free / 2**20:.1f} MiB); free space there, point workspace: "
+                        f"(matrix.yaml) at a larger disk, or set data.limit")
+
+
+def _ascend_stems(dataset: Path, items: Sequence[dict]) -> list[str]:
+    """The ``<stem>`` of each ``ascend/<stem>.bin``: unique, and without whitespace, because
+    prep_bin.info is split on whitespace (``<index> <path> <width> <height>``): a space in a name
+    would make a 5-field line that the Ascend benchmark tool misreads."""
     seen: dict[str, str] = {}
     stems = []
     for it in items:
         stem = Path(it["file"]).stem
+        if any(ch.isspace() for ch in stem):
+            raise DataError(f"{shown(dataset / it['file'])}: file name contains whitespace, which would "
+                            f"split its line of ascend/{ASCEND_INFO} (<index> <path> <width> <height>); "
+                            f"rename the file (Market1501 names have none) or set data.ascend_bins: false")
         if stem in seen:
-            raise DataError(f"{dataset / it['file']}: same file stem as {dataset / seen[stem]}; Ascend "
-                            f"inputs are named <stem>.bin, so rename one (or set data.ascend_bins: false)")
+            raise DataError(f"{shown(dataset / it['file'])}: same file stem as {shown(dataset / seen[stem])}; "
+                            f"Ascend inputs are named <stem>.bin, so rename one (or set data.ascend_bins: false)")
         seen[stem] = it["file"]
         stems.append(stem)
     return stems
