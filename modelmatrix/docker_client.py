@@ -10,18 +10,23 @@ Everything else talks to the engine through :class:`Engine`, which hides the SDK
   unix socket, ConnectionError, and the container keeps running) and removed by the caller;
 * long calls (build, import, load, save, push, pull, logs) use a client without a read timeout.
 
-SDK and requests exceptions become :class:`~modelmatrix.errors.DockerError` (one line) or
-:class:`~modelmatrix.errors.ImageMissing` (404 on an image).
+SDK, requests and socket exceptions become :class:`~modelmatrix.errors.DockerError` (one line)
+or :class:`~modelmatrix.errors.ImageMissing` (404 on an image).
+
+Every container carries labels naming its run and its owner (:func:`owner_labels`), so that
+`invoke clean` can tell a crash's leftover from another run's live stage (:func:`owner_state`).
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import logging
 import os
 import socket
 import tarfile
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -34,8 +39,13 @@ from .errors import DockerError, ImageMissing
 
 DEFAULT_TIMEOUT_S = 60
 SESSION_LABEL = "io.modelmatrix.session"
-OWNER_LABEL = "io.modelmatrix.owner"
+OWNER_LABEL = "io.modelmatrix.owner"                # "hostname:pid", for people reading `docker ps`
+OWNER_HOST_LABEL = "io.modelmatrix.owner.host"      # host_identity() of the creating process
+OWNER_PID_LABEL = "io.modelmatrix.owner.pid"
+OWNER_START_LABEL = "io.modelmatrix.owner.start"    # its start time (/proc/<pid>/stat field 22)
 RUNNER_HINT = "start the engine, or run with `--runner local`"
+
+log = logging.getLogger(__name__)
 
 
 def engine_address() -> str:
@@ -74,9 +84,13 @@ def _translated(what: str, image: str | None = None):
         raise _api_error(what, exc) from None
     except requests.exceptions.ConnectionError as exc:
         raise _unreachable(exc) from None
+    except requests.exceptions.RequestException as exc:     # read timeouts, broken chunked streams
+        raise DockerError(f"{what}: {_short(exc)}") from None
     except docker.errors.DockerException as exc:
         if "Error while fetching server API version" in str(exc):
             raise _unreachable(exc) from None
+        raise DockerError(f"{what}: {_short(exc)}") from None
+    except OSError as exc:      # raw socket errors: docker-py reads log streams from the socket itself
         raise DockerError(f"{what}: {_short(exc)}") from None
 
 
@@ -230,13 +244,19 @@ class Engine:
                          mounts: list[tuple[str, str, bool]], labels: dict[str, str],
                          environment: dict[str, str], mem_limit: str | None,
                          network_mode: str = "none", working_dir: str | None = None,
-                         device_options: dict[str, Any] | None = None) -> str:
-        """Create (not start) a container from an image ID. ``mounts``: (host, container, read_only)."""
+                         device_options: dict[str, Any] | None = None, read_only: bool = False,
+                         tmpfs: dict[str, str] | None = None, cap_drop: list[str] | None = None,
+                         security_opt: list[str] | None = None, pids_limit: int | None = None) -> str:
+        """Create (not start) a container from an image ID. ``mounts``: (host, container, read_only);
+        ``read_only``: the root filesystem; ``tmpfs``: path -> mount options."""
         with _translated("create container", image_id):
             host_config = self.api.create_host_config(
                 mounts=[docker.types.Mount(target=dst, source=src, type="bind", read_only=ro)
                         for src, dst, ro in mounts],
-                network_mode=network_mode, mem_limit=mem_limit, **_device_kwargs(device_options or {}))
+                network_mode=network_mode, mem_limit=mem_limit, read_only=read_only or None,
+                tmpfs=dict(tmpfs) if tmpfs else None, cap_drop=list(cap_drop) if cap_drop else None,
+                security_opt=list(security_opt) if security_opt else None, pids_limit=pids_limit,
+                **_device_kwargs(device_options or {}))
             return self.api.create_container(
                 image_id, command=command, user=user, labels=labels, environment=environment,
                 host_config=host_config, working_dir=working_dir, detach=True)["Id"]
@@ -252,17 +272,20 @@ class Engine:
 
     def wait(self, cid: str, timeout_s: float) -> int | None:
         """Exit code, or None when the container still runs after ``timeout_s``."""
-        try:
-            with contextlib.suppress(requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
-                result = self.api.wait(cid, timeout=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with _translated("wait for container"), contextlib.suppress(
+                    requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError,
+                    requests.exceptions.ChunkedEncodingError):
+                result = self.api.wait(cid, timeout=max(deadline - time.monotonic(), 1.0))
                 return int(result.get("StatusCode", -1))
-        except docker.errors.APIError as exc:
-            raise _api_error("wait for container", exc) from None
-        # Timeout or a dropped connection: ask the engine which one it was.
-        state = self.container_state(cid)
-        if state.get("Running"):
-            return None
-        return int(state.get("ExitCode", -1))
+            # The limit, or a dropped connection: ask the engine which (raises when it is gone too).
+            state = self.container_state(cid)
+            if not state.get("Running"):
+                return int(state.get("ExitCode", -1))
+            if deadline - time.monotonic() < 1.0:
+                return None
+            time.sleep(0.1)     # dropped early: wait again for the rest of the limit
 
     def container_state(self, cid: str) -> dict[str, Any]:
         with _translated("inspect container"):
@@ -276,22 +299,99 @@ class Engine:
             if "is not running" not in str(exc):
                 raise
 
-    def remove_container(self, cid: str) -> None:
+    def remove_container(self, cid: str) -> bool:
+        """Force-remove a container (and its anonymous volumes). False when it was already gone,
+        or another client is removing it right now."""
         try:
             with _translated("remove container"):
                 self.api.remove_container(cid, force=True, v=True)
         except DockerError as exc:
             if "no such container" not in str(exc).lower() and "already in progress" not in str(exc):
                 raise
+            return False
+        return True
 
     def containers(self, label: str) -> list[dict[str, Any]]:
         with _translated("list containers"):
             return self.api.containers(all=True, filters={"label": label})
 
 
+# --------------------------------------------------------------------------- container owners
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+def host_identity() -> str:
+    """Who "this host" is, for telling whether a container's creating process can still be running.
+
+    ``hostname/boot_id/pid-namespace``: the kernel's boot_id (/proc/sys/kernel/random/boot_id) is a
+    random UUID made at every boot, so it differs between two hosts sharing an engine and between
+    two boots of one host (a cloned VM's /etc/machine-id does not; a hostname may not). The pid
+    namespace (the inode of /proc/self/ns/pid) tells apart two containers on one kernel, whose pids
+    mean different processes; the hostname is there for people. Only a process with the same
+    identity can look the owner's pid up. Without /proc (not Linux) it is ``hostname/-/-``.
+    """
+    boot = _read("/proc/sys/kernel/random/boot_id") or "-"
+    try:
+        pidns = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        pidns = "-"
+    return f"{socket.gethostname()}/{boot}/{pidns}"
+
+
+def process_start(pid: int) -> str | None:
+    """Start time of a process on this host (field 22 of /proc/<pid>/stat, clock ticks since boot),
+    "" where /proc cannot say (then only whether the pid exists is known), None when no such process."""
+    text = _read(f"/proc/{pid}/stat")
+    if text:
+        # the command name (field 2) is in parentheses and may hold spaces and parentheses itself
+        fields = text.rpartition(")")[2].split()
+        return fields[19] if len(fields) > 19 else ""
+    try:
+        os.kill(pid, 0)     # /proc hidden (hidepid) or absent: at least whether the pid exists
+    except ProcessLookupError:
+        return None
+    except OSError:         # EPERM: it exists, another user's
+        pass
+    return ""
+
+
 def owner_labels(session: str) -> dict[str, str]:
-    """Labels on every container modelmatrix creates, so leftovers can be found (`invoke clean`)."""
-    return {SESSION_LABEL: session, OWNER_LABEL: f"{socket.gethostname()}:{os.getpid()}"}
+    """Labels on every container modelmatrix creates: the run (``session``, one per runner) and the
+    process that created it, on which host, since when - so `invoke clean` finds leftovers and
+    never mistakes another run's live stage, nor a later process that got the same pid, for one."""
+    pid = os.getpid()
+    return {SESSION_LABEL: session, OWNER_LABEL: f"{socket.gethostname()}:{pid}",
+            OWNER_HOST_LABEL: host_identity(), OWNER_PID_LABEL: str(pid),
+            OWNER_START_LABEL: process_start(pid) or ""}
+
+
+def owner_state(labels: dict[str, str]) -> tuple[bool, str]:
+    """(True, why) when the run that created a container is known to be gone, else (False, why).
+
+    Known gone means: created on this host (same :func:`host_identity`) by a pid that no longer
+    runs, or that now belongs to a process started at another time (the pid was reused). A
+    container of another host, or with labels this cannot read (an older modelmatrix), is not
+    known to be gone.
+    """
+    host, pid, start = (labels.get(k) for k in (OWNER_HOST_LABEL, OWNER_PID_LABEL, OWNER_START_LABEL))
+    if host is None or pid is None or start is None or not pid.isdigit() or not 0 < int(pid) < 1 << 32:
+        return False, f"owner labels not understood: {labels.get(OWNER_LABEL, '?')}"
+    if host != host_identity():
+        name, _, rest = host.partition("/")
+        boot = rest.partition("/")[0]
+        return False, f"owner on another host: {name} (boot {boot[:8]}), pid {pid}"
+    now = process_start(int(pid))
+    if now is None:
+        return True, f"owner pid {pid} has exited"
+    if start and now and now != start:
+        return True, f"owner pid {pid} has exited (the pid now belongs to a later process)"
+    return False, f"owner pid {pid} still running"
 
 
 def _split_ref(ref: str) -> tuple[str, str | None]:

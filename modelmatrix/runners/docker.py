@@ -4,15 +4,19 @@ One class owns a container's whole life (as cibuildwheel's OCIContainer does): c
 image *ID* (``create`` never pulls) -> start -> stream its log live -> wait with a real limit
 (killed on expiry) -> remove it in ``finally``. The container sees the workspace read-only at
 /workspace with only the stage's own output folder writable on top, runs as the invoking
-user's uid:gid with networking disabled and a memory limit, and carries labels
-(io.modelmatrix.session/owner/stage) so that leftovers of a crash can be found: :func:`clean`.
+user's uid:gid with networking disabled, a memory limit and the hardening of :data:`HARDENING`
+(no capabilities, no privilege gain, a pid limit, a read-only root with a tmpfs /tmp), and
+carries labels (io.modelmatrix.session = the run, io.modelmatrix.owner.* = the creating process,
+io.modelmatrix.stage) so that leftovers of a crash can be found: :func:`clean`. An engine fault
+while a stage runs is a one-line StageFailed, never a docker/requests traceback.
 """
 from __future__ import annotations
 
 import codecs
+import logging
 import os
 import re
-import socket
+import signal
 import statistics
 import subprocess
 import sys
@@ -26,7 +30,7 @@ from targets.common.contract import SPEC_NAME
 
 from .. import REPO_ROOT, images
 from ..config import Matrix, TargetDef
-from ..docker_client import OWNER_LABEL, SESSION_LABEL, Engine, engine_reason, owner_labels
+from ..docker_client import SESSION_LABEL, Engine, engine_reason, owner_labels, owner_state
 from ..errors import ConfigError, DockerError, ImageMissing, ModelMatrixError, StageFailed
 from .base import LogTail, Runner, StageRequest, device_reason
 
@@ -35,6 +39,26 @@ STAGE_LABEL = "io.modelmatrix.stage"
 IMAGE_LABEL = "io.modelmatrix.image"
 KILL_GRACE_S = 10.0
 LOG_DRAIN_S = 10.0
+
+#: Every stage container runs with these (Engine.create_container keywords).
+HARDENING: dict[str, Any] = {
+    "cap_drop": ["ALL"],                      # a stage reads files and computes: no capability needed
+    "security_opt": ["no-new-privileges"],    # no setuid/file-capability gain inside the container
+    # A fork bomb or a thread leak stops here instead of exhausting the host's pids. Threads count
+    # as pids: torch/OpenMP start about one thread per core per pool (a few hundred on a big host),
+    # DataLoader workers add their own; 4096 is ten times that and still far below the kernel's
+    # default pid_max of 32768 (4194304 on large hosts).
+    "pids_limit": 4096,
+    # Nothing writes into the image: the stage writes its output folder only, and HOME (=/tmp),
+    # caches and temporary files go to a tmpfs /tmp, whose pages count against the memory limit.
+    # Not noexec: libraries (cffi, JIT compilers) put code they load into the temp folder.
+    "read_only": True,
+    "tmpfs": {"/tmp": "rw,nosuid,nodev,mode=1777"},
+}
+#: Environment of every stage container; with a read-only root Python must not try to write .pyc.
+STAGE_ENVIRONMENT = {"HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1"}
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DockerRunner", "StageContainer", "engine_reason", "clean", "bench_container_overhead",
            "device_reason"]
@@ -75,8 +99,9 @@ class StageContainer:
                  mounts: list[tuple[str, str, bool]], labels: dict[str, str], environment: dict[str, str],
                  mem_limit: str | None, device_options: dict[str, Any] | None = None):
         self.engine, self.image_id, self.command, self.label = engine, image_id, command, label
-        self.kwargs = dict(user=user, mounts=mounts, labels=labels, environment=environment,
-                           mem_limit=mem_limit, network_mode="none", device_options=device_options)
+        self.kwargs: dict[str, Any] = dict(
+            user=user, mounts=mounts, labels=labels, environment={**STAGE_ENVIRONMENT, **environment},
+            mem_limit=mem_limit, network_mode="none", device_options=device_options, **HARDENING)
         self.cid: str | None = None
         self.log_error: str | None = None
         self.oom_killed = False
@@ -85,10 +110,13 @@ class StageContainer:
         self.cid = self.engine.create_container(self.image_id, self.command, **self.kwargs)
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         if self.cid:
-            self.engine.remove_container(self.cid)
-            self.cid = None
+            cid, self.cid = self.cid, None
+            try:
+                self.engine.remove_container(cid)
+            except Exception as exc:  # noqa: BLE001 - must not hide the stage's own error; `invoke clean` finds it
+                log.debug("%s: could not remove container %s: %s", self.label, cid[:12], exc)
 
     def run(self, tail: LogTail, timeout_s: float) -> int:
         """Start, stream the log into ``tail``, wait. Returns the exit code; raises on timeout."""
@@ -132,6 +160,15 @@ def _memory_limit(matrix: Matrix) -> str:
     if not re.fullmatch(r"\d+(\.\d+)?[bkmgBKMG]?", value):
         raise ConfigError(f"{matrix.path.name}: images.memory_limit: {value!r} is not a size like 8g or 512m")
     return value
+
+
+def _signal_note(code: int) -> str:
+    """For an exit code 128+N: the signal, which modelmatrix did not send (its own kill is a timeout)."""
+    try:
+        name = signal.Signals(code - 128).name if 128 < code < 160 else ""
+    except ValueError:
+        name = ""
+    return f" (killed by {name} from outside modelmatrix: `docker kill`, `docker rm -f`?)" if name else ""
 
 
 def _last_line(text: str) -> str:
@@ -200,20 +237,9 @@ class DockerRunner(Runner):
             raise StageFailed(f"{req.label}: out_dir {req.out_dir!r} must be a folder inside the workspace")
         if not out.is_dir():
             raise StageFailed(f"{req.label}: output folder {out} does not exist (the caller creates it)")
-        rel = out.relative_to(workspace).as_posix()
         req.write_spec(CONTAINER_WORKSPACE)
-        # stderr joined to stdout inside the container: Docker copies the two streams separately,
-        # so their lines would otherwise interleave out of order (a traceback before the print
-        # that preceded it) and the last line would not be the error.
-        command = ["sh", "-c", 'exec "$@" 2>&1', "stage",
-                   "python3", "-m", req.module, f"{CONTAINER_WORKSPACE}/{rel}/{SPEC_NAME}"]
         tail = LogTail(req.label, echo)
-        container = StageContainer(
-            self.engine, image_id, command, label=req.label, user=self.user,
-            mounts=[(str(workspace), CONTAINER_WORKSPACE, True), (str(out), f"{CONTAINER_WORKSPACE}/{rel}", False)],
-            labels={**owner_labels(self.session), STAGE_LABEL: req.label, IMAGE_LABEL: tag},
-            environment={"HOME": "/tmp"}, mem_limit=_memory_limit(self.matrix),
-            device_options=_device_options(req.target))
+        container = self.container_for(req)
         try:
             with container:
                 code = container.run(tail, req.timeout_s)
@@ -221,60 +247,84 @@ class DockerRunner(Runner):
             self._images.pop(req.target.name, None)
             raise ImageMissing(f"{req.label}: image {tag} ({image_id[7:19]}) is gone from the engine; "
                                f"run `invoke build --target {req.target.name}` (the docker runner never pulls)") from None
+        except DockerError as exc:      # the engine failed or the container vanished: this stage failed
+            if "no such container" in str(exc).lower():
+                raise StageFailed(f"{req.label}: its container was removed while the stage ran (by `docker rm`, "
+                                  f"or `invoke clean --force` on a host sharing this engine?); run it again",
+                                  tail.text()) from None
+            raise StageFailed(f"{req.label}: Docker engine error: {exc}", tail.text()) from None
         if code != 0:
             why = f" (killed: out of memory, images.memory_limit {_memory_limit(self.matrix)})" \
-                if container.oom_killed else ""
+                if container.oom_killed else _signal_note(code)
             last = _last_line(tail.text())
             raise StageFailed(f"{req.label}: exited {code} in {tag}{why}" + (f": {last}" if last else ""),
                               tail.text())
         req.check_result(tail.text())
         return tail.text()
 
+    def container_for(self, req: StageRequest) -> StageContainer:
+        """The (not yet created) container that runs ``req``: what :meth:`run` uses."""
+        image_id, tag = self.image_for(req.target)
+        workspace = req.workspace.resolve()
+        out = (workspace / req.out_dir).resolve()
+        rel = out.relative_to(workspace).as_posix()
+        # stderr joined to stdout inside the container: Docker copies the two streams separately,
+        # so their lines would otherwise interleave out of order (a traceback before the print
+        # that preceded it) and the last line would not be the error.
+        command = ["sh", "-c", 'exec "$@" 2>&1', "stage",
+                   "python3", "-m", req.module, f"{CONTAINER_WORKSPACE}/{rel}/{SPEC_NAME}"]
+        return StageContainer(
+            self.engine, image_id, command, label=req.label, user=self.user,
+            mounts=[(str(workspace), CONTAINER_WORKSPACE, True), (str(out), f"{CONTAINER_WORKSPACE}/{rel}", False)],
+            labels={**owner_labels(self.session), STAGE_LABEL: req.label, IMAGE_LABEL: tag},
+            environment=dict(STAGE_ENVIRONMENT), mem_limit=_memory_limit(self.matrix),
+            device_options=_device_options(req.target))
+
     def close(self) -> None:
         """Remove whatever this runner's session left behind (normally nothing)."""
         if self._engine is None:
             return
-        for c in self._engine.containers(f"{SESSION_LABEL}={self.session}"):
-            self._engine.remove_container(c["Id"])
+        try:
+            for c in self._engine.containers(f"{SESSION_LABEL}={self.session}"):
+                self._engine.remove_container(c["Id"])
+        except DockerError as exc:
+            log.warning("could not remove the containers of run %s (`invoke clean` will): %s", self.session, exc)
 
 
 # --------------------------------------------------------------------------- housekeeping
 
-def _owner_alive(owner: str) -> bool:
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean(all_images: bool = False, force: bool = False, engine: Engine | None = None) -> dict[str, Any]:
-    """Remove leftover modelmatrix containers (those whose creating process still runs on this host
-    are kept unless ``force``);
-    with ``all_images`` also every image modelmatrix built (not the bootstrapped bases)."""
+    """Remove leftover modelmatrix containers: those whose creating run is known to be gone
+    (:func:`~modelmatrix.docker_client.owner_state`: created on this host by a process that no
+    longer runs). Containers of a live run, of another host sharing the engine, or with labels
+    that cannot be read are kept and listed with the reason, unless ``force``. With ``all_images``
+    also every image modelmatrix built (not the bootstrapped bases).
+
+    Returns ``containers`` (really removed by this call), ``kept`` ("name (stage): kept (why)"),
+    ``failed`` (removals the engine refused) and ``images``."""
     engine = engine or Engine()
-    removed, kept, removed_images = [], [], []
+    removed, kept, failed, removed_images = [], [], [], []
     for c in engine.containers(SESSION_LABEL):
         labels = c.get("Labels") or {}
         name = (c.get("Names") or [c["Id"][:12]])[0].lstrip("/")
         what = f"{name} ({labels.get(STAGE_LABEL, labels.get(SESSION_LABEL))})"
-        if not force and _owner_alive(labels.get(OWNER_LABEL, "")):
-            kept.append(what)
+        gone, why = owner_state(labels)
+        if not (gone or force):
+            kept.append(f"{what}: kept ({why})")
             continue
-        engine.remove_container(c["Id"])
-        removed.append(what)
+        try:
+            if engine.remove_container(c["Id"]):
+                removed.append(what)
+                log.info("removed %s: %s", what, why if gone else "forced")
+        except DockerError as exc:
+            failed.append(f"{what}: {exc}")
     if all_images:
         # the images, then their builder stages (untagged layer caches holding the CA and wheels)
         for label in (f"{images.LABEL_PREFIX}target", f"{images.LABEL_PREFIX}builder-stage"):
             for img in engine.images(label):
                 engine.remove_image(img["Id"], force=True)
                 removed_images.append(", ".join(img.get("RepoTags") or []) or img["Id"][7:19])
-    return {"containers": removed, "kept_running": kept, "images": removed_images}
+    return {"containers": removed, "kept": kept, "failed": failed, "images": removed_images}
 
 
 def bench_container_overhead(matrix: Matrix, runs: int = 5, target: str | None = None,
@@ -295,7 +345,7 @@ def bench_container_overhead(matrix: Matrix, runs: int = 5, target: str | None =
         with StageContainer(engine, chosen["image_id"], command, label=f"bench.{i}",
                             user=f"{os.getuid()}:{os.getgid()}", mounts=[],
                             labels={**owner_labels(f"bench-{uuid.uuid4().hex[:8]}"), STAGE_LABEL: "bench"},
-                            environment={"HOME": "/tmp"}, mem_limit=_memory_limit(matrix)) as c:
+                            environment=dict(STAGE_ENVIRONMENT), mem_limit=_memory_limit(matrix)) as c:
             tail = LogTail("bench", echo=False)
             code = c.run(tail, 60)
         seconds.append(time.perf_counter() - t0)

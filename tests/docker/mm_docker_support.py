@@ -89,6 +89,40 @@ STAGES = {
         if __name__ == "__main__":
             main(run)
         """,
+    "harden.py": """
+        import os, sys
+        from targets.common.contract import atomic_write_bytes, main
+
+        def status(name):
+            for line in open("/proc/self/status"):
+                if line.startswith(name + ":"):
+                    return line.split(":", 1)[1].strip()
+
+        def run(spec):
+            facts = {"cap_eff": status("CapEff"), "cap_bnd": status("CapBnd"),
+                     "no_new_privs": status("NoNewPrivs"), "home": os.environ.get("HOME"),
+                     "dont_write_bytecode": sys.dont_write_bytecode}
+            for p in ("/sys/fs/cgroup/pids.max", "/sys/fs/cgroup/pids/pids.max"):
+                if os.path.exists(p):
+                    facts["pids_max"] = open(p).read().strip()
+                    break
+            for path in ("/opt/modelmatrix/intruder.txt", "/intruder.txt"):
+                try:
+                    open(path, "w").close()
+                    facts[path] = "written"
+                except OSError as exc:
+                    facts[path] = exc.errno
+            with open("/tmp/scratch.txt", "w") as fh:
+                fh.write("tmp is writable")
+            facts["tmp"] = open("/tmp/scratch.txt").read()
+            facts["mounts"] = {f[1]: [f[2], f[3].split(",")] for f in
+                               (line.split() for line in open("/proc/self/mounts")) if f[1] in ("/", "/tmp")}
+            atomic_write_bytes(spec.output("owned.txt"), b"mine")
+            return facts
+
+        if __name__ == "__main__":
+            main(run)
+        """,
 }
 
 
@@ -122,3 +156,11 @@ ON_TOP = """
     FROM ${BASE_IMAGE}
     COPY targets /opt/modelmatrix/targets
     """
+
+
+def stage_request(m: Matrix, target: str, stage: str, ws: Path, out: str, timeout_s: float = 120,
+                  inputs: dict | None = None):
+    """A StageRequest for ``target.stage`` writing to ``ws/out`` (created here, as the pipeline does)."""
+    from modelmatrix.runners.base import StageRequest
+    (ws / out).mkdir(parents=True, exist_ok=True)
+    return StageRequest(m.targets[target], stage, ws, inputs or {}, out, timeout_s=timeout_s)
