@@ -4,6 +4,7 @@ The logic lives in the importable `modelmatrix` package, which does not know Inv
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -15,18 +16,53 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIG = str(HERE / "matrix.yaml")
 
 
-def _errors_to_exit(fn):
-    """A ModelMatrixError becomes one `error: ...` line and its exit code, never a traceback."""
+def _setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """The one console handler: rich's on a terminal, plain lines in CI and pipes. -v shows the
+    stages' own output and debug lines, -q only warnings and errors."""
+    import logging
+    import os
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    root = logging.getLogger("modelmatrix")
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    if sys.stderr.isatty() and os.environ.get("CI", "").lower() not in ("1", "true", "yes"):
+        from rich.logging import RichHandler
+        handler: logging.Handler = RichHandler(show_time=False, show_path=False, show_level=False,
+                                               markup=False, highlighter=None)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+
+        class Plain(logging.Formatter):
+            def format(self, record: logging.LogRecord) -> str:
+                text = super().format(record)
+                return f"warning: {text}" if record.levelno == logging.WARNING and \
+                    not text.startswith(("warning:", "notice:")) else text
+
+        handler.setFormatter(Plain("%(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+
+
+def _cli(fn):
+    """Every task: logging set up from -v/-q; a ModelMatrixError becomes one `error: ...` line and
+    its exit code (README, "Exit codes"), never a traceback; Ctrl-C prints `interrupted`, exit 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from modelmatrix.errors import ModelMatrixError
+        from modelmatrix.errors import EXIT_INTERRUPTED, ModelMatrixError
+        _setup_logging(kwargs.get("verbose", False), kwargs.get("quiet", False))
         try:
             return fn(*args, **kwargs)
         except ModelMatrixError as exc:
             raise Exit(f"error: {exc}", code=exc.exit_code) from None
+        except KeyboardInterrupt:
+            raise Exit("interrupted", code=EXIT_INTERRUPTED) from None
 
     return wrapper
+
+
+VERBOSITY = {"verbose": "show each stage's own output and debug lines", "quiet": "only warnings, errors and the verdict"}
 
 
 def _known(matrix, config: str, name: str) -> str:
@@ -49,21 +85,24 @@ def _load(config: str, targets: list[str] | None = None, dataset: str | None = N
     return matrix
 
 
-@task(help={"synthetic": "write the synthetic Market1501-style set (else: check the configured dataset)",
+@task(help={**VERBOSITY, "synthetic": "write the synthetic Market1501-style set (else: check the configured dataset)",
             "out": "folder to write (default: data.dataset of matrix.yaml)",
             "force": "replace an existing folder",
             "config": "matrix file"})
-@_errors_to_exit
-def data(c, synthetic=False, out="", force=False, config=DEFAULT_CONFIG):
+@_cli
+def data(c, synthetic=False, out="", force=False, config=DEFAULT_CONFIG, verbose=False, quiet=False):
     """Make the synthetic dataset, or check the configured one."""
     from modelmatrix import data as mdata
     matrix = _load(config)
     folder = matrix.resolve(out or matrix.raw["data"]["dataset"])
     if synthetic:
+        from modelmatrix.workspace import Workspace
         s = matrix.raw["data"]["synthetic"]
-        summary = mdata.make_synthetic(folder, identities=s["identities"], cameras=s["cameras"],
-                                       gallery_per_camera=s["gallery_per_camera"], junk=s["junk"],
-                                       distractors=s["distractors"], seed=s["seed"], force=force)
+        # --force replaces a folder a running matrix may be reading: take that workspace's lock.
+        with Workspace(matrix.workspace).lock() if force else contextlib.nullcontext():
+            summary = mdata.make_synthetic(folder, identities=s["identities"], cameras=s["cameras"],
+                                           gallery_per_camera=s["gallery_per_camera"], junk=s["junk"],
+                                           distractors=s["distractors"], seed=s["seed"], force=force)
         counts = {k: v for k, v in summary.items() if k not in ("recipe", "path", "status")}
         print(f"{folder}: {summary['status']} ({json.dumps(counts)})")
     else:
@@ -72,31 +111,41 @@ def data(c, synthetic=False, out="", force=False, config=DEFAULT_CONFIG):
         print(f"{folder}: {q} query, {len(items) - q} gallery images")
 
 
-@task(iterable=["target"],
-      help={"runner": "auto | local | docker (default: matrix.yaml runner)",
-            "target": "only this target (plus the reference); repeatable",
+@task(iterable=["target", "require"],
+      help={**VERBOSITY, "runner": "auto | local | docker (default: matrix.yaml runner)",
+            "target": "only this target (plus the reference); repeatable; a named target must run",
+            "require": "this target must run: skipped fails the run (exit 3); repeatable",
             "force": "re-run every stage even if up to date",
             "dataset": "override data.dataset", "config": "matrix file"})
-@_errors_to_exit
-def matrix(c, runner="", target=None, force=False, dataset="", config=DEFAULT_CONFIG):
-    """Convert, run every target, verify against the reference; exit 0 only if all checks pass."""
+@_cli
+def matrix(c, runner="", target=None, require=None, force=False, dataset="", config=DEFAULT_CONFIG,
+           verbose=False, quiet=False):
+    """Convert, run every target, verify against the reference; the exit code says how it went (README)."""
+    from modelmatrix.errors import ConfigError
     from modelmatrix.pipeline import run_matrix
     from modelmatrix.report import summary_lines
     m = _load(config, target, dataset)
-    summary = run_matrix(m, runner or None, force=force)
+    for t in require or []:
+        _known(m, config, t)
+        if not m.target_cfg(t)["enabled"]:
+            raise ConfigError(f"--require {t}: the target is not enabled (targets.{t}.enabled in {config}, "
+                              "or --target selected others); enable it or drop --require")
+    summary = run_matrix(m, runner or None, force=force, require=[*(require or []), *(target or [])])
     if summary.report is None:
-        raise Exit("error: no report: verify did not run (see the stage lines above)", code=1)
-    for line in summary_lines(summary.report):
+        raise Exit("error: no report: verify did not run (see the stage lines above)", code=summary.exit_code)
+    lines = summary_lines(summary.report)
+    for line in lines[-1:] if quiet else lines:
         print(line)
-    print(f"report: {summary.workspace / 'report.md'}  junit: {summary.workspace / 'junit.xml'}")
-    if not summary.passed:
-        raise Exit("FAILED: at least one enabled check did not pass (see the report)", code=1)
+    if not quiet:
+        print(f"report: {summary.workspace / 'report.md'}  junit: {summary.workspace / 'junit.xml'}")
+    if summary.exit_code:
+        raise Exit(code=summary.exit_code)
 
 
-@task(iterable=["target"], help={"target": "target to build; repeatable", "all": "every target in matrix.yaml",
+@task(iterable=["target"], help={**VERBOSITY, "target": "target to build; repeatable", "all": "every target in matrix.yaml",
                                  "force": "rebuild even if up to date", "config": "matrix file"})
-@_errors_to_exit
-def build(c, target=None, all=False, force=False, config=DEFAULT_CONFIG):
+@_cli
+def build(c, target=None, all=False, force=False, config=DEFAULT_CONFIG, verbose=False, quiet=False):
     """Build target images through the Docker SDK (content-addressed tags; no-op when up to date)."""
     from modelmatrix import images
     from modelmatrix.errors import ModelMatrixError
@@ -122,12 +171,12 @@ def build(c, target=None, all=False, force=False, config=DEFAULT_CONFIG):
         state = "built" if st.get("built") else "up to date"
         print(f"{name:<12} {state:<10} {st['tag']}  {st.get('image_id', '')[:19]}")
     if failed:
-        raise Exit(f"error: could not build {', '.join(failed)} (reasons above)", code=1)
+        raise Exit(f"error: could not build {', '.join(failed)} (reasons above)", code=3)
 
 
-@task(help={"config": "matrix file"})
-@_errors_to_exit
-def images(c, config=DEFAULT_CONFIG):
+@task(help={**VERBOSITY, "config": "matrix file"})
+@_cli
+def images(c, config=DEFAULT_CONFIG, verbose=False, quiet=False):
     """List target images: tag, id, size, up to date or not."""
     from modelmatrix import images as mimages
     m = _load(config)
@@ -140,9 +189,9 @@ def images(c, config=DEFAULT_CONFIG):
               f"{(st.get('image_id') or '-')[:19]:<19} {size:>9}  {st.get('base') or '-'}  {extra}")
 
 
-@task(help={"force": "re-bootstrap even if the base exists", "config": "matrix file"})
-@_errors_to_exit
-def bases(c, force=False, config=DEFAULT_CONFIG):
+@task(help={**VERBOSITY, "force": "re-bootstrap even if the base exists", "config": "matrix file"})
+@_cli
+def bases(c, force=False, config=DEFAULT_CONFIG, verbose=False, quiet=False):
     """Bootstrap the base images declared in matrix.yaml (debootstrap + docker import), for hosts with no registry."""
     from modelmatrix import bases as mbases
     m = _load(config)
@@ -152,10 +201,10 @@ def bases(c, force=False, config=DEFAULT_CONFIG):
         print(f"{ref:<28} -> {info['tag']} ({state})")
 
 
-@task(help={"target": "target whose image to ship", "out": "output folder", "push": "also push to images.registry",
+@task(help={**VERBOSITY, "target": "target whose image to ship", "out": "output folder", "push": "also push to images.registry",
             "config": "matrix file"})
-@_errors_to_exit
-def ship(c, target, out="dist", push=False, config=DEFAULT_CONFIG):
+@_cli
+def ship(c, target, out="dist", push=False, config=DEFAULT_CONFIG, verbose=False, quiet=False):
     """Write a target image as docker-save .tar.gz plus a manifest JSON (and optionally push it)."""
     from modelmatrix import images
     m = _load(config)
@@ -165,38 +214,43 @@ def ship(c, target, out="dist", push=False, config=DEFAULT_CONFIG):
         print(f"pushed {images.push(m, target)}")
 
 
-@task(help={"archive": "a .tar.gz written by `invoke ship`"})
-@_errors_to_exit
-def load(c, archive):
+@task(help={**VERBOSITY, "archive": "a .tar.gz written by `invoke ship`"})
+@_cli
+def load(c, archive, verbose=False, quiet=False):
     """Load an image written by `invoke ship` (checks it against its manifest)."""
     from modelmatrix import images
     info = images.load(Path(archive))
     print(json.dumps(info, indent=2))
 
 
-@task(help={"images": "also remove modelmatrix images", "workspace": "also delete the workspace folder",
+@task(help={**VERBOSITY, "images": "also remove modelmatrix images",
+            "workspace": "also delete the workspace's contents (waits for no run to hold it)",
             "config": "matrix file"})
-@_errors_to_exit
-def clean(c, images=False, workspace=False, config=DEFAULT_CONFIG):
-    """Remove containers a crash left behind (found by label); optionally images and the workspace."""
+@_cli
+def clean(c, images=False, workspace=False, config=DEFAULT_CONFIG, verbose=False, quiet=False):
+    """Remove containers whose run is gone (found by label); optionally images and the workspace."""
     from modelmatrix.runners import docker as docker_runner
     if docker_runner.engine_reason() is None:
         print(json.dumps(docker_runner.clean(all_images=images)))
     else:
         print("no Docker engine: no containers to clean", file=sys.stderr)
     if workspace:
-        import shutil
-        ws = _load(config).workspace
-        shutil.rmtree(ws, ignore_errors=True)
-        print(f"removed {ws}")
+        from modelmatrix.workspace import Workspace
+        ws = Workspace(_load(config).workspace)
+        if not ws.root.is_dir():
+            print(f"{ws.root}: no workspace, nothing removed")
+            return
+        with ws.lock():
+            removed = ws.clear()
+        print(f"{ws.root}: removed {', '.join(removed) if removed else 'nothing (it was empty)'}")
 
 
-@task(iterable=["target"], help={"target": "target to benchmark; repeatable (default: torch and onnxruntime)",
+@task(iterable=["target"], help={**VERBOSITY, "target": "target to benchmark; repeatable (default: torch and onnxruntime)",
                                  "runner": "auto | local | docker", "out": "results file (JSON)",
                                  "compare_runners": "also time a forced full matrix run with each runner",
                                  "config": "matrix file"})
-@_errors_to_exit
-def bench(c, target=None, runner="", out="", compare_runners=False, config=DEFAULT_CONFIG):
+@_cli
+def bench(c, target=None, runner="", out="", compare_runners=False, config=DEFAULT_CONFIG, verbose=False, quiet=False):
     """Benchmark backends (img/s, p50/p95 at several batch sizes) and the pipeline itself; writes a JSON file."""
     from modelmatrix.bench import run_bench
     m = _load(config)

@@ -18,12 +18,9 @@ from .config import Matrix
 from .errors import ConfigError
 from .hashing import iter_files, sha256_json
 
-HOST_CODE = {
-    "source": ["modelmatrix/workspace.py"],
-    "prepare": ["modelmatrix/data.py", "modelmatrix/config.py"],
-    "verify": ["modelmatrix/verify.py", "modelmatrix/reid_metrics.py", "modelmatrix/report.py",
-               "modelmatrix/pipeline.py"],
-}
+#: Host nodes run code of the host package: their key covers all of it (and the shared contract),
+#: not a hand-kept list of modules that would go stale the day verify imports a new one.
+HOST_CODE_DIRS = ("modelmatrix", "targets/common")
 
 
 @dataclass
@@ -61,13 +58,14 @@ _code_cache: dict[str, str] = {}
 
 
 def code_hash(node: Node, folder: Path | None = None) -> str:
-    """Hash of the code a node runs: the whole target folder (``folder``) plus the shared contract."""
-    cache_key = str(folder) if folder else node.id
+    """Hash of the code a node runs: the whole target folder (``folder``) plus the shared contract,
+    or for a host node the whole host package."""
+    cache_key = str(folder) if folder else "host"
     if cache_key in _code_cache:
         return _code_cache[cache_key]
     h = hashlib.sha256()
     if folder is None:
-        paths = [(p, REPO_ROOT / p) for p in HOST_CODE.get(node.id, [])]
+        paths = [(f.relative_to(REPO_ROOT).as_posix(), f) for d in HOST_CODE_DIRS for f in iter_files(REPO_ROOT / d)]
     else:
         common = REPO_ROOT / "targets"
         paths = [(f"targets/{f.relative_to(common).as_posix()}", f)
@@ -107,11 +105,17 @@ def stage_node(matrix: Matrix, target: str, stage: str) -> Node:
     return node
 
 
-def build_plan(matrix: Matrix) -> list[Node]:
-    """All nodes in run order (topological)."""
+def build_plan(matrix: Matrix, per_target_errors: bool = False) -> Any:
+    """All nodes in run order (topological).
+
+    With ``per_target_errors`` returns ``(plan, broken)``: a target whose manifest does not plan (an
+    undeclared stage parameter, an input its producer does not declare) is left out of the plan and
+    named in ``broken`` (target -> one-line problem), so it fails alone; without, the first problem
+    raises ConfigError."""
     model = matrix.model
     data = matrix.raw["data"]
     nodes: dict[str, Node] = {}
+    broken: dict[str, str] = {}
     if model["checkpoint"]:
         nodes["source"] = Node("source", None, "source", outputs=["checkpoint"],
                                params={"path": str(matrix.resolve(model["checkpoint"]))})
@@ -122,21 +126,46 @@ def build_plan(matrix: Matrix) -> list[Node]:
                             outputs=["inputs.npy", "index.json"] + (["ascend"] if data["ascend_bins"] else []))
     for tname in matrix.enabled_targets():
         tdef = matrix.targets[tname]
-        for sname, sdef in tdef.matrix_stages.items():
-            nodes[f"{tname}.{sname}"] = stage_node(matrix, tname, sname)
+        try:
+            mine = {f"{tname}.{s}": stage_node(matrix, tname, s) for s in tdef.matrix_stages}
+            _check_refs({**nodes, **mine}, only=mine)
+        except ConfigError as exc:
+            if not per_target_errors or tname == matrix.raw["verify"]["reference"]:
+                raise
+            broken[tname] = str(exc)
+            continue
+        nodes.update(mine)
     features = {t: Ref(f"{t}.infer", "features.npy") for t in matrix.enabled_targets()
-                if "infer" in matrix.targets[t].matrix_stages}
+                if t not in broken and "infer" in matrix.targets[t].matrix_stages}
     nodes["verify"] = Node("verify", None, "verify",
                            inputs={**{f"features:{t}": r for t, r in features.items()},
                                    "index": Ref("prepare", "index.json")},
                            outputs=["report.json", "report.md", "junit.xml"])
     _check_refs(nodes)
-    return _toposort(nodes)
+    while True:
+        try:
+            order = _toposort(nodes)
+            break
+        except _Unplannable as exc:
+            target = nodes[exc.node].target
+            if not per_target_errors or target is None or target == matrix.raw["verify"]["reference"]:
+                raise ConfigError(str(exc)) from None
+            broken[target] = str(exc)
+            for nid in [n for n, node in nodes.items() if node.target == target]:
+                del nodes[nid]
+            nodes["verify"].inputs.pop(f"features:{target}", None)
+    return (order, broken) if per_target_errors else order
 
 
-def _check_refs(nodes: dict[str, Node]) -> None:
+class _Unplannable(Exception):
+    def __init__(self, node: str, message: str):
+        super().__init__(message)
+        self.node = node
+
+
+def _check_refs(nodes: dict[str, Node], only: dict[str, Node] | None = None) -> None:
     """Every input names an output its producer declares (e.g. prepare/ascend needs ascend_bins)."""
-    for node in nodes.values():
+    for node in (only or nodes).values():
         for name, ref in node.inputs.items():
             producer = nodes.get(ref.producer)
             if producer is not None and ref.file not in producer.outputs:
@@ -154,14 +183,14 @@ def _toposort(nodes: dict[str, Node]) -> list[Node]:
         if state.get(nid) == 2:
             return
         if state.get(nid) == 1:
-            raise ConfigError(f"stage graph has a cycle: {' -> '.join(chain + (nid,))}")
+            raise _Unplannable(nid, f"stage graph has a cycle: {' -> '.join(chain + (nid,))}")
         state[nid] = 1
         for ref in nodes[nid].inputs.values():
             if ref.producer in nodes:
                 visit(ref.producer, chain + (nid,))
             elif not ref.optional:
-                raise ConfigError(f"{nid}: input from {ref.producer!r}, which is not a stage of this plan "
-                                  "(is its target enabled in matrix.yaml?)")
+                raise _Unplannable(nid, f"{nid}: input from {ref.producer!r}, which is not a stage of this "
+                                   "plan (is its target enabled in matrix.yaml?)")
         state[nid] = 2
         order.append(nodes[nid])
 

@@ -8,19 +8,35 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
 from targets.common.contract import atomic_write_bytes
 
-from .verify import CHECKS, TOLERANCE_SEMANTICS
+from .verify import TOLERANCE_SEMANTICS
 
 LABELS = {"reference": "REFERENCE", "passed": "PASS", "failed": "FAIL", "unchecked": "UNCHECKED",
           "skipped": "SKIPPED", "error": "ERROR"}
 
 RANDOM_BANNER = ("> **Random weights** - no checkpoint was given, the model has seeded random "
                  "weights: parity between backends is meaningful, absolute Rank-1/mAP are not.")
+
+
+def model_facts(model: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """What the report says about the model: only what applies, no ``None``s. Weights are either
+    ``random weights, seed N`` or the checkpoint with its sha256 (from torch.export's meta.json)."""
+    facts = {k: model[k] for k in ("arch", "neck_feat", "last_stride", "input_size") if model.get(k) is not None}
+    if meta.get("random_weights") is True or (not meta and not model.get("checkpoint")):
+        facts["weights"] = f"random weights, seed {meta.get('seed', model.get('seed', 0))}"
+        facts["random_weights"] = True
+    elif model.get("checkpoint"):
+        facts["weights"] = str(model["checkpoint"])
+        facts["random_weights"] = False
+        if meta.get("checkpoint_sha256"):
+            facts["checkpoint_sha256"] = meta["checkpoint_sha256"]
+    return facts
 
 
 def write_reports(report: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -30,8 +46,15 @@ def write_reports(report: dict[str, Any], out_dir: Path) -> list[Path]:
     files = [(out_dir / "report.json", to_json(report)), (out_dir / "report.md", to_markdown(report)),
              (out_dir / "junit.xml", to_junit(report))]
     for path, text in files:
-        atomic_write_bytes(path, text.encode("utf-8"))
+        atomic_write_bytes(path, text.encode("utf-8", "backslashreplace"))
     return [p for p, _ in files]
+
+
+def targets_in_order(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The report's targets, the reference first, then by name (report.json sorts its keys)."""
+    ref = report.get("reference")
+    items = report.get("targets", {}).items()
+    return sorted(items, key=lambda kv: (kv[0] != ref, kv[0]))
 
 
 def label(status: str) -> str:
@@ -95,7 +118,11 @@ def to_markdown(report: dict[str, Any]) -> str:
              f"images: {report.get('num_images')} ({report.get('num_query')} query, "
              f"{report.get('num_gallery')} gallery)"]
     if model:
-        facts.insert(0, "model: " + ", ".join(f"{k}={v}" for k, v in sorted(model.items())))
+        shown = {k: v for k, v in model.items() if k not in ("weights", "random_weights", "checkpoint_sha256")}
+        facts.insert(0, "model: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+        if model.get("weights"):
+            sha = f" (sha256 {model['checkpoint_sha256']})" if model.get("checkpoint_sha256") else ""
+            facts.insert(1, f"weights: {model['weights']}{sha}")
     lines += [f"- {f}" for f in facts]
     rr = report.get("reference_retrieval")
     if rr:
@@ -107,13 +134,15 @@ def to_markdown(report: dict[str, Any]) -> str:
     head = ["target", "status", "max abs err", "min cosine", "mean cosine", "Rank-1", "mAP",
             "Δ Rank-1", "Δ mAP"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, r in report.get("targets", {}).items():
+    for name, r in targets_in_order(report):
         lines.append("| " + " | ".join(_md_escape(c) for c in _row(name, r)) + " |")
     lines += ["", "## Details", ""]
-    for name, r in report.get("targets", {}).items():
+    for name, r in targets_in_order(report):
         lines.append(f"### {name}: {label(r['status'])}")
         if r.get("reason"):
             lines.append(f"- {_md_escape(r['reason'])}")
+        if r.get("allowed"):
+            lines.append(f"- skip allowed by matrix.yaml: {_md_escape(r['allowed'])}")
         for c in r.get("checks", []):
             state = ("pass" if c["passed"] else "FAIL") if c["enabled"] else \
                 f"not enforced ({'would pass' if c['passed'] else 'would fail'})"
@@ -130,42 +159,55 @@ def to_markdown(report: dict[str, Any]) -> str:
 
 # --------------------------------------------------------------------------- junit
 
-def _case_names(r: dict[str, Any]) -> list[str]:
-    tol = r.get("tolerance") or {}
-    return list(tol.get("checks") or CHECKS)
+_XML_BAD = re.compile("[^\u0009\u000a\u000d\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def xml_safe(text: Any) -> str:
+    """Text XML 1.0 can carry: characters it forbids (control characters in a dataset's file names,
+    lone surrogates from undecodable names) are written as ``\\xNN`` / ``\\uNNNN``."""
+    return _XML_BAD.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                        else f"\\u{ord(m.group()):04x}", str(text))
 
 
 def to_junit(report: dict[str, Any]) -> str:
-    """One testsuite "modelmatrix"; one testcase per (target, check), classname = target."""
+    """One testsuite "modelmatrix"; one testcase per (target, check), classname = target. A target
+    that did not run (skipped, or an error) is one testcase "run" carrying its reason once."""
     suite = ET.Element("testsuite", name="modelmatrix")
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
-    for name, r in report.get("targets", {}).items():
+
+    def case(target: str, name: str) -> ET.Element:
+        counts["tests"] += 1
+        return ET.SubElement(suite, "testcase", classname=xml_safe(target), name=xml_safe(name))
+
+    for name, r in targets_in_order(report):
         status = r["status"]
+        reason = xml_safe(r.get("reason") or "")
         if status == "reference":
+            if r.get("nonfinite"):
+                ET.SubElement(case(name, "reference"), "failure", message=reason, type="nonfinite").text = reason
+                counts["failures"] += 1
             continue
         if status in ("error", "skipped"):
-            for check in _case_names(r):
-                case = ET.SubElement(suite, "testcase", classname=name, name=check)
-                counts["tests"] += 1
-                reason = r.get("reason") or ""
-                if status == "error":
-                    ET.SubElement(case, "error", message=reason).text = reason
-                    counts["errors"] += 1
-                else:
-                    ET.SubElement(case, "skipped", message=reason)
-                    counts["skipped"] += 1
-            continue
-        for c in r.get("checks", []):
-            case = ET.SubElement(suite, "testcase", classname=name, name=c["name"])
-            counts["tests"] += 1
-            if not c["enabled"]:
-                ET.SubElement(case, "skipped", message=f"check not enabled in targets.{name}.tolerance.checks")
+            c = case(name, "run")
+            if status == "error":
+                ET.SubElement(c, "error", message=reason, type=xml_safe(r.get("kind") or "error"))
+                counts["errors"] += 1
+            else:
+                allowed = f" (allowed: {r['allowed']})" if r.get("allowed") else ""
+                ET.SubElement(c, "skipped", message=xml_safe(reason + allowed))
                 counts["skipped"] += 1
-            elif not c["passed"]:
-                ET.SubElement(case, "failure", message=c["message"], type=c["name"]).text = c["message"]
+            continue
+        for chk in r.get("checks", []):
+            c = case(name, chk["name"])
+            message = xml_safe(chk["message"])
+            if not chk["enabled"]:
+                ET.SubElement(c, "skipped", message=f"check not enabled in targets.{xml_safe(name)}.tolerance.checks")
+                counts["skipped"] += 1
+            elif not chk["passed"]:
+                ET.SubElement(c, "failure", message=message, type=chk["name"])
                 counts["failures"] += 1
             else:
-                ET.SubElement(case, "system-out").text = c["message"]
+                ET.SubElement(c, "system-out").text = message
     for k, v in counts.items():
         suite.set(k, str(v))
     root = ET.Element("testsuites", name="modelmatrix")
@@ -180,7 +222,7 @@ def to_junit(report: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- terminal
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
-    """A few lines for the terminal: one per target, then the verdict."""
+    """A few lines for the terminal: one per target, the counts, then the verdict and its cause."""
     out = []
     if (report.get("model") or {}).get("random_weights"):
         out.append("note: random weights (no checkpoint): parity is meaningful, absolute accuracy is not")
@@ -188,20 +230,27 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     if rr:
         out.append(f"reference {report.get('reference')}: Rank-1 {rr['rank1']:.4f}  mAP {rr['mAP']:.4f}")
     width = max([len(n) for n in report.get("targets", {})] + [6])
-    for name, r in report.get("targets", {}).items():
+    for name, r in targets_in_order(report):
         status = r["status"]
-        if status in ("passed", "failed", "unchecked"):
-            m = r.get("metrics") or {}
+        detail = r.get("reason") or ""
+        if status in ("passed", "failed", "unchecked") and r.get("metrics") and "max_abs_error" in r["metrics"]:
+            m = r["metrics"]
             cos = (m.get("cosine") or {}).get("min")
             d = m.get("deltas") or {}
             detail = (f"max|d| {_f(m.get('max_abs_error'), '.2e')}  cos>= {_f(cos, '.6f')}  "
                       f"dR1 {_delta(d.get('rank1'))}  dmAP {_delta(d.get('mAP'))}")
             if r.get("failed_checks"):
-                detail += f"  failed: {', '.join(r['failed_checks'])}"
-            if not m:
-                detail = r.get("reason") or ""
-        else:
+                detail += "  failed: " + "; ".join(c["message"] for c in r.get("checks", [])
+                                                   if c["enabled"] and not c["passed"])
+        elif status == "failed" and r.get("failed_checks"):
             detail = r.get("reason") or ""
+        if r.get("allowed"):
+            detail += f"  (skip allowed: {r['allowed']})"
         out.append(f"{name:<{width}}  {label(status):<9}  {detail}")
-    out.append(("PASSED: " if report.get("passed") else "FAILED: ") + str(report.get("reason", "")))
+    c = report.get("counts") or {}
+    out.append(f"summary: {c.get('passed', 0)} passed, {c.get('failed', 0)} failed, "
+               f"{c.get('error', 0)} could not run, {c.get('skipped', 0)} skipped")
+    verdict = "PASSED" if report.get("passed") else f"FAILED (exit {report.get('exit_code', 1)})"
+    cause = report.get("cause")
+    out.append(f"{verdict}: " + (cause if cause and not report.get("passed") else str(report.get("reason", ""))))
     return out

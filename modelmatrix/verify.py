@@ -24,7 +24,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .config import TOLERANCE
-from .errors import DataError
+from .errors import (EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK, EXIT_UNAVAILABLE, DataError,
+                     worst_exit)
 from .reid_metrics import evaluate_index
 
 CHECKS = ("allclose", "cosine", "retrieval")
@@ -104,6 +105,13 @@ def compare(target: str, feats: np.ndarray, ref: np.ndarray, tol: Mapping[str, A
         result["checks"] = [_check(n, n in enabled, False, None, None, msg) for n in CHECKS]
         result["reason"] = msg
         return _finish(result)
+    bad = nonfinite(a, index, "the target's") or nonfinite(b, index, "the reference's")
+    if bad:
+        result["checks"] = [_check(n, n in enabled, False, None, None, bad) for n in CHECKS]
+        result["reason"] = bad
+        result["metrics"]["nonfinite"] = {"target": int((~np.isfinite(a)).sum()),
+                                          "reference": int((~np.isfinite(b)).sum())}
+        return _finish(result)
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     el = elementwise(a64, b64, tol["rtol"], tol["atol"], index)
     cos = cosines(a64, b64)
@@ -121,6 +129,17 @@ def compare(target: str, feats: np.ndarray, ref: np.ndarray, tol: Mapping[str, A
     if ret is not None:
         result["metrics"]["deltas"] = {k: ret[k] - ref_retrieval[k] for k in ("rank1", "rank5", "rank10", "mAP")}
     return _finish(result)
+
+
+def nonfinite(features: np.ndarray, index: Mapping, whose: str) -> str | None:
+    """None when every value is finite; else one line with the count and the first file named."""
+    finite = np.isfinite(features)
+    if finite.all():
+        return None
+    rows = np.flatnonzero(~finite.all(axis=1)) if features.ndim == 2 else np.array([0])
+    first = int(rows[0])
+    return (f"{whose} features are not finite: {int((~finite).sum())} NaN or infinite values in "
+            f"{len(rows)} images (first: row {first}, {_file(index, first)})")
 
 
 def retrieval_or_error(features: np.ndarray, index: Mapping, max_rank: int) -> tuple[dict | None, str | None]:
@@ -177,10 +196,18 @@ def _retrieval_check(ret: dict | None, ref: dict | None, err: str | None, tol: d
     d1, dm = ret["rank1"] - ref["rank1"], ret["mAP"] - ref["mAP"]
     ok1 = abs(d1) <= tol["rank1_delta"] + DELTA_SLACK
     okm = abs(dm) <= tol["map_delta"] + DELTA_SLACK
-    msg = (f"Rank-1 {ret['rank1']:.4f} vs reference {ref['rank1']:.4f} (delta {d1:+.4f}, allowed "
-           f"{tol['rank1_delta']:g}{'' if ok1 else ': EXCEEDED'}); mAP {ret['mAP']:.4f} vs "
-           f"{ref['mAP']:.4f} (delta {dm:+.4f}, allowed {tol['map_delta']:g}{'' if okm else ': EXCEEDED'})")
+    msg = (f"Rank-1 {ret['rank1']:.4f} vs reference {ref['rank1']:.4f} ({_bound(d1, tol['rank1_delta'], ok1)}); "
+           f"mAP {ret['mAP']:.4f} vs {ref['mAP']:.4f} ({_bound(dm, tol['map_delta'], okm)})")
     return _check("retrieval", enabled, ok1 and okm, thr, {"rank1_delta": abs(d1), "map_delta": abs(dm)}, msg)
+
+
+def _bound(delta: float, allowed: float, ok: bool) -> str:
+    """``delta -1.9e-07, |delta| <= 0.001`` or ``delta -1.9e-07: |delta| 1.9e-07 > 0.0001 EXCEEDED``: as
+    many digits as it takes to see why, never two equal-looking numbers called exceeded."""
+    shown = "0" if delta == 0 else f"{delta:+.3g}"
+    if ok:
+        return f"delta {shown}, |delta| <= {allowed:g}"
+    return f"delta {shown}: |delta| {abs(delta):.3g} > {allowed:g} EXCEEDED"
 
 
 def _fmt(x: float | None) -> str:
@@ -202,41 +229,61 @@ def _finish(result: dict) -> dict:
 
 def verify_all(features: Mapping[str, np.ndarray], reference_name: str, tolerances: Mapping[str, Mapping],
                index: Mapping, skipped: Mapping[str, str] | None = None,
-               failed: Mapping[str, str] | None = None, max_rank: int = 50) -> dict[str, Any]:
+               failed: Mapping[str, Any] | None = None, max_rank: int = 50,
+               required: Mapping[str, str] | None = None,
+               allow_skip: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Compare every target with features against the reference; the report dict.
 
-    ``features``: target -> (N, D) array (the reference's included); ``skipped``: target -> reason
-    (listed, never shown as passed, do not fail the run); ``failed``: target -> message (the run
-    fails). ``passed`` is True only if at least one target was compared with an enabled check,
-    every enabled check of every compared target passed and no target failed.
+    ``features``: target -> (N, D) array (the reference's included); ``skipped``: target -> reason;
+    ``failed``: target -> message, or {"stage", "reason", "kind"} with kind "bad input" (the user's
+    input: exit 2), "timed out" or "failed" (exit 3). ``required``: target -> why it must run: a
+    required target that was skipped is an error (exit 3), never a pass; ``allow_skip``: target ->
+    the stanza's reason for allowing a skip (shown). ``passed`` is True only if at least one target
+    was compared with an enabled check, every enabled check of every compared target passed, no
+    target failed and no required target was skipped. ``exit_code`` says which of those it was
+    (errors.py, README "Exit codes"); ``cause`` names it in a few words.
     """
-    skipped, failed = dict(skipped or {}), dict(failed or {})
+    skipped, required, allow_skip = dict(skipped or {}), dict(required or {}), dict(allow_skip or {})
+    failed = {t: (f if isinstance(f, dict) else {"stage": t, "reason": str(f), "kind": "failed"})
+              for t, f in (failed or {}).items()}
     items = index.get("items") or []
     names = _ordered(reference_name, [*features, *failed, *skipped])
     results: dict[str, dict] = {}
     ref = features.get(reference_name) if reference_name not in failed else None
-    ref_ret, ref_err = (retrieval_or_error(ref, index, max_rank) if ref is not None else (None, None))
+    ref_bad = nonfinite(np.asarray(ref), index, "the reference's") if ref is not None else None
+    ref_ret, ref_err = (retrieval_or_error(ref, index, max_rank) if ref is not None and not ref_bad
+                        else (None, ref_bad))
     why_no_ref = _why_no_reference(reference_name, ref, failed, skipped)
     for name in names:
         if name in failed:
-            results[name] = {"target": name, "status": "error", "reason": failed[name]}
+            f = failed[name]
+            results[name] = {"target": name, "status": "error", "reason": f["reason"], "kind": f["kind"],
+                             "stage": f["stage"]}
+        elif name in skipped and name in required:
+            results[name] = {"target": name, "status": "error", "kind": "required but skipped",
+                             "reason": f"{skipped[name]} (required: {required[name]})"}
         elif name in skipped:
             results[name] = {"target": name, "status": "skipped", "reason": skipped[name]}
+            if name in allow_skip:
+                results[name]["allowed"] = allow_skip[name]
         elif name == reference_name:
             results[name] = {"target": name, "status": "reference", "shape": list(np.shape(ref)),
-                             "reason": f"the reference ({np.shape(ref)[0]} images)",
-                             "metrics": {"retrieval": ref_ret}, "retrieval_error": ref_err}
+                             "reason": ref_bad or f"the reference ({np.shape(ref)[0]} images)",
+                             "metrics": {"retrieval": ref_ret}}
+            if ref_bad:
+                results[name]["nonfinite"] = True
         elif ref is None:
             results[name] = {"target": name, "status": "skipped", "reason": f"not compared: {why_no_ref}"}
         else:
             results[name] = compare(name, features[name], ref, tolerances.get(name, {}), index, max_rank,
                                     ref_retrieval=ref_ret, ref_retrieval_error=ref_err)
     for name, r in results.items():
-        if r["status"] in ("error", "skipped") and name in tolerances:
+        if r["status"] in ("error", "skipped") and name in tolerances and name != reference_name:
             r["tolerance"] = TOLERANCE.check(dict(tolerances[name]), f"targets.{name}.tolerance")
-    passed, reason = _overall(results, why_no_ref)
+    passed, reason, code, cause = _overall(results, why_no_ref, ref_bad)
     counts = {s: sum(1 for r in results.values() if r["status"] == s) for s in STATUSES}
-    return {"schema": 1, "reference": reference_name, "passed": passed, "reason": reason,
+    return {"schema": 2, "reference": reference_name, "passed": passed, "reason": reason,
+            "exit_code": code, "cause": cause,
             "tolerance_semantics": TOLERANCE_SEMANTICS, "max_rank": max_rank,
             "num_images": len(items), "num_query": sum(1 for it in items if it.get("split") == "query"),
             "num_gallery": sum(1 for it in items if it.get("split") == "gallery"),
@@ -254,27 +301,53 @@ def _ordered(reference: str, names: Sequence[str]) -> list[str]:
 
 def _why_no_reference(name: str, ref, failed: Mapping, skipped: Mapping) -> str | None:
     if name in failed:
-        return f"reference target {name!r} failed: {failed[name]}"
+        return f"reference target {name!r} did not run ({failed[name]['kind']})"
     if ref is not None:
         return None
     if name in skipped:
-        return f"reference target {name!r} was skipped: {skipped[name]}"
+        return f"reference target {name!r} was skipped"
     return f"reference target {name!r} produced no features"
 
 
-def _overall(results: Mapping[str, dict], why_no_ref: str | None) -> tuple[bool, str]:
+def _overall(results: Mapping[str, dict], why_no_ref: str | None,
+             ref_bad: str | None) -> tuple[bool, str, int, str]:
+    """(passed, reason, exit code, cause). The reason counts each kind of outcome and names the
+    targets, never repeating a stage's message (that is said once, on the target's own line)."""
     by = lambda s: [n for n, r in results.items() if r["status"] == s]  # noqa: E731
     errors, fails, passes, skips = by("error"), by("failed"), by("passed"), by("skipped")
-    reasons = []
-    if errors:
-        reasons.append(f"{len(errors)} target(s) did not run: {', '.join(errors)}")
+    bad_input = [n for n in errors if results[n].get("kind") == "bad input"]
+    not_run = [n for n in errors if n not in bad_input]
+    reasons, causes, codes = [], [], []
+    if bad_input:
+        stages = ", ".join(results[n].get("stage") or n for n in bad_input)
+        reasons.append(f"bad input in {stages}")
+        causes.append(f"bad input ({stages})")
+        codes.append(EXIT_BAD_INPUT)
+    if not_run:
+        detail = ", ".join(f"{n} ({results[n].get('kind') or 'failed'})" for n in not_run)
+        reasons.append(f"{len(not_run)} target(s) could not run: {detail}")
+        for kind, what in (("timed out", "timed out"), ("failed", "failed"),
+                           ("required but skipped", "was skipped, but is required")):
+            hit = [results[n].get("stage") or n for n in not_run if (results[n].get("kind") or "failed") == kind]
+            if hit:
+                causes.append(f"{', '.join(hit)} {what}")
+        codes.append(EXIT_UNAVAILABLE)
+    if ref_bad:
+        reasons.append(ref_bad)
+        causes.append("the reference is not finite")
+        codes.append(EXIT_CHECK_FAILED)
     if fails:
         detail = ", ".join(f"{n} ({', '.join(results[n]['failed_checks'])})" for n in fails)
         reasons.append(f"{len(fails)} target(s) failed checks: {detail}")
-    if not fails and not passes:
+        causes.append("a check failed")
+        codes.append(EXIT_CHECK_FAILED)
+    if not fails and not passes and not ref_bad and not errors:
         reasons.append(f"nothing was compared: {why_no_ref}" if why_no_ref
                        else "nothing was compared: no target other than the reference ran an enabled check")
+        causes.append("nothing was compared")
+        codes.append(EXIT_UNAVAILABLE)
+    tally = f"{len(passes)} passed, {len(fails)} failed, {len(errors)} could not run, {len(skips)} skipped"
     if reasons:
-        return False, "; ".join(reasons)
+        return False, "; ".join(reasons) + f" ({tally})", worst_exit(codes), "; ".join(causes)
     tail = f"; {len(skips)} skipped ({', '.join(skips)})" if skips else ""
-    return True, f"all {len(passes)} compared target(s) passed{tail}"
+    return True, f"all {len(passes)} compared target(s) passed{tail}", EXIT_OK, "every enabled check passed"

@@ -33,7 +33,7 @@ def built(tmp_path_factory):
     m = load_matrix(cfg)
     s = m.raw["data"]["synthetic"]
     data.make_synthetic(m.resolve(m.raw["data"]["dataset"]), **s)
-    first = run_matrix(m, "local", echo=False)
+    first = run_matrix(m, "local")
     return tmp, cfg, first
 
 
@@ -68,7 +68,7 @@ def test_missing_toolchains_are_skipped_with_reason_never_passed(built):
 
 def test_rerun_does_no_work(built):
     _, cfg, _ = built
-    again = run_matrix(load_matrix(cfg), "local", echo=False)
+    again = run_matrix(load_matrix(cfg), "local")
     assert not again.did_work
     assert all(s in (CACHED, SKIPPED) for s in _statuses(again).values())
     assert again.passed
@@ -80,7 +80,7 @@ def test_changing_a_tolerance_reruns_only_verify(built):
     raw["targets"]["onnxruntime"]["tolerance"] = {"rtol": 2e-3}
     cfg2 = tmp / "tol.yaml"
     cfg2.write_text(yaml.safe_dump(raw))
-    s = run_matrix(load_matrix(cfg2), "local", echo=False)
+    s = run_matrix(load_matrix(cfg2), "local")
     done = [k for k, v in _statuses(s).items() if v == DONE]
     assert done == ["verify"]
 
@@ -96,7 +96,7 @@ def test_changing_the_checkpoint_reruns_export_and_after(built):
     raw["model"]["checkpoint"] = str(ckpt)
     cfg2 = tmp / "ckpt.yaml"
     cfg2.write_text(yaml.safe_dump(raw))
-    s = run_matrix(load_matrix(cfg2), "local", echo=False)
+    s = run_matrix(load_matrix(cfg2), "local")
     st = _statuses(s)
     assert st["prepare"] == CACHED
     for node in ("source", "torch.export", "torch.infer", "onnxruntime.infer", "verify"):
@@ -113,7 +113,7 @@ def test_a_killed_stage_leaves_nothing_mistaken_for_a_result(built):
     raw["stage_timeout_s"] = 1
     cfg2 = tmp / "kill.yaml"
     cfg2.write_text(yaml.safe_dump(raw))
-    s = run_matrix(load_matrix(cfg2), "local", echo=False)
+    s = run_matrix(load_matrix(cfg2), "local")
     assert s.outcomes["torch.export"].status == FAILED
     assert "timed out" in s.outcomes["torch.export"].reason
     node_dir = s.workspace / "stages" / "torch.export"
@@ -123,7 +123,7 @@ def test_a_killed_stage_leaves_nothing_mistaken_for_a_result(built):
     assert not s.passed
     raw["stage_timeout_s"] = 600
     cfg2.write_text(yaml.safe_dump(raw))
-    s2 = run_matrix(load_matrix(cfg2), "local", echo=False)
+    s2 = run_matrix(load_matrix(cfg2), "local")
     assert s2.outcomes["torch.export"].status == DONE and s2.passed
 
 
@@ -190,7 +190,7 @@ def test_random_weights_retrieve_synthetic_identities_well_above_chance(tmp_path
                        targets={"torch": {"params": {"batch_size": 32}}})
     m = load_matrix(cfg)
     data.make_synthetic(m.resolve(m.raw["data"]["dataset"]), **m.raw["data"]["synthetic"])
-    s = run_matrix(m, "local", echo=False)
+    s = run_matrix(m, "local")
     ret = s.report["reference_retrieval"]
     assert s.report["model"]["random_weights"] is True
     assert ret["num_valid_queries"] == 60
@@ -211,7 +211,7 @@ def test_a_target_that_cannot_be_made_ready_is_failed_not_skipped(built):
     from modelmatrix.plan import build_plan
     _, cfg, _ = built
     m = load_matrix(cfg)
-    outcomes = MatrixRun(m, FakeRunnerWhoseImageBuildFails(), echo=False).run(build_plan(m))
+    outcomes = MatrixRun(m, FakeRunnerWhoseImageBuildFails()).run(build_plan(m))
     assert outcomes["onnxruntime.infer"].status == FAILED
     assert "step 3/9 failed" in outcomes["onnxruntime.infer"].reason
     assert outcomes["verify"].ok

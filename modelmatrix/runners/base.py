@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import collections
-import sys
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,8 @@ from ..config import TargetDef
 from ..errors import StageFailed
 
 LOG_TAIL_LINES = 40
+#: a stage's own output: shown on the console only with -v (`invoke matrix -v`); always kept in its log
+stage_log = logging.getLogger("modelmatrix.stage")
 
 
 # --------------------------------------------------------------------------- devices
@@ -80,25 +82,41 @@ class StageRequest:
 
     def check_result(self, log_tail: str) -> None:
         if not (self.workspace / self.out_dir / RESULT_NAME).is_file():
-            raise StageFailed(f"{self.label}: exited 0 but wrote no {RESULT_NAME} "
+            raise StageFailed(f"exited 0 but wrote no {RESULT_NAME} "
                               f"in {self.out_dir}; the stage is broken", log_tail)
 
 
 class LogTail:
-    """Streams a stage's output to the terminal, prefixed, and keeps the last lines."""
+    """Keeps the last lines of a stage's output (for the failure message) and relays every line to
+    the ``modelmatrix.stage`` logger at DEBUG, so the console shows them only when asked (-v)."""
 
-    def __init__(self, label: str, echo: bool = True, lines: int = LOG_TAIL_LINES):
-        self.label, self.echo = label, echo
+    def __init__(self, label: str, echo: bool = False, lines: int = LOG_TAIL_LINES):
+        self.label = label
         self.lines: collections.deque[str] = collections.deque(maxlen=lines)
+        self.everything: list[str] = []
 
     def feed(self, line: str) -> None:
         line = line.rstrip("\n")
         self.lines.append(line)
-        if self.echo:
-            print(f"  [{self.label}] {line}", file=sys.stderr, flush=True)
+        self.everything.append(line)
+        stage_log.debug("  [%s] %s", self.label, line)
 
     def text(self) -> str:
         return "\n".join(self.lines)
+
+
+def stage_exit_failure(label: str, code: int, tail: LogTail, where: str = "") -> StageFailed:
+    """The StageFailed for a stage process that exited ``code``. Exit 2 with a last line
+    ``error: ...`` is the stage contract's user error: its message is the reason, said once and
+    without a repeated ``<label>:`` prefix; anything else is a crash (exit code and last line)."""
+    lines = [ln.strip() for ln in tail.lines if ln.strip()]
+    last = lines[-1] if lines else ""
+    if code == 2 and last.startswith("error: "):
+        message = last.removeprefix("error: ")
+        message = message.removeprefix(f"{label}: ").removeprefix(f"stage {label}: ")
+        return StageFailed(message, tail.text(), user_error=True)
+    detail = f": {last[:300]}" if last else ""
+    return StageFailed(f"exited with code {code}{where}{detail}", tail.text())
 
 
 class Runner(abc.ABC):

@@ -13,7 +13,7 @@ import threading
 from .. import REPO_ROOT
 from ..config import TargetDef
 from ..errors import StageFailed
-from .base import LogTail, Runner, StageRequest, device_reason
+from .base import LogTail, Runner, StageRequest, device_reason, stage_exit_failure
 
 def missing_requirements(requires: dict[str, list[str]]) -> str | None:
     """Why this host cannot run a target's code directly (checked without importing anything)."""
@@ -43,11 +43,14 @@ class LocalRunner(Runner):
                 versions.append(f"{module}=?")
         return "local:" + ",".join(versions)
 
-    def run(self, req: StageRequest, echo: bool = True) -> str:
+    def run(self, req: StageRequest, echo: bool = False) -> str:
         spec = req.write_spec(str(req.workspace))
         env = dict(os.environ)
-        root = str(REPO_ROOT)
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        # The project the target's folder belongs to (targets/<t>/ -> its parent's parent): this
+        # repository, or another project's tree with its own targets/ package (tests build such).
+        root = str(req.target.folder.resolve().parent.parent)
+        paths = [root] + ([str(REPO_ROOT)] if root != str(REPO_ROOT) else [])
+        env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         env.setdefault("PYTHONUNBUFFERED", "1")
         tail = LogTail(req.label, echo)
         proc = subprocess.Popen([sys.executable, "-m", req.module, str(spec)], cwd=root, env=env,
@@ -75,13 +78,10 @@ class LocalRunner(Runner):
         finally:
             timer.cancel()
         if timed_out.is_set():
-            raise StageFailed(f"{req.label}: timed out after {req.timeout_s:g} s and was killed "
+            raise StageFailed(f"timed out after {req.timeout_s:g} s and was killed "
                               "(raise stage_timeout_s in matrix.yaml if it needs longer)", tail.text())
         if code != 0:
-            last = tail.lines[-1] if tail.lines else ""
-            detail = last.removeprefix("error: ") if code == 2 and last.startswith("error: ") \
-                else f"exited with code {code}"
-            raise StageFailed(f"{req.label}: {detail}", tail.text())
+            raise stage_exit_failure(req.label, code, tail)
         req.check_result(tail.text())
         return tail.text()
 

@@ -11,6 +11,7 @@ every target image, including ones whose Python is old (Caffe's bullseye 3.9).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -138,8 +139,8 @@ def main(stage_fn: Callable[[Spec], Dict[str, Any]], argv: list | None = None) -
     """Entry point of every stage module: ``main(run)`` under ``if __name__ == '__main__'``.
 
     ``run(spec)`` does the work and returns a JSON-able dict (timings, versions, ...),
-    which is written to ``result.json`` last. A StageError becomes one line on stderr
-    and exit code 2; anything else is a crash (traceback, exit 1).
+    which is written to ``result.json`` last. A StageError (or a full disk) becomes one line on
+    stderr and exit code 2; anything else is a crash (traceback, exit 1).
     """
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
@@ -156,4 +157,11 @@ def main(stage_fn: Callable[[Spec], Dict[str, Any]], argv: list | None = None) -
         atomic_write_json(spec.output(RESULT_NAME), result)
     except StageError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        # A full disk is the user's to fix: one line naming where, not a traceback.
+        print(f"error: {exc.filename or 'the workspace'}: no space left on the device; free some space "
+              "and run again", file=sys.stderr)
         sys.exit(2)

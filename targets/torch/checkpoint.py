@@ -131,6 +131,13 @@ def apply_state_dict(model: nn.Module, given: Dict[str, torch.Tensor], path: str
     if wrong:
         raise StageError(f"{path}: {len(wrong)} tensors have the wrong shape ({_listed(wrong)}); "
                          "check model.arch: the checkpoint is of another network")
+    # NaN/inf weights (a diverged training run) make every feature NaN: refuse them here, naming
+    # the tensors, instead of exporting a model whose reference is not finite.
+    nonfinite = [k for k in expected if k in given and given[k].is_floating_point()
+                 and not bool(torch.isfinite(given[k]).all())]
+    if nonfinite:
+        raise StageError(f"{path}: {len(nonfinite)} tensors hold NaN or infinite values ({_listed(nonfinite)}); "
+                         "the checkpoint is from a diverged run: use an earlier one")
     full = model.state_dict()
     full.update(given)
     model.load_state_dict(full, strict=True)
