@@ -1,13 +1,17 @@
 """modelmatrix.data: the synthetic set, scanning, preprocessing, prepare, features files.
 
 Real files throughout: JPEGs written by Pillow, the five real Market1501 crops in
-shared/data/market1501-samples, real .npy files.
+shared/data/market1501-samples, real .npy files; real FIFOs, sockets, device files, links and
+unreadable files (helpers in test_hashing.py), a real 2 MiB tmpfs for the full-disk cases.
 """
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +21,8 @@ from PIL import Image
 from modelmatrix import data
 from modelmatrix.config import ARCH_CONTRACTS
 from modelmatrix.errors import DataError
+from modelmatrix.hashing import HashCache
+from test_hashing import KIND_WORDS, KINDS, make_special, one_line_error, readable_in_child_body, run_child
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "market1501-samples"
 RSB = ARCH_CONTRACTS["reid-strong-baseline"]
@@ -403,3 +409,214 @@ def test_same_synthetic_request_is_a_no_op_and_a_different_one_is_refused(tmp_pa
     assert again["status"] == "up to date" and (out / "query").stat().st_mtime_ns == stamp
     with pytest.raises(DataError, match="not empty; delete it or pass --force"):
         data.make_synthetic(out, identities=4, cameras=2, gallery_per_camera=1, junk=0, distractors=0)
+
+
+# ============================================================================ hostile dataset entries
+
+OLD_NS = 1_500_000_000 * 10**9
+
+
+def _copy_old(src: Path, dst: Path) -> Path:
+    """A copy of a dataset whose files all have a past mtime (so the hash cache may keep them)."""
+    shutil.copytree(src, dst)
+    for p in dst.rglob("*"):
+        os.utime(p, ns=(OLD_NS, OLD_NS), follow_symlinks=False)
+    return dst
+
+
+def _tiny(root: Path) -> Path:
+    for sub in ("query", "bounding_box_test"):
+        (root / sub).mkdir(parents=True)
+    Image.new("RGB", (64, 128), (200, 10, 10)).save(root / "query" / "0002_c1s1_000451_01.jpg")
+    Image.new("RGB", (64, 128), (10, 200, 10)).save(root / "bounding_box_test" / "0002_c2s1_000551_01.jpg")
+    return root
+
+
+def _digest_and_prepare_in_child(root: Path, tmp: Path, drop_dac: bool = False, prefix: str = "",
+                                 ascend_bins: bool = True) -> dict:
+    return run_child(prefix +
+                     f"from pathlib import Path\nfrom modelmatrix import data\nfrom modelmatrix.config import ARCH_CONTRACTS\n"
+                     f"from modelmatrix.hashing import HashCache\n"
+                     f"if result != 'readable':\n"
+                     f"    d = data.dataset_digest(Path({str(root)!r}), HashCache(Path({str(tmp / 'c.json')!r})), None)\n"
+                     f"    s = data.prepare(Path({str(root)!r}), Path({str(tmp / 'out')!r}), "
+                     f"ARCH_CONTRACTS['reid-strong-baseline'], (64, 32), ascend_bins={ascend_bins}, workers=2)\n"
+                     f"    result = [d, s['images']]", drop_dac=drop_dac)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_scan_refuses_special_files_named_like_images(tmp_path, kind):
+    root = _tiny(tmp_path / "m")
+    victim = root / "bounding_box_test" / "0005_c3s1_000601_02.jpg"
+    make_special(victim, kind)
+    with pytest.raises(DataError) as exc:
+        data.scan_dataset(root)
+    msg = _one_line(exc)
+    assert str(victim) in msg and KIND_WORDS[kind] in msg and ("delete" in msg or "fix" in msg)
+    # what `invoke matrix` runs (digest, then prepare): the same one line, never a hang
+    out = _digest_and_prepare_in_child(root, tmp_path, prefix="result = None\n")
+    one_line_error(out, str(victim), KIND_WORDS[kind])
+
+
+def test_special_files_that_are_not_images_are_skipped_with_a_note(tmp_path, caplog):
+    root = _tiny(tmp_path / "m")
+    q = root / "query"
+    make_special(q / "pipe", "fifo")
+    make_special(q / "control.sock", "socket")
+    make_special(q / "notes.txt", "dangling")
+    with caplog.at_level(logging.INFO, logger="modelmatrix.data"):
+        items = data.scan_dataset(root)
+    assert [i["file"] for i in items] == ["query/0002_c1s1_000451_01.jpg", "bounding_box_test/0002_c2s1_000551_01.jpg"]
+    notes = " | ".join(r.getMessage() for r in caplog.records)
+    for name in ("pipe", "control.sock", "notes.txt"):
+        assert str(q / name) in notes
+    out = _digest_and_prepare_in_child(root, tmp_path, prefix="result = None\n")
+    assert out["ok"] and out["result"][1] == 2
+
+
+def test_unreadable_image_is_one_line_even_for_root(tmp_path):
+    root = _tiny(tmp_path / "m")
+    victim = root / "query" / "0002_c1s1_000451_01.jpg"
+    victim.chmod(0)
+    out = _digest_and_prepare_in_child(root, tmp_path, drop_dac=True,
+                                       prefix=readable_in_child_body(victim) +
+                                       "result = 'readable' if readable else None\n")
+    if out.get("result") == "readable":
+        pytest.skip("dropping CAP_DAC_OVERRIDE did not make a mode-000 file unreadable here")
+    one_line_error(out, str(victim), "permission denied", "chmod")
+    # prepare alone (the digest passed elsewhere, say): the same line, from the decoder's open
+    victim.chmod(0o644)
+    digest_ok = _digest_and_prepare_in_child(root, tmp_path, prefix="result = None\n")
+    assert digest_ok["ok"]
+    victim.chmod(0)
+    out = run_child(readable_in_child_body(victim) +
+                    f"from pathlib import Path\nfrom modelmatrix import data\nfrom modelmatrix.config import ARCH_CONTRACTS\n"
+                    f"result = data.prepare(Path({str(root)!r}), Path({str(tmp_path / 'out2')!r}), "
+                    f"ARCH_CONTRACTS['reid-strong-baseline'], (64, 32), workers=1)['images']", drop_dac=True)
+    one_line_error(out, str(victim), "permission denied")
+
+
+def test_scan_refuses_a_non_utf8_image_name_and_skips_non_utf8_junk(tmp_path, caplog):
+    root = _tiny(tmp_path / "m")
+    junk = os.path.join(os.fsencode(root / "query"), b"notes_\xff.txt")
+    with open(junk, "wb") as fh:
+        fh.write(b"not an image")
+    assert len(data.scan_dataset(root)) == 2                     # junk: skipped (prepare never reads it)
+    bad = os.path.join(os.fsencode(root / "bounding_box_test"), b"0001_c1s1_\xff.jpg")
+    with open(bad, "wb") as fh:
+        fh.write((root / "query" / "0002_c1s1_000451_01.jpg").read_bytes())
+    with pytest.raises(DataError) as exc:
+        data.scan_dataset(root)
+    msg = _one_line(exc)
+    assert f"{root}/bounding_box_test/0001_c1s1_\\xff.jpg" in msg and "not valid UTF-8" in msg
+    assert msg.isprintable()
+
+
+@pytest.mark.parametrize("char", ["\x1b", "\x07", "\n", "\t", "\x7f", "\u2028"])
+def test_scan_refuses_control_characters_in_image_names(tmp_path, char):
+    root = _tiny(tmp_path / "m")
+    name = f"0002_c1s1_{char}[31m.jpg"
+    shutil.copy(root / "query" / "0002_c1s1_000451_01.jpg", root / "query" / name)
+    with pytest.raises(DataError) as exc:
+        data.scan_dataset(root)
+    msg = _one_line(exc)
+    assert msg.isprintable() and "control character" in msg and "rename" in msg
+    escaped = char.encode("unicode_escape").decode().replace("\\n", "\\x0a").replace("\\t", "\\x09")
+    assert f"0002_c1s1_{escaped}[31m.jpg" in msg
+
+
+def test_a_space_in_a_name_is_carried_without_ascend_bins_and_refused_with_them(tmp_path):
+    root = _tiny(tmp_path / "m")
+    spaced = root / "query" / "0002_c3s1_000451_01 copy.jpg"
+    shutil.copy(root / "query" / "0002_c1s1_000451_01.jpg", spaced)
+    with pytest.raises(DataError) as exc:
+        data.prepare(root, tmp_path / "a", RSB, (64, 32), workers=1)
+    msg = _one_line(exc)
+    assert str(spaced) in msg and "whitespace" in msg and "prep_bin.info" in msg and "data.ascend_bins" in msg
+    assert not (tmp_path / "a" / "inputs.npy").exists()
+    data.prepare(root, tmp_path / "b", RSB, (64, 32), ascend_bins=False, workers=1)
+    index = json.loads((tmp_path / "b" / "index.json").read_text())
+    assert "query/0002_c3s1_000451_01 copy.jpg" in [i["file"] for i in index["items"]]
+
+
+# ============================================================================ the dataset digest
+
+def test_dataset_digest_covers_exactly_what_prepare_reads(synthetic, tmp_path):
+    root = _copy_old(synthetic[0], tmp_path / "m")
+    cache = HashCache(tmp_path / "c.json")
+    d0 = data.dataset_digest(root, cache, None)
+    assert cache.hashed == len(data.scan_dataset(root))
+    cache.save()
+    # what prepare does not read: the training folder, junk (pid -1), Thumbs.db, notes
+    train = sorted((root / "bounding_box_train").glob("*.jpg"))[0]
+    train.write_bytes(b"changed")
+    (root / "bounding_box_train" / "0999_c1s1_000001_01.jpg").write_bytes(b"new")
+    junk = sorted((root / "bounding_box_test").glob("-1_*.jpg"))[0]
+    junk.write_bytes(b"changed junk")
+    (root / "query" / "Thumbs.db").write_bytes(b"other")
+    (root / "query" / "notes.txt").write_text("hello")
+    warm = HashCache(tmp_path / "c.json")
+    assert data.dataset_digest(root, warm, None) == d0 and warm.hashed == 0 and not warm.dirty
+    # what it reads: any image of the query or gallery
+    img = sorted((root / "bounding_box_test").glob("0002_*.jpg"))[1]
+    img.write_bytes(img.read_bytes() + b"\0")
+    assert data.dataset_digest(root, warm, None) != d0 and warm.hashed == 1
+    # limit: only the kept items are read
+    limited = HashCache(tmp_path / "other.json")
+    data.dataset_digest(root, limited, 2)
+    assert limited.hashed == len(data.scan_dataset(root, 2)) < len(data.scan_dataset(root))
+
+
+def test_dataset_digest_follows_renames_and_missing_folder(synthetic, tmp_path):
+    root = _copy_old(synthetic[0], tmp_path / "m")
+    cache = HashCache(tmp_path / "c.json")
+    d0 = data.dataset_digest(root, cache)
+    q = sorted((root / "query").glob("*.jpg"))
+    os.rename(q[0], root / "query" / ("9" + q[0].name[1:]))        # same bytes, another person id
+    assert data.dataset_digest(root, cache) != d0
+    with pytest.raises(DataError) as exc:
+        data.dataset_digest(tmp_path / "nope", cache)
+    assert "dataset folder not found" in _one_line(exc)
+
+
+# ============================================================================ a full disk
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode}); "
+                    f"CI runs as root and mounts it")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def _prepare_into(root: Path, out: Path, prefix: str = "") -> dict:
+    return run_child(prefix +
+                     f"from pathlib import Path\nfrom modelmatrix import data\nfrom modelmatrix.config import ARCH_CONTRACTS\n"
+                     f"result = data.prepare(Path({str(root)!r}), Path({str(out)!r}), "
+                     f"ARCH_CONTRACTS['reid-strong-baseline'], (128, 64), workers=2)['images']", timeout=60)
+
+
+def test_prepare_refuses_up_front_when_the_disk_is_too_small(synthetic, small_tmpfs):
+    out = small_tmpfs / "prep"
+    msg = one_line_error(_prepare_into(synthetic[0], out), str(out), "not enough free space", "bytes needed",
+                         "bytes free")
+    free = int(re.search(r"(\d+) bytes free", msg).group(1))
+    needed = int(re.search(r"(\d+) bytes needed", msg).group(1))
+    assert free <= 2 * 2**20 < needed
+    assert not list(out.rglob("*"))
+
+
+def test_a_disk_that_fills_mid_write_is_one_line_and_leaves_nothing(synthetic, small_tmpfs):
+    """The free-space check is passed (disk_usage reports plenty, as when another writer fills the
+    disk meanwhile): the real ENOSPC from the 2 MiB tmpfs must become one line, nothing kept."""
+    out = small_tmpfs / "prep"
+    fake = "import shutil, collections\nshutil.disk_usage = lambda p: collections.namedtuple('u', 'total used free')(1 << 40, 0, 1 << 40)\n"
+    one_line_error(_prepare_into(synthetic[0], out, prefix=fake), str(out), "no space left", "bytes needed")
+    assert not list(out.rglob("*")), list(out.rglob("*"))
