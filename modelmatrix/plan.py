@@ -124,17 +124,26 @@ def build_plan(matrix: Matrix, per_target_errors: bool = False) -> Any:
                                     "contract": matrix.contract(), "limit": data["limit"],
                                     "ascend_bins": data["ascend_bins"]},
                             outputs=["inputs.npy", "index.json"] + (["ascend"] if data["ascend_bins"] else []))
+    per_target: dict[str, dict[str, Node]] = {}
     for tname in matrix.enabled_targets():
-        tdef = matrix.targets[tname]
         try:
-            mine = {f"{tname}.{s}": stage_node(matrix, tname, s) for s in tdef.matrix_stages}
-            _check_refs({**nodes, **mine}, only=mine)
+            per_target[tname] = {f"{tname}.{s}": stage_node(matrix, tname, s)
+                                 for s in matrix.targets[tname].matrix_stages}
         except ConfigError as exc:
             if not per_target_errors or tname == matrix.raw["verify"]["reference"]:
                 raise
             broken[tname] = str(exc)
-            continue
+    for mine in per_target.values():
         nodes.update(mine)
+    for tname, mine in per_target.items():
+        try:
+            _check_refs(nodes, only=mine)
+        except ConfigError as exc:
+            if not per_target_errors or tname == matrix.raw["verify"]["reference"]:
+                raise
+            broken[tname] = str(exc)
+            for nid in mine:
+                del nodes[nid]
     features = {t: Ref(f"{t}.infer", "features.npy") for t in matrix.enabled_targets()
                 if t not in broken and "infer" in matrix.targets[t].matrix_stages}
     nodes["verify"] = Node("verify", None, "verify",

@@ -30,6 +30,7 @@ def write_matrix(tmp_path: Path, **overrides) -> Path:
         for k in keys[:-1]:
             d = d.setdefault(k, {})
         d[keys[-1]] = value
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "matrix.yaml"
     path.write_text(yaml.safe_dump(base))
     return path

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -24,6 +25,8 @@ from typing import Any, Callable, Dict
 SPEC_SCHEMA = 1
 SPEC_NAME = "spec.json"
 RESULT_NAME = "result.json"
+#: a stage that crashes while its disk has less free than this crashed of a full disk
+DISK_FULL_BYTES = 1 << 20
 
 
 class StageError(Exception):
@@ -146,6 +149,7 @@ def main(stage_fn: Callable[[Spec], Dict[str, Any]], argv: list | None = None) -
     if len(argv) != 1:
         print("usage: python -m targets.<target>.<stage> SPEC.json", file=sys.stderr)
         sys.exit(2)
+    spec = None
     try:
         spec = load_spec(argv[0])
         spec.out_dir.mkdir(parents=True, exist_ok=True)
@@ -158,10 +162,17 @@ def main(stage_fn: Callable[[Spec], Dict[str, Any]], argv: list | None = None) -
     except StageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except OSError as exc:
-        if exc.errno != errno.ENOSPC:
+    except Exception as exc:
+        # A full disk is the user's to fix: one line naming where, not a traceback. Toolchains
+        # report it in their own words (torch.save: "file write failed"), so look at the disk too.
+        full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+        where = getattr(exc, "filename", None) or (str(spec.out_dir) if spec is not None else "the workspace")
+        if not full and spec is not None:
+            try:
+                full = shutil.disk_usage(spec.out_dir).free < DISK_FULL_BYTES
+            except OSError:
+                pass
+        if not full:
             raise
-        # A full disk is the user's to fix: one line naming where, not a traceback.
-        print(f"error: {exc.filename or 'the workspace'}: no space left on the device; free some space "
-              "and run again", file=sys.stderr)
+        print(f"error: {where}: no space left on the device; free some space and run again", file=sys.stderr)
         sys.exit(2)
