@@ -1,240 +1,693 @@
 """Load and validate matrix.yaml and the target manifests (targets/<t>/target.yaml).
 
-Every problem is reported as ONE line naming the key path, e.g.
-``matrix.yaml: targets.onnxruntime.tolerance.rtol: expected a number, got 'x'``.
-Validation fills in defaults, so the rest of the code reads plain, complete dicts.
+Design, in three layers:
+
+1. **Reading** (:func:`read_yaml`): the bytes must be UTF-8 and a mapping; the YAML goes through
+   a ``yaml.SafeLoader`` subclass that, on the composed node graph and before any value is
+   built, refuses duplicate keys (naming both lines), recursive aliases and alias "bombs"
+   (aliases that would expand past ``MAX_ALIAS_EXPANSION`` nodes). Anchors, aliases and ``<<:``
+   merge keys keep working within that bound. ``1e-3`` reads as a number (YAML 1.2), not a string.
+2. **Schema** (pydantic v2 models): every mapping is a closed :class:`_Strict` model (an unknown
+   key is an error listing the allowed ones) and every scalar has its own plain validator
+   (booleans are not numbers, integers may be whole floats, ranges are bounded). The per-target
+   stanzas of matrix.yaml are models built from each target's manifest (its params and
+   tolerance defaults), see :func:`target_stanza_model`.
+3. **Messages**: a pydantic ``ValidationError`` never reaches the user. Its first error becomes
+   ONE line, ``<file>: <key.path>: <what is wrong and what to do>``, e.g.
+   ``matrix.yaml: targets.onnxruntime.tolerance.rtol: expected a number, got 'x'``.
+
+Validation fills in defaults, so the rest of the code reads plain, complete dicts
+(:attr:`Matrix.raw`, :class:`TargetDef`, :class:`StageDef`).
+
+New keys: per target stanza in matrix.yaml ``required`` (bool, default false: a skip of a
+required target fails the run) and ``allow_skip`` (null, or the reason why a skip is
+acceptable, as a string); per stage in target.yaml ``requires`` (same shape as the target's
+``requires``; each of modules/commands/devices defaults to the target's); per list param in
+target.yaml ``items`` (the item type: int, float, number, str or bool).
 """
 from __future__ import annotations
 
 import copy
+import json
+import logging
+import math
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Optional
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError, \
+    create_model, model_validator
+from pydantic_core import PydanticCustomError
 
 from targets.common.archs import ARCH_CONTRACTS
 
-from . import TARGETS_DIR
+from . import REPO_ROOT, TARGETS_DIR
 from .errors import ConfigError
 
-# --------------------------------------------------------------------------- schema nodes
+log = logging.getLogger(__name__)
+
+__all__ = ["ARCH_CONTRACTS", "Matrix", "StageDef", "TargetDef", "TOLERANCE", "discover_targets",
+           "load_matrix", "load_target", "read_yaml", "target_stanza_model"]
+
+#: Bounds on what a config file may be. A matrix.yaml is a few KiB with a few hundred nodes.
+MAX_FILE_BYTES = 1 << 20
+MAX_ALIAS_EXPANSION = 10_000     # nodes that aliases may add to a document when expanded
+MAX_DEPTH = 32                   # nesting levels (matrix.yaml uses 4)
+MAX_TIMEOUT_S = 7 * 24 * 3600
+MAX_SEED = 2**32 - 1
+INPUT_SIDE = (16, 4096)
+
+PARAM_TYPES = ("int", "float", "number", "str", "bool", "list")
+ITEM_TYPES = ("int", "float", "number", "str", "bool")
+CHECK_NAMES = ("allclose", "cosine", "retrieval")
+REQUIRE_KINDS = ("modules", "commands", "devices")
 
 
-class _Node:
-    default: Any = None
-    required = False
+# --------------------------------------------------------------------------- reading YAML
 
-    def check(self, value: Any, path: str) -> Any:  # pragma: no cover - abstract
-        raise NotImplementedError
+class _Refused(Exception):
+    """A YAML document the strict loader will not build (the message is one line, no file)."""
 
 
-def _fail(path: str, msg: str) -> ConfigError:
-    return ConfigError(f"{path}: {msg}")
+# YAML 1.1 (PyYAML) reads 1e-3 as a string; YAML 1.2 and every user read it as a number.
+_EXP_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
+
+# libyaml's parser when PyYAML has it (10x faster; the constructor is SafeConstructor either way)
+_SafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _StrictLoader(_SafeLoader):  # type: ignore[valid-type,misc]
+    """SafeLoader that refuses duplicate keys, deep nesting, recursive aliases and alias bombs."""
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        self._inspect(node)              # on the node graph, before any value is built
+        return self.construct_document(node)
+
+    def _inspect(self, root: yaml.Node) -> None:
+        """One pass over the node graph: duplicate keys, and the size aliases expand to."""
+        sizes: dict[int, int] = {}       # id(node) -> expanded size
+        active: set[int] = set()
+        added = 0                        # nodes added by expanding aliases
+
+        def size(node: yaml.Node, depth: int) -> int:
+            nonlocal added
+            if depth > MAX_DEPTH:
+                raise _Refused(f"nested more than {MAX_DEPTH} levels deep at line "
+                               f"{node.start_mark.line + 1}; a config file is a few levels deep")
+            nid = id(node)
+            if nid in sizes:             # a second way to reach a node: an alias
+                added += sizes[nid]
+                if added > MAX_ALIAS_EXPANSION:
+                    raise _Refused(f"aliases expand past {MAX_ALIAS_EXPANSION} nodes (the anchor at line "
+                                   f"{node.start_mark.line + 1} is repeated too often); anchors and "
+                                   "aliases (&name / *name) are for small repeats: write the values out")
+                return sizes[nid]
+            if nid in active:
+                raise _Refused(f"recursive alias at line {node.start_mark.line + 1}: a value "
+                               "contains itself; write the values out")
+            active.add(nid)
+            n = 1
+            if isinstance(node, yaml.SequenceNode):
+                n += sum(size(child, depth + 1) for child in node.value)
+            elif isinstance(node, yaml.MappingNode):
+                self._check_duplicates(node)
+                n += sum(size(k, depth + 1) + size(v, depth + 1) for k, v in node.value)
+            active.discard(nid)
+            sizes[nid] = n
+            return n
+
+        size(root, 0)
+
+    def _check_duplicates(self, node: yaml.MappingNode) -> None:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE_TAG:
+                continue
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:            # unhashable: the constructor reports it
+                continue
+            if first is not None:
+                raise _Refused(f"duplicate key {key!r} at lines {first} and {line} "
+                               "(the second would silently win)")
+            seen[key] = line
+
+
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", _EXP_FLOAT, list("-+0123456789"))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML file ({} when the file is empty or only comments); ConfigError else."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise ConfigError(f"{path}: is a directory, not a YAML file; give the file itself "
+                              f"(e.g. {path / 'matrix.yaml'})")
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ConfigError(f"{path}: {size} bytes is too large for a config file (at most "
+                              f"{MAX_FILE_BYTES}); is it the right file?")
+        data_bytes = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        text = data_bytes.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data_bytes[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data_bytes[exc.start]:02x} at line {line}); "
+                          "save the file as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except _Refused as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config file") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+_read_yaml = read_yaml   # the old name
+
+
+# --------------------------------------------------------------------------- scalar validators
 
 def _show(value: Any) -> str:
     return repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
 
 
-class Num(_Node):
-    def __init__(self, default=None, min=None, max=None, required=False):
-        self.default, self.min, self.max, self.required = default, min, max, required
-
-    def check(self, value, path):
-        if isinstance(value, bool):
-            raise _fail(path, f"expected a number, got {_show(value)}")
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string; accept what float() accepts
-            try:
-                value = float(value)
-            except ValueError:
-                raise _fail(path, f"expected a number, got {_show(value)}") from None
-        if not isinstance(value, (int, float)):
-            raise _fail(path, f"expected a number, got {_show(value)}")
-        if self.min is not None and value < self.min:
-            raise _fail(path, f"must be >= {self.min}, got {value}")
-        if self.max is not None and value > self.max:
-            raise _fail(path, f"must be <= {self.max}, got {value}")
-        return float(value)
+def _err(msg: str, *loc: str | int) -> PydanticCustomError:
+    """A validation error with our own one-line message; ``loc`` extends pydantic's key path."""
+    return PydanticCustomError("modelmatrix", "{msg}", {"msg": msg, "loc": tuple(loc)})
 
 
-class Int(Num):
-    def check(self, value, path):
+def _nested(exc: PydanticCustomError, *loc: str | int) -> PydanticCustomError:
+    ctx = exc.context or {}
+    return _err(str(ctx.get("msg", exc.message())), *loc, *ctx.get("loc", ()))
+
+
+def _fmt(x: float) -> str:
+    """1, 0.001, 100000000000: whole numbers without a fraction or an exponent."""
+    if isinstance(x, int) or (x.is_integer() and abs(x) < 1e18):
+        return str(int(x))
+    return repr(x)
+
+
+def _range(value: float, lo: float | None, hi: float | None, hint: str | None) -> None:
+    note = f" ({hint})" if hint else ""
+    if lo is not None and hi is not None and not lo <= value <= hi:
+        raise _err(f"must be between {_fmt(lo)} and {_fmt(hi)}{note}, got {_fmt(value)}")
+    if lo is not None and value < lo:
+        raise _err(f"must be >= {_fmt(lo)}{note}, got {_fmt(value)}")
+    if hi is not None and value > hi:
+        raise _err(f"must be <= {_fmt(hi)}{note}, got {_fmt(value)}")
+
+
+_NUMBER_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _number(lo: float | None = None, hi: float | None = None, hint: str | None = None,
+            keep_int: bool = False) -> Callable[[Any], float]:
+    def check(value: Any) -> float:
+        if isinstance(value, str) and _NUMBER_TEXT.fullmatch(value.strip()):
+            value = float(value)         # a quoted number, or one from code (TOLERANCE.check)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _err(f"expected a number, got {_show(value)}")
+        try:
+            out = float(value)
+        except OverflowError:
+            raise _err(f"expected a finite number, got {value}") from None
+        if not math.isfinite(out):
+            raise _err(f"expected a finite number, got {value}")
+        _range(out, lo, hi, hint)
+        return value if keep_int and isinstance(value, int) else out
+    return check
+
+
+def _integer(lo: float | None = None, hi: float | None = None, hint: str | None = None) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)           # 3600.0 is 3600; 1.5 is not an integer
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _fail(path, f"expected an integer, got {_show(value)}")
-        super().check(value, path)
+            raise _err(f"expected an integer, got {_show(value)}")
+        _range(value, lo, hi, hint)
         return value
+    return check
 
 
-class Bool(_Node):
-    def __init__(self, default=None):
-        self.default = default
-
-    def check(self, value, path):
-        if not isinstance(value, bool):
-            raise _fail(path, f"expected true or false, got {_show(value)}")
-        return value
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _err(f"expected true or false, got {_show(value)}")
+    return value
 
 
-class Str(_Node):
-    def __init__(self, default=None, choices=None, required=False, pattern=None, example=None):
-        self.default, self.choices, self.required = default, choices, required
-        self.pattern, self.example = pattern, example
+def _string(choices: Iterable[str] | None = None, pattern: str | None = None,
+            example: str | None = None) -> Callable[[Any], str]:
+    allowed = list(choices) if choices is not None else None
 
-    def check(self, value, path):
+    def check(value: Any) -> str:
         if not isinstance(value, str):
-            raise _fail(path, f"expected a string, got {_show(value)}")
-        if self.choices and value not in self.choices:
-            raise _fail(path, f"expected one of {', '.join(self.choices)}, got {value!r}")
-        if self.pattern and not re.fullmatch(self.pattern, value):
-            raise _fail(path, f"expected {self.example}, got {value!r}")
+            raise _err(f"expected a string, got {_show(value)}")
+        if allowed is not None and value not in allowed:
+            raise _err(f"expected one of {', '.join(allowed)}, got {value!r}")
+        if pattern and not re.fullmatch(pattern, value):
+            raise _err(f"expected {example}, got {value!r}")
         return value
+    return check
 
 
-class Any_(_Node):
-    def __init__(self, default=None):
-        self.default = default
-
-    def check(self, value, path):
-        return value
-
-
-class Opt(_Node):
-    """None allowed."""
-
-    def __init__(self, node: _Node, default=None):
-        self.node, self.default = node, default
-
-    def check(self, value, path):
-        return None if value is None else self.node.check(value, path)
+def _scalar(value: Any) -> Any:
+    if isinstance(value, (dict, list)) or value is None or not isinstance(value, (str, int, float, bool)):
+        raise _err(f"expected a plain value (a string, number or true/false), got {_show(value)}; "
+                   "a list parameter holds no nested structures")
+    return value
 
 
-class List(_Node):
-    def __init__(self, item: _Node, default=None, length=None):
-        self.item, self.default, self.length = item, default if default is not None else [], length
+def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda value: None if value is None else check(value)
 
-    def check(self, value, path):
+
+def _list_of(item: Callable[[Any], Any], length: int | None = None,
+             unique: bool = False) -> Callable[[Any], list[Any]]:
+    def check(value: Any) -> list[Any]:
         if not isinstance(value, list):
-            raise _fail(path, f"expected a list, got {_show(value)}")
-        if self.length is not None and len(value) != self.length:
-            raise _fail(path, f"expected {self.length} items, got {len(value)}")
-        return [self.item.check(v, f"{path}[{i}]") for i, v in enumerate(value)]
-
-
-class Map(_Node):
-    """A closed mapping: unknown keys are errors."""
-
-    def __init__(self, fields: dict[str, _Node]):
-        self.fields = fields
-
-    @property
-    def default(self):
-        return {}
-
-    def check(self, value, path):
-        if value is None:
-            value = {}
-        if not isinstance(value, dict):
-            raise _fail(path, f"expected a mapping, got {_show(value)}")
-        out = {}
-        for key in value:
-            if key not in self.fields:
-                raise _fail(_join(path, key), f"unknown key (allowed: {', '.join(self.fields)})")
-        for key, node in self.fields.items():
-            sub = _join(path, key)
-            if key in value:
-                out[key] = node.check(value[key], sub)
-            elif node.required:
-                raise _fail(sub, "required key is missing")
-            else:
-                out[key] = node.check(copy.deepcopy(node.default), sub) if isinstance(node, Map) \
-                    else copy.deepcopy(node.default)
+            raise _err(f"expected a list, got {_show(value)}")
+        if length is not None and len(value) != length:
+            raise _err(f"expected {length} items, got {len(value)}")
+        out = []
+        for i, v in enumerate(value):
+            try:
+                out.append(item(v))
+            except PydanticCustomError as exc:
+                raise _nested(exc, i) from None
+            if unique and out[-1] in out[:-1]:
+                raise _err(f"{out[-1]!r} is listed twice", i)
         return out
+    return check
 
 
-class DictOf(_Node):
-    def __init__(self, value: _Node):
-        self.value = value
+def _dict_of(value_check: Callable[[Any], Any]) -> Callable[[Any], dict[str, Any]]:
+    def check(value: Any) -> dict[str, Any]:
+        out = {}
+        for k, v in _mapping(value).items():
+            try:
+                out[k] = value_check(v)
+            except PydanticCustomError as exc:
+                raise _nested(exc, k) from None
+        return out
+    return check
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    """null is an empty mapping; keys must be strings."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _err(f"expected a mapping, got {_show(value)}")
+    for key in value:
+        if not isinstance(key, str):
+            raise _err(f"keys must be strings, got {key!r}; quote it")
+    return value
+
+
+def _v(check: Callable[[Any], Any]) -> PlainValidator:
+    return PlainValidator(check)
+
+
+_Mapping = BeforeValidator(_mapping)
+_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+_NONEMPTY = _v(_string(pattern=r".*\S.*", example="a non-empty string"))
+
+
+def _skip_reason(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise _err(f"give the reason as a string (e.g. allow_skip: \"no GPU on the CI runners\"), "
+                   f"got {_show(value)}; or leave allow_skip out")
+    return value
+
+
+def _input_ref(value: Any) -> str:
+    """``producer/file``, optional when it ends in ``?``: producer is source, prepare or <target>.<stage>."""
+    if not isinstance(value, str):
+        raise _err(f"expected a string 'producer/file', got {_show(value)}")
+    text = value[:-1] if value.endswith("?") else value
+    if "/" not in text:
+        raise _err(f"input {text!r} must look like 'producer/file' "
+                   "(e.g. torch.export/model.onnx or prepare/inputs.npy)")
+    producer, file = text.split("/", 1)
+    if not re.fullmatch(rf"source|prepare|{_NAME}\.{_NAME}", producer):
+        raise _err(f"producer {producer!r} must be source, prepare or <target>.<stage> "
+                   "(e.g. torch.export)")
+    if not file or file.startswith("/") or ".." in file.split("/"):
+        raise _err(f"file {file!r} must be a path inside the producer's output folder "
+                   "(e.g. model.onnx)")
+    return value
+
+
+def _output_name(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _err(f"expected a file name, got {_show(value)}")
+    if "/" in value or "\\" in value or value in (".", ".."):
+        raise _err(f"expected a plain file name in the stage folder, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- models and messages
+
+class _Strict(BaseModel):
+    """A closed mapping: null reads as {}, an unknown key is an error listing the allowed ones."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _closed(cls, data: Any) -> Any:
+        data = _mapping(data)
+        allowed = [f.alias or name for name, f in cls.model_fields.items()]
+        for key in data:
+            if key not in allowed:
+                raise _err(f"unknown key (allowed: {', '.join(allowed)})", key)
+        return data
+
+
+def _where(prefix: str, loc: Iterable[str | int]) -> str:
+    out = prefix
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out = f"{out}.{part}" if out else str(part)
+    return out
+
+
+def _one_line(exc: ValidationError, prefix: str) -> str:
+    """The first error of a ValidationError as ``<key.path>: <message>``."""
+    first = exc.errors(include_url=False)[0]
+    loc = [p for p in first["loc"] if isinstance(p, (str, int))]
+    ctx = first.get("ctx") or {}
+    if first["type"] == "modelmatrix":
+        loc += list(ctx.get("loc", ()))
+        msg = str(ctx["msg"])
+    elif first["type"] == "missing":
+        msg = "required key is missing"
+    else:                                # not expected: every field has our own validator
+        text = first["msg"]
+        msg = f"{text[:1].lower()}{text[1:]}, got {_show(first.get('input'))}"
+    where = _where(prefix, loc)
+    return f"{where}: {msg}" if where else msg
+
+
+def _validate(cls: type[_Strict], value: Any, path: str) -> _Strict:
+    try:
+        return cls.model_validate(value)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc, path)) from None
+
+
+class _Checker:
+    """``.check(value, path) -> dict``: validate one section, fill its defaults, one-line errors."""
+
+    def __init__(self, model: type[_Strict]):
+        self.model = model
 
     @property
-    def default(self):
-        return {}
+    def fields(self) -> list[str]:
+        return [f.alias or n for n, f in self.model.model_fields.items()]
 
-    def check(self, value, path):
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise _fail(path, f"expected a mapping, got {_show(value)}")
-        return {str(k): self.value.check(v, _join(path, str(k))) for k, v in value.items()}
+    def check(self, value: Any, path: str) -> dict[str, Any]:
+        return _validate(self.model, value, path).model_dump(by_alias=True)
 
 
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else str(key)
+# --------------------------------------------------------------------------- matrix.yaml
+
+_TOLERANCE_FIELDS: dict[str, tuple[Any, Any]] = {
+    "rtol": (Annotated[float, _v(_number(0))], 0.0),
+    "atol": (Annotated[float, _v(_number(0))], 0.0),
+    "cosine_min": (Annotated[float, _v(_number(-1, 1))], 0.0),
+    "rank1_delta": (Annotated[float, _v(_number(0, 1, "a fraction, not %"))], 0.0),
+    "map_delta": (Annotated[float, _v(_number(0, 1, "a fraction, not %"))], 0.0),
+    "checks": (Annotated[list[str], _v(_list_of(_string(CHECK_NAMES), unique=True))], list(CHECK_NAMES)),
+}
 
 
-# --------------------------------------------------------------------------- model contracts
+def _tolerance_model(name: str, defaults: dict[str, Any]) -> type[_Strict]:
+    fields: dict[str, Any] = {k: (t, copy.deepcopy(defaults.get(k, d))) for k, (t, d) in _TOLERANCE_FIELDS.items()}
+    return create_model(name, __base__=_Strict, **fields)
 
-TOLERANCE = Map({
-    "rtol": Num(0.0, min=0), "atol": Num(0.0, min=0),
-    "cosine_min": Num(0.0, min=-1, max=1),
-    "rank1_delta": Num(0.0, min=0), "map_delta": Num(0.0, min=0),
-    "checks": List(Str(choices=["allclose", "cosine", "retrieval"]),
-                   default=["allclose", "cosine", "retrieval"]),
-})
 
-MATRIX = Map({
-    "workspace": Str("workspace"),
-    "runner": Str("auto", choices=["auto", "local", "docker"]),
-    "stage_timeout_s": Int(3600, min=1),
-    "model": Map({
-        "arch": Str("reid-strong-baseline", choices=list(ARCH_CONTRACTS)),
-        "checkpoint": Opt(Str(pattern=r".*\S.*", example="a path, or null for seeded random weights")),
-        "seed": Int(0),
-        "num_classes": Int(751, min=1),
-        "last_stride": Int(1, min=1, max=2),
-        "neck_feat": Str("after", choices=["after", "before"]),
-        "input_size": List(Int(min=16), default=[256, 128], length=2),
-        "calibration_batches": Int(4, min=1),
-        "export": Map({
-            "opset": Int(11, min=7),
-            "input_name": Str("image"),
-            "output_name": Str("class"),
-            "dynamic_batch": Bool(True),
-        }),
-    }),
-    "data": Map({
-        "dataset": Str("data/market1501-synthetic"),
-        "synthetic": Map({
-            "identities": Int(30, min=2), "cameras": Int(6, min=2, max=6),
-            "gallery_per_camera": Int(2, min=1), "junk": Int(4, min=0), "distractors": Int(6, min=0),
-            "seed": Int(0),
-        }),
-        "limit": Opt(Int(min=1)),
-        "ascend_bins": Bool(True),
-        "workers": Int(0, min=0),
-    }),
-    "verify": Map({
-        "reference": Str("torch"),
-        "max_rank": Int(50, min=1),
-    }),
-    "images": Map({
-        "ca_bundle": Opt(Str(), default="auto"),
-        "wheelhouses": List(Str()),
-        "registry": Opt(Str()),
-        "memory_limit": Str("8g", pattern=r"\d+(\.\d+)?[bkmgBKMG]?", example="8g or 512m"),
-        "bases": DictOf(Map({
-            "suite": Str(required=True), "variant": Str("minbase"),
-            "mirror": Str("auto"), "tag": Str(required=True),
-        })),
-    }),
-    "targets": Any_({}),   # validated against each target's manifest below
-})
+#: The tolerance section: ``TOLERANCE.check(dict(tol), "targets.t.tolerance")`` -> complete dict.
+TOLERANCE = _Checker(_tolerance_model("Tolerance", {}))
 
-_PARAM_TYPES = {"int": Int, "float": Num, "number": Num, "str": Str, "bool": Bool}
+
+class ExportSection(_Strict):
+    opset: Annotated[int, _v(_integer(7, 100))] = 11
+    input_name: Annotated[str, _NONEMPTY] = "image"
+    output_name: Annotated[str, _NONEMPTY] = "class"
+    dynamic_batch: Annotated[bool, _v(_boolean)] = True
+
+
+class ModelSection(_Strict):
+    arch: Annotated[str, _v(_string(ARCH_CONTRACTS))] = "reid-strong-baseline"
+    checkpoint: Annotated[Optional[str], _v(_optional(_string(
+        pattern=r".*\S.*", example="a path, or null for seeded random weights")))] = None
+    seed: Annotated[int, _v(_integer(0, MAX_SEED))] = 0
+    num_classes: Annotated[int, _v(_integer(1, 1_000_000))] = 751
+    last_stride: Annotated[int, _v(_integer(1, 2))] = 1
+    neck_feat: Annotated[str, _v(_string(["after", "before"]))] = "after"
+    input_size: Annotated[list[int], _v(_list_of(_integer(*INPUT_SIDE, "pixels, H and W"), length=2))] = \
+        Field(default_factory=lambda: [256, 128])
+    calibration_batches: Annotated[int, _v(_integer(1, 1000))] = 4
+    export: ExportSection = Field(default_factory=ExportSection)
+
+
+class SyntheticSection(_Strict):          # the same ranges data.make_synthetic checks
+    identities: Annotated[int, _v(_integer(2, 3000))] = 30
+    cameras: Annotated[int, _v(_integer(2, 6))] = 6
+    gallery_per_camera: Annotated[int, _v(_integer(1, 50))] = 2
+    junk: Annotated[int, _v(_integer(0, 1000))] = 4
+    distractors: Annotated[int, _v(_integer(0, 1000))] = 6
+    seed: Annotated[int, _v(_integer(0, MAX_SEED))] = 0
+
+
+class DataSection(_Strict):
+    dataset: Annotated[str, _NONEMPTY] = "data/market1501-synthetic"
+    synthetic: SyntheticSection = Field(default_factory=SyntheticSection)
+    limit: Annotated[Optional[int], _v(_optional(_integer(1)))] = None
+    ascend_bins: Annotated[bool, _v(_boolean)] = True
+    workers: Annotated[int, _v(_integer(0, 1024))] = 0
+
+
+class VerifySection(_Strict):
+    reference: Annotated[str, _v(_string())] = "torch"
+    max_rank: Annotated[int, _v(_integer(1, 100_000))] = 50
+
+
+class BaseSpec(_Strict):
+    suite: Annotated[str, _NONEMPTY]
+    variant: Annotated[str, _v(_string())] = "minbase"
+    mirror: Annotated[str, _v(_string())] = "auto"
+    tag: Annotated[str, _NONEMPTY]
+
+
+class ImagesSection(_Strict):
+    ca_bundle: Annotated[Optional[str], _v(_optional(_string()))] = "auto"
+    wheelhouses: Annotated[list[str], _v(_list_of(_string()))] = Field(default_factory=list)
+    registry: Annotated[Optional[str], _v(_optional(_string()))] = None
+    memory_limit: Annotated[str, _v(_string(pattern=r"\d+(\.\d+)?[bkmgBKMG]?", example="8g or 512m"))] = "8g"
+    bases: Annotated[dict[str, BaseSpec], _Mapping] = Field(default_factory=dict)
+
+
+class MatrixFile(_Strict):
+    """matrix.yaml; ``targets`` holds raw stanzas, each checked against its target's manifest."""
+
+    workspace: Annotated[str, _NONEMPTY] = "workspace"
+    runner: Annotated[str, _v(_string(["auto", "local", "docker"]))] = "auto"
+    stage_timeout_s: Annotated[int, _v(_integer(1, MAX_TIMEOUT_S, "seconds, 7 days at most"))] = 3600
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    verify: VerifySection = Field(default_factory=VerifySection)
+    images: ImagesSection = Field(default_factory=ImagesSection)
+    targets: Annotated[dict[str, Any], _Mapping] = Field(default_factory=dict)
+
+
+class _StanzaBase(_Strict):
+    """targets.<t> in matrix.yaml; params, tolerance and image come from the target's manifest."""
+
+    enabled: Annotated[bool, _v(_boolean)] = True
+    required: Annotated[bool, _v(_boolean)] = False
+    allow_skip: Annotated[Optional[str], _v(_skip_reason)] = None
+
+    @model_validator(mode="after")
+    def _no_contradiction(self) -> _StanzaBase:
+        if self.required and self.allow_skip is not None:
+            raise _err("contradicts required: true (a required target must run; a skip fails the run): "
+                       "drop one of the two", "allow_skip")
+        return self
 
 
 # --------------------------------------------------------------------------- target manifests
+
+_ITEM_CHECKS: dict[str, Callable[..., Callable[[Any], Any]]] = {
+    "int": _integer, "float": _number, "number": _number}
+
+
+def _value_check(kind: str, lo: float | None = None, hi: float | None = None,
+                 choices: list[Any] | None = None) -> Callable[[Any], Any]:
+    """The validator for one value of a param type (list items use the item type)."""
+    if kind in _ITEM_CHECKS:
+        base = _ITEM_CHECKS[kind](lo, hi)
+    elif kind == "bool":
+        base = _boolean
+    elif kind == "str":
+        base = _string()
+    else:
+        base = _scalar
+    if not choices:
+        return base
+
+    def check(value: Any) -> Any:
+        value = base(value)
+        if value not in choices:
+            raise _err(f"expected one of {', '.join(str(c) for c in choices)}, got {value!r}")
+        return value
+    return check
+
+
+class ParamSpec(_Strict):
+    type: Annotated[str, _v(_string(PARAM_TYPES))] = "str"
+    default: Any = None
+    min: Annotated[Optional[float], _v(_optional(_number(keep_int=True)))] = None
+    max: Annotated[Optional[float], _v(_optional(_number(keep_int=True)))] = None
+    choices: Annotated[Optional[list[Any]], _v(_optional(_list_of(_scalar, unique=True)))] = None
+    help: Annotated[Optional[str], _v(_optional(_string()))] = None
+    items: Annotated[Optional[str], _v(_optional(_string(ITEM_TYPES)))] = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ParamSpec:
+        kind = self.items if self.type == "list" else self.type
+        numeric = kind in ("int", "float", "number")
+        for key in ("min", "max"):
+            if getattr(self, key) is not None and not numeric:
+                raise _err(f"only for int, float or number params (or lists of them); this one is "
+                           f"{self.type}", key)
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise _err(f"must be >= min ({self.min:g}), got {self.max:g}", "max")
+        if self.items is not None and self.type != "list":
+            raise _err(f"only for list params; this one is {self.type}", "items")
+        if self.choices is not None:
+            if kind == "bool":
+                raise _err("not for true/false params", "choices")
+            if not self.choices:
+                raise _err("expected at least one choice", "choices")
+            item = _value_check(kind or "list", self.min, self.max)
+            for i, c in enumerate(self.choices):
+                try:
+                    item(c)
+                except PydanticCustomError as exc:
+                    raise _nested(exc, "choices", i) from None
+        if self.default is not None:
+            try:
+                self.default = self.value_check()(self.default)
+            except PydanticCustomError as exc:
+                raise _nested(exc, "default") from None
+        return self
+
+    def value_check(self) -> Callable[[Any], Any]:
+        """The validator for a value of this param in matrix.yaml."""
+        if self.type == "list":
+            return _list_of(_value_check(self.items or "list", self.min, self.max, self.choices))
+        return _value_check(self.type, self.min, self.max, self.choices)
+
+
+_NameList = Annotated[list[str], _v(_list_of(_string(pattern=r"[A-Za-z0-9_][A-Za-z0-9_.+-]*",
+                                                     example="a name such as numpy or nvidia-gpu"),
+                                             unique=True))]
+
+
+class Requires(_Strict):
+    """What a target (or one stage) needs where it runs."""
+
+    modules: _NameList = Field(default_factory=list)    # Python modules (probed without importing)
+    commands: _NameList = Field(default_factory=list)   # executables on PATH
+    devices: _NameList = Field(default_factory=list)    # device kinds (runners.base.DEVICE_PROBES)
+
+
+class StageSpec(_Strict):
+    inputs: Annotated[dict[str, str], _v(_dict_of(_input_ref))] = Field(default_factory=dict)
+    params: Annotated[list[str], _v(_list_of(_string(), unique=True))] = Field(default_factory=list)
+    outputs: Annotated[list[str], _v(_list_of(_output_name, unique=True))] = Field(default_factory=list)
+    on_demand: Annotated[bool, _v(_boolean)] = False
+    requires: Requires = Field(default_factory=Requires)
+
+
+class TargetImage(_Strict):
+    base: Annotated[str, _v(_string())] = ""
+
+
+_PartialTolerance = create_model(
+    "PartialTolerance", __base__=_Strict,
+    **{k: (t, None) for k, (t, _) in _TOLERANCE_FIELDS.items()})  # type: ignore[call-overload]
+
+
+class Manifest(_Strict):
+    """targets/<t>/target.yaml."""
+
+    name: Annotated[str, _v(_string(pattern=_NAME, example="a Python identifier (the folder name)"))]
+    summary: Annotated[str, _v(_string())] = ""
+    requires: Requires = Field(default_factory=Requires)
+    image: TargetImage = Field(default_factory=TargetImage)
+    params: Annotated[dict[str, ParamSpec], _Mapping] = Field(default_factory=dict)
+    stages: Annotated[dict[str, Optional[StageSpec]], _Mapping]
+    tolerance: _PartialTolerance = Field(default_factory=_PartialTolerance)  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Manifest:
+        for pname in self.params:
+            if not re.fullmatch(_NAME, pname) or pname == "model":
+                raise _err("a param name is a Python identifier other than `model` (stages list "
+                           "`model` for the model section)", "params", pname)
+        if not self.stages:
+            raise _err("no stages: declare at least one (stages: {infer: {...}})", "stages")
+        for sname, stage in self.stages.items():
+            if not re.fullmatch(_NAME, sname):
+                raise _err(f"stage name {sname!r} must be a Python identifier (it runs as "
+                           f"python -m targets.{self.name}.<stage>)", "stages", sname)
+            if stage is None:
+                self.stages[sname] = stage = StageSpec()
+            for i, pname in enumerate(stage.params):
+                if pname != "model" and pname not in self.params:
+                    declared = ", ".join(self.params) or "none"
+                    raise _err(f"{pname!r} is not declared under params: (declared: {declared}; "
+                               "`model` is the model section)", "stages", sname, "params", i)
+            for iname, ref in stage.inputs.items():
+                producer = ref.split("/", 1)[0]
+                target, _, other = producer.partition(".")
+                if target == self.name and other not in self.stages:
+                    raise _err(f"{self.name} has no stage {other!r} (stages: {', '.join(self.stages)})",
+                               "stages", sname, "inputs", iname)
+        return self
+
 
 @dataclass
 class StageDef:
@@ -243,6 +696,8 @@ class StageDef:
     params: list[str]
     outputs: list[str]
     on_demand: bool = False       # e.g. bench: run by its own task, not part of `invoke matrix`
+    #: modules/commands/devices this stage needs: the stage's own lists, else the target's
+    requires: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in REQUIRE_KINDS})
 
 
 @dataclass
@@ -254,7 +709,7 @@ class TargetDef:
     image: dict[str, Any]
     params: dict[str, dict[str, Any]]
     stages: dict[str, StageDef]
-    tolerance: dict[str, Any] = field(default_factory=dict)
+    tolerance: dict[str, Any] = field(default_factory=dict)    # the keys the manifest sets
 
     @property
     def matrix_stages(self) -> dict[str, StageDef]:
@@ -266,54 +721,81 @@ class TargetDef:
         return self.folder.parent.parent / "images" / self.name / "Dockerfile"
 
 
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
 def load_target(folder: Path) -> TargetDef:
-    path = folder / "target.yaml"
-    raw = _read_yaml(path)
-    where = str(path)
-    for key in ("name", "stages"):
-        if key not in raw:
-            raise ConfigError(f"{where}: {key}: required key is missing")
-    if raw["name"] != folder.name:
-        raise ConfigError(f"{where}: name: {raw['name']!r} must equal the folder name {folder.name!r}")
+    path = Path(folder) / "target.yaml"
+    where = _display(path)
+    try:
+        raw = read_yaml(path)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace(str(path), where, 1)) from None
+    try:
+        spec: Manifest = _validate(Manifest, raw, "")  # type: ignore[assignment]
+        if spec.name != folder.name:
+            raise ConfigError(f"name: {spec.name!r} must equal the folder name {folder.name!r}")
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    requires = spec.requires.model_dump()
     stages = {}
-    for sname, s in (raw.get("stages") or {}).items():
-        s = s or {}
-        stages[sname] = StageDef(sname, dict(s.get("inputs") or {}), list(s.get("params") or []),
-                                 list(s.get("outputs") or []), bool(s.get("on_demand", False)))
-    return TargetDef(name=raw["name"], summary=raw.get("summary", ""), folder=folder,
-                     requires={k: list(v) for k, v in (raw.get("requires") or {}).items()},
-                     image=dict(raw.get("image") or {}), params=dict(raw.get("params") or {}),
-                     stages=stages, tolerance=dict(raw.get("tolerance") or {}))
+    for sname, s in spec.stages.items():
+        assert s is not None    # _cross_checks fills empty stages
+        own = s.requires.model_fields_set
+        merged = {k: list(getattr(s.requires, k) if k in own else requires[k]) for k in REQUIRE_KINDS}
+        stages[sname] = StageDef(sname, dict(s.inputs), list(s.params), list(s.outputs), s.on_demand,
+                                 merged)
+    given: BaseModel = spec.tolerance
+    tolerance = {k: copy.deepcopy(getattr(given, k)) for k in given.model_fields_set}
+    return TargetDef(name=spec.name, summary=spec.summary, folder=folder, requires=requires,
+                     image=spec.image.model_dump(),
+                     params={k: p.model_dump() for k, p in spec.params.items()},
+                     stages=stages, tolerance=tolerance)
 
 
 def discover_targets(targets_dir: Path = TARGETS_DIR) -> dict[str, TargetDef]:
-    return {p.name: load_target(p) for p in sorted(targets_dir.iterdir())
+    return {p.name: load_target(p) for p in sorted(Path(targets_dir).iterdir())
             if (p / "target.yaml").is_file()}
 
 
-def _param_node(spec: dict[str, Any]) -> _Node:
-    kind = spec.get("type", "str")
-    default = spec.get("default")
-    if kind == "list":
-        return List(Any_(), default=default)
-    if kind == "str":
-        return Str(default, choices=spec.get("choices"))
-    if kind in ("int", "float", "number"):
-        return _PARAM_TYPES[kind](default, min=spec.get("min"), max=spec.get("max"))
-    return _PARAM_TYPES[kind](default)
+_STANZA_MODELS: dict[str, type[_Strict]] = {}
 
 
-def target_schema(t: TargetDef) -> Map:
-    tol = copy.deepcopy(TOLERANCE)
-    for key, value in t.tolerance.items():
-        tol.fields[key].default = value
-    image = Map({"base": Str(t.image.get("base", "")), "build_args": DictOf(Str())})
-    return Map({
-        "enabled": Bool(True),
-        "params": Map({k: _param_node(v) for k, v in t.params.items()}),
-        "tolerance": tol,
-        "image": image,
-    })
+def target_stanza_model(t: TargetDef) -> type[_Strict]:
+    """The model of ``targets.<t.name>`` in matrix.yaml, with the manifest's params and defaults."""
+    key = json.dumps([t.name, t.params, t.tolerance, t.image], sort_keys=True, default=repr)
+    if key not in _STANZA_MODELS:
+        _STANZA_MODELS[key] = _build_stanza_model(t)
+    return _STANZA_MODELS[key]
+
+
+def _build_stanza_model(t: TargetDef) -> type[_Strict]:
+    params: dict[str, Any] = {}
+    for i, (pname, raw) in enumerate(t.params.items()):
+        spec: ParamSpec = _validate(ParamSpec, raw, f"params.{pname}")  # type: ignore[assignment]
+        params[f"p{i}"] = (Annotated[Any, _v(spec.value_check())],
+                           Field(default=copy.deepcopy(spec.default), alias=pname))
+    param_model = create_model(f"Params_{t.name}", __base__=_Strict, **params)
+    tol_model = _tolerance_model(f"Tolerance_{t.name}", t.tolerance)
+
+    class Image(_Strict):
+        base: Annotated[str, _v(_string())] = t.image.get("base", "")
+        build_args: Annotated[dict[str, str], _v(_dict_of(_string()))] = Field(default_factory=dict)
+
+    Image.__name__ = f"Image_{t.name}"
+    return create_model(f"Stanza_{t.name}", __base__=_StanzaBase,
+                        params=(param_model, Field(default_factory=param_model)),
+                        tolerance=(tol_model, Field(default_factory=tol_model)),
+                        image=(Image, Field(default_factory=Image)))
+
+
+def target_schema(t: TargetDef) -> _Checker:
+    """``target_schema(t).check(stanza, "targets.t") -> dict`` (the old interface)."""
+    return _Checker(target_stanza_model(t))
 
 
 # --------------------------------------------------------------------------- loading
@@ -349,53 +831,41 @@ class Matrix:
         return c
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
+_EXAMPLE = "e.g. `targets: {torch: {}, onnxruntime: {}}` (see the shipped matrix.yaml)"
 
 
 def load_matrix(path: str | Path = "matrix.yaml", overrides: dict[str, Any] | None = None,
                 targets_dir: Path = TARGETS_DIR) -> Matrix:
     path = Path(path)
-    raw = _read_yaml(path)
+    raw = read_yaml(path)
+    if not raw:
+        raise ConfigError(f"{path}: empty: nothing to build or check; list the targets, {_EXAMPLE}")
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
     known = discover_targets(targets_dir)
     try:
-        data = MATRIX.check(raw, "")
-        tcfg = data["targets"] or {}
-        if not isinstance(tcfg, dict):
-            raise _fail("targets", f"expected a mapping, got {_show(tcfg)}")
+        top = _validate(MatrixFile, raw, "")
+        data = top.model_dump()
+        if not data["targets"]:
+            raise ConfigError(f"targets: no targets; list at least the reference "
+                              f"({data['verify']['reference']!r}), {_EXAMPLE}")
         out = {}
-        for name, stanza in tcfg.items():
+        for name, stanza in data["targets"].items():
             if name not in known:
-                raise _fail(f"targets.{name}", f"unknown target (known: {', '.join(known)}); "
-                            f"a target is a folder targets/<name>/ with a target.yaml")
+                raise ConfigError(f"targets.{name}: unknown target (known: {', '.join(known)}); "
+                                  "a target is a folder targets/<name>/ with a target.yaml")
             out[name] = target_schema(known[name]).check(stanza, f"targets.{name}")
         data["targets"] = out
         if data["verify"]["reference"] not in out:
-            raise _fail("verify.reference", f"{data['verify']['reference']!r} is not a target in targets")
+            raise ConfigError(f"verify.reference: {data['verify']['reference']!r} is not a target in targets")
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    log.debug("%s: %d targets, %d enabled", path, len(out), sum(c["enabled"] for c in out.values()))
     return Matrix(path=path.resolve(), root=path.resolve().parent, raw=data,
                   targets={n: known[n] for n in out})
 
 
-def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     for k in keys[:-1]:
         d = d.setdefault(k, {})
