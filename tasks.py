@@ -248,14 +248,19 @@ def clean(c, images=False, workspace=False, config=DEFAULT_CONFIG, verbose=False
 @task(iterable=["target"], help={**VERBOSITY, "target": "target to benchmark; repeatable (default: torch and onnxruntime)",
                                  "runner": "auto | local | docker", "out": "results file (JSON)",
                                  "compare_runners": "also time a forced full matrix run with each runner",
+                                 "market_sized": "also time the no-op dataset digest on a Market1501-sized "
+                                                 "set of this many files (e.g. 32000; written once, kept)",
                                  "config": "matrix file"})
 @_cli
-def bench(c, target=None, runner="", out="", compare_runners=False, config=DEFAULT_CONFIG, verbose=False, quiet=False):
+def bench(c, target=None, runner="", out="", compare_runners=False, market_sized=0, config=DEFAULT_CONFIG,
+          verbose=False, quiet=False):
     """Benchmark backends (img/s, p50/p95 at several batch sizes) and the pipeline itself; writes a JSON file."""
-    from modelmatrix.bench import run_bench
+    from modelmatrix.bench import run_bench, summary_lines
     m = _load(config)
     path = run_bench(m, target or ["torch", "onnxruntime"], runner or None,
-                     Path(out) if out else None, compare_runners=compare_runners)
+                     Path(out) if out else None, compare_runners=compare_runners, market_sized=int(market_sized))
+    for line in summary_lines(json.loads(path.read_text())):
+        print(line)
     print(f"wrote {path}")
 
 

@@ -176,7 +176,9 @@ def test_a_failed_target_fails_the_run(case):
     rep = verify.verify_all({"torch": ref, "onnxruntime": ref.copy()}, "torch", {"onnxruntime": TOL}, index,
                             failed={"caffe": "caffe.convert: exit 1"})
     assert rep["passed"] is False and "caffe" in rep["reason"]
-    assert rep["targets"]["caffe"] == {"target": "caffe", "status": "error", "reason": "caffe.convert: exit 1"}
+    caffe = rep["targets"]["caffe"]
+    assert (caffe["status"], caffe["reason"], caffe["kind"]) == ("error", "caffe.convert: exit 1", "failed")
+    assert rep["exit_code"] == 3 and "caffe failed" in rep["cause"]
 
 
 def test_nothing_compared_is_not_a_pass(case):
@@ -194,7 +196,10 @@ def test_without_reference_features_nothing_is_compared(case):
     assert rep["passed"] is False
     assert rep["targets"]["torch"]["status"] == "error"
     assert rep["targets"]["onnxruntime"]["status"] == "skipped"
-    assert "torch.infer: out of memory" in rep["targets"]["onnxruntime"]["reason"]
+    assert rep["targets"]["torch"]["reason"] == "torch.infer: out of memory"
+    # said once, on the reference's own line: the others only say the reference did not run
+    assert "out of memory" not in rep["targets"]["onnxruntime"]["reason"]
+    assert "reference target 'torch' did not run" in rep["targets"]["onnxruntime"]["reason"]
 
 
 def test_retrieval_impossible_fails_the_retrieval_check_only(case):
@@ -259,15 +264,18 @@ def test_junit_structure(full_report, tmp_path):
     trt = cases[("tensorrt", "cosine")].find("failure")
     assert trt is not None and "min cosine" in trt.get("message")
     assert cases[("tensorrt", "retrieval")].find("skipped") is not None     # not enabled
-    skipped = cases[("ascend", "allclose")].find("skipped")
+    # a target that did not run is ONE case carrying its reason once, not one per check
+    assert not any(k[0] in ("ascend", "caffe") and k[1] != "run" for k in cases)
+    skipped = cases[("ascend", "run")].find("skipped")
     assert skipped is not None and skipped.get("message") == "no Ascend device"
-    err = cases[("caffe", "cosine")].find("error")
+    err = cases[("caffe", "run")].find("error")
     assert err is not None and err.get("message") == "caffe.convert: unsupported op"
+    assert (tmp_path / "junit.xml").read_text().count("caffe.convert: unsupported op") == 1
     s = suites[0]
     n = len(cases)
     assert int(s.get("tests")) == n
     assert int(s.get("failures")) == sum(c.find("failure") is not None for c in cases.values())
-    assert int(s.get("errors")) == sum(c.find("error") is not None for c in cases.values()) == 3
+    assert int(s.get("errors")) == sum(c.find("error") is not None for c in cases.values()) == 1
     assert int(s.get("skipped")) == sum(c.find("skipped") is not None for c in cases.values())
 
 
@@ -277,5 +285,6 @@ def test_summary_lines(full_report):
     for name, label in [("onnxruntime", "PASS"), ("tensorrt", "FAIL"), ("ascend", "SKIPPED"),
                         ("caffe", "ERROR")]:
         assert any(ln.startswith(name) and label in ln for ln in lines), text
-    assert lines[-1].startswith("FAILED: ")
+    assert lines[-1].startswith("FAILED (exit 3): ") and "caffe failed" in lines[-1]
+    assert lines[-2].startswith("summary: 1 passed, 1 failed, 1 could not run, 1 skipped")
     assert "random weights" in lines[0]
