@@ -206,7 +206,7 @@ class DockerRunner(Runner):
         `invoke build`'s job). A failure raises a one-line error: the target FAILED, not skipped
         (base not available -> `invoke bases`; a failing Dockerfile -> its failing step)."""
         try:
-            row = images.build(self.matrix, target.name, echo=echo, engine=self.engine, allow_pull=False)
+            row = images.build(self.matrix, target.name, engine=self.engine, allow_pull=False)
         except ModelMatrixError as exc:
             raise StageFailed(f"{target.name} image: {exc}", getattr(exc, "log_tail", "")) from None
         self._images[target.name] = (row["image_id"], row["tag"])
@@ -303,7 +303,10 @@ def clean(all_images: bool = False, force: bool = False, engine: Engine | None =
     Returns ``containers`` (really removed by this call), ``kept`` ("name (stage): kept (why)"),
     ``failed`` (removals the engine refused) and ``images``."""
     engine = engine or Engine()
-    removed, kept, failed, removed_images = [], [], [], []
+    removed: list[str] = []
+    kept: list[str] = []
+    failed: list[str] = []
+    removed_images: list[str] = []
     for c in engine.containers(SESSION_LABEL):
         labels = c.get("Labels") or {}
         name = (c.get("Names") or [c["Id"][:12]])[0].lstrip("/")
