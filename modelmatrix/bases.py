@@ -18,11 +18,11 @@ stops with a message naming ``invoke bases``.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -41,6 +41,9 @@ PULL_ANSWER_TIMEOUT_S = 20.0
 _PULL_FAILED: dict[str, str] = {}
 
 
+log = logging.getLogger(__name__)
+
+
 @dataclass
 class BaseInfo:
     requested: str     # the ref the target asks for
@@ -50,9 +53,8 @@ class BaseInfo:
     why: str           # one sentence for the build output
 
 
-def _say(msg: str, echo: bool) -> None:
-    if echo:
-        print(f"[bases] {msg}", file=sys.stderr, flush=True)
+def _say(msg: str, level: int = logging.INFO) -> None:
+    log.log(level, "[bases] %s", msg)
 
 
 # --------------------------------------------------------------------------- declarations
@@ -149,7 +151,7 @@ def resolve(matrix: Matrix, ref: str, engine: Engine, *, allow_pull: bool, where
 
 # --------------------------------------------------------------------------- bootstrap
 
-def bootstrap(matrix: Matrix, base: str | dict[str, Any], force: bool = False, echo: bool = True,
+def bootstrap(matrix: Matrix, base: str | dict[str, Any], force: bool = False,
               engine: Engine | None = None) -> dict[str, Any]:
     """debootstrap the declared base and ``docker import`` it under its tag (atomic; tagged last)."""
     key, decl = _declaration_arg(matrix, base)
@@ -157,7 +159,7 @@ def bootstrap(matrix: Matrix, base: str | dict[str, Any], force: bool = False, e
     tag = decl["tag"]
     existing = engine.image(tag)
     if existing and not force:
-        _say(f"{tag} exists ({existing['Id'][7:19]}); not bootstrapping again (use --force)", echo)
+        _say(f"{tag} exists ({existing['Id'][7:19]}); not bootstrapping again (use --force)")
         return _bootstrap_result(key, decl, decl["mirror"], existing["Id"], created=False, seconds=0.0)
     mirror = mirror_of(matrix, key, decl)
     _check_debootstrap(matrix, key)
@@ -166,10 +168,10 @@ def bootstrap(matrix: Matrix, base: str | dict[str, Any], force: bool = False, e
     try:
         rootfs = tmp / "rootfs"
         cmd = ["debootstrap", f"--variant={decl['variant']}", decl["suite"], str(rootfs), mirror]
-        _say(f"{tag}: {' '.join(cmd)}", echo)
-        _run_logged(cmd, echo, f"images.bases.{key}")
+        _say(f"{tag}: {' '.join(cmd)}")
+        _run_logged(cmd, f"images.bases.{key}")
         _fixup(rootfs)
-        image_id = _import(engine, rootfs, _labels(decl, mirror), echo)
+        image_id = _import(engine, rootfs, _labels(decl, mirror))
         repo, tg = _split_ref(tag)
         engine.tag(image_id, repo, tg or "latest")
     finally:
@@ -177,9 +179,9 @@ def bootstrap(matrix: Matrix, base: str | dict[str, Any], force: bool = False, e
             _unmount_below(tmp)
             shutil.rmtree(tmp)
         except (OSError, subprocess.CalledProcessError) as exc:
-            _say(f"warning: could not remove {tmp} ({exc}); remove it by hand", True)
+            _say(f"could not remove {tmp} ({exc}); remove it by hand", logging.WARNING)
     seconds = time.monotonic() - t0
-    _say(f"{tag} = {image_id[7:19]} ({seconds:.0f}s)", echo)
+    _say(f"{tag} = {image_id[7:19]} ({seconds:.0f}s)")
     return _bootstrap_result(key, decl, mirror, image_id, created=True, seconds=seconds)
 
 
@@ -203,13 +205,13 @@ def _check_debootstrap(matrix: Matrix, key: str) -> None:
         raise ConfigError(f"images.bases.{key}: debootstrap needs root; run `sudo invoke bases`")
 
 
-def _run_logged(cmd: list[str], echo: bool, where: str) -> None:
+def _run_logged(cmd: list[str], where: str) -> None:
     tail: list[str] = []
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             tail = (tail + [line.rstrip()])[-20:]
-            _say(f"  {line.rstrip()}", echo)
+            _say(f"  {line.rstrip()}", logging.DEBUG)
     if proc.returncode != 0:
         raise DockerError(f"{where}: {cmd[0]} failed (exit {proc.returncode}): {tail[-1] if tail else ''}")
 
@@ -236,11 +238,11 @@ def _labels(decl: dict[str, Any], mirror: str) -> dict[str, str]:
             "org.opencontainers.image.ref.name": decl["tag"]}
 
 
-def _import(engine: Engine, rootfs: Path, labels: dict[str, str], echo: bool) -> str:
+def _import(engine: Engine, rootfs: Path, labels: dict[str, str]) -> str:
     cmd = ["tar", "-C", str(rootfs), "--numeric-owner", "--sort=name", "--exclude=./dev/*",
            "--exclude=./proc/*", "--exclude=./sys/*", "-cf", "-", "."]
     changes = [f'LABEL {k}="{v}"' for k, v in sorted(labels.items())] + ['CMD ["bash"]']
-    _say("docker import (through the SDK)", echo)
+    _say("docker import (through the SDK)")
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as tar:
         assert tar.stdout is not None and tar.stderr is not None
         image_id = engine.import_tar(iter(lambda: tar.stdout.read(1 << 20), b""), changes)

@@ -24,10 +24,10 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import subprocess
-import sys
 import tarfile
 import tempfile
 import time
@@ -52,6 +52,8 @@ VERSIONS_PATH = "/opt/modelmatrix/versions.json"
 CA_ARCNAME = ".mm/ca/extra-ca.pem"
 WHEELS_DIR = ".mm/wheels"
 CA_ENV_VARS = ("PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
+log = logging.getLogger(__name__)
+
 PROXY_ARGS = {"http_proxy", "https_proxy", "ftp_proxy", "no_proxy", "all_proxy"}
 SKIP_NAMES = ("__pycache__", "*.pyc", "*.pyo", ".pytest_cache", ".DS_Store")
 BUILD_TAIL_LINES = 80
@@ -59,9 +61,8 @@ LABEL_PREFIX = "io.modelmatrix."
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
-def _say(target: str, msg: str, echo: bool) -> None:
-    if echo:
-        print(f"[{target}] {msg}", file=sys.stderr, flush=True)
+def _say(target: str, msg: str, level: int = logging.INFO) -> None:
+    log.log(level, "[%s] %s", target, msg)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -393,8 +394,8 @@ def list_images(matrix: Matrix, engine: Engine | None = None) -> list[dict[str, 
 class BuildStream:
     """Consumes the engine's decoded build messages: a step display, a tail, the image ID."""
 
-    def __init__(self, target: str, dockerfile: str, echo: bool = True, lines: int = BUILD_TAIL_LINES):
-        self.target, self.dockerfile, self.echo = target, dockerfile, echo
+    def __init__(self, target: str, dockerfile: str, lines: int = BUILD_TAIL_LINES):
+        self.target, self.dockerfile = target, dockerfile
         self.step = ""
         self.step_lines: deque[str] = deque(maxlen=lines)
         self.image_id: str | None = None
@@ -434,13 +435,13 @@ class BuildStream:
             self.step = f"step {m.group(1)} ({_shorten(m.group(2), 100)})"
             self.step_lines.clear()
             self.step_lines.append(line)
-            _say(self.target, f"Step {m.group(1)} : {_shorten(m.group(2), 160)}", self.echo)
+            _say(self.target, f"Step {m.group(1)} : {_shorten(m.group(2), 160)}")
             return
         if not line.strip():
             return
         self.step_lines.append(line)
         if not re.match(r"^( ---> Running in |Removing intermediate container )", line):
-            _say(self.target, f"  {line}", self.echo)
+            _say(self.target, f"  {line}", logging.DEBUG)
 
     def tail(self) -> str:
         return "\n".join(self.step_lines)
@@ -490,7 +491,7 @@ def _versions(engine: Engine, image_id: str, recipe: Recipe) -> dict[str, Any]:
     return versions
 
 
-def build(matrix: Matrix, target_name: str, *, force: bool = False, echo: bool = True,
+def build(matrix: Matrix, target_name: str, *, force: bool = False,
           engine: Engine | None = None, allow_pull: bool = True) -> dict[str, Any]:
     """Build a target's image unless its tag exists (``force``: rebuild without the layer cache).
 
@@ -500,16 +501,16 @@ def build(matrix: Matrix, target_name: str, *, force: bool = False, echo: bool =
     t0 = time.monotonic()
     ref = target_base(matrix, target_name)
     base = resolve(matrix, ref, engine, allow_pull=allow_pull, where=f"targets.{target_name}.image.base")
-    _say(target_name, f"base {base.ref} ({base.image_id[7:19]}): {base.why}", echo)
+    _say(target_name, f"base {base.ref} ({base.image_id[7:19]}): {base.why}")
     recipe = plan(matrix, target_name, base)
     _say(target_name, f"recipe {recipe.hash[:16]}: {len(recipe.files)} context files, CA bundle "
-         f"{recipe.ca or 'none'}, wheels {', '.join(w.name for w in recipe.wheels) or 'none'}", echo)
+         f"{recipe.ca or 'none'}, wheels {', '.join(w.name for w in recipe.wheels) or 'none'}")
     existing = engine.image(recipe.tag)
     if existing and not force:
-        _say(target_name, f"{recipe.tag} is up to date (recipe unchanged); not rebuilding", echo)
+        _say(target_name, f"{recipe.tag} is up to date (recipe unchanged); not rebuilding")
         return _result(recipe, engine, built=False, seconds=time.monotonic() - t0)
     where = _rel(recipe.dockerfile)
-    stream = BuildStream(target_name, where, echo)
+    stream = BuildStream(target_name, where)
     image_id = _build_context(engine, recipe.files, buildargs=recipe.builder_args(), labels={},
                               stream=stream, nocache=force)
     versions = _versions(engine, image_id, recipe)
@@ -518,21 +519,21 @@ def build(matrix: Matrix, target_name: str, *, force: bool = False, echo: bool =
                               labels=labels, stream=BuildStream(target_name, f"{where} (labels)", False))
     engine.tag(final_id, recipe.repository, recipe.tag_name)
     if existing and existing["Id"] != final_id:
-        _drop_untagged(engine, existing["Id"], target_name, echo)
+        _drop_untagged(engine, existing["Id"], target_name)
     seconds = time.monotonic() - t0
     out = _result(recipe, engine, built=True, seconds=seconds)
     _say(target_name, f"built {recipe.tag} ({final_id[7:19]}, {out['size'] / 1e6:.0f} MB) in {seconds:.0f}s; "
-         f"versions: {', '.join(f'{k} {v}' for k, v in sorted(versions.items()))}", echo)
+         f"versions: {', '.join(f'{k} {v}' for k, v in sorted(versions.items()))}")
     return out
 
 
-def _drop_untagged(engine: Engine, image_id: str, target: str, echo: bool) -> None:
+def _drop_untagged(engine: Engine, image_id: str, target: str) -> None:
     img = engine.image(image_id)
     if img and not img.get("RepoTags"):
         try:
             engine.remove_image(image_id)
         except DockerError as exc:
-            _say(target, f"note: the previous image {image_id[7:19]} was kept: {exc}", echo)
+            _say(target, f"note: the previous image {image_id[7:19]} was kept: {exc}")
 
 
 def _result(recipe: Recipe, engine: Engine, *, built: bool, seconds: float) -> dict[str, Any]:
@@ -633,7 +634,7 @@ def load(archive_path: str | Path, engine: Engine | None = None) -> dict[str, An
             "image_id": img["Id"], "recipe_hash": manifest["recipe_hash"], "loaded": lines}
 
 
-def push(matrix: Matrix, target_name: str, engine: Engine | None = None, echo: bool = True) -> dict[str, Any]:
+def push(matrix: Matrix, target_name: str, engine: Engine | None = None) -> dict[str, Any]:
     """Push the current image to images.registry (tagged <registry>/modelmatrix/<t>:<hash16>)."""
     registry = matrix.raw["images"]["registry"]
     if not registry:
@@ -651,5 +652,5 @@ def push(matrix: Matrix, target_name: str, engine: Engine | None = None, echo: b
         if isinstance(chunk.get("aux"), dict) and chunk["aux"].get("Digest"):
             digest = chunk["aux"]["Digest"]
         if chunk.get("status") and not chunk.get("progressDetail"):
-            _say(target_name, f"push: {chunk.get('id', '')} {chunk['status']}".replace("  ", " "), echo)
+            _say(target_name, f"push: {chunk.get('id', '')} {chunk['status']}".replace("  ", " "))
     return {"target": target_name, "pushed": f"{repo}:{tag}", "digest": digest, "image_id": row["image_id"]}

@@ -201,7 +201,7 @@ class FakeRunnerWhoseImageBuildFails(LocalRunner):
     """A test double of the runner interface only (not of any toolchain): prepare() fails as a
     broken image build would."""
 
-    def prepare(self, target, echo=True):
+    def prepare(self, target):
         if target.name == "onnxruntime":
             raise StageFailed("onnxruntime image: images/onnxruntime/Dockerfile: step 3/9 failed")
 

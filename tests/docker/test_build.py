@@ -37,7 +37,7 @@ def test_unchanged_recipe_is_not_rebuilt(real_matrix, ort_image, monkeypatch):
         raise AssertionError("the builder was called for an unchanged recipe")
 
     monkeypatch.setattr(Engine, "build", no_builder)
-    again = images.build(real_matrix, "onnxruntime", echo=False)
+    again = images.build(real_matrix, "onnxruntime")
     assert again["built"] is False and again["image_id"] == ort_image["image_id"]
     rows = {r["target"]: r for r in images.list_images(real_matrix)}
     assert rows["onnxruntime"]["up_to_date"] and rows["onnxruntime"]["size"] > 0
@@ -50,10 +50,10 @@ def test_changed_recipe_is_rebuilt(tmp_path, ort_image):
         FROM ${BASE_IMAGE}
         COPY targets /opt/modelmatrix/targets
         """, ort_image["tag"], stages={"noop.py": "print('v1')\n"})
-    first = images.build(m, "changing", echo=False)
+    first = images.build(m, "changing")
     assert first["built"]
     (tmp_path / "targets" / "changing" / "noop.py").write_text("print('v2')\n")
-    second = images.build(m, "changing", echo=False)
+    second = images.build(m, "changing")
     assert second["built"] and second["tag"] != first["tag"]
     assert first["tag"] in second["other_tags"]
     Engine().remove_image(first["tag"], force=True)
@@ -89,7 +89,7 @@ def test_image_without_versions_file_is_refused(tmp_path, ci_base, docker_engine
         COPY targets /opt/modelmatrix/targets
         """, CI_BASE, stages={})
     with pytest.raises(BuildFailed, match=r"has no /opt/modelmatrix/versions\.json"):
-        images.build(m, "noversions", echo=False)
+        images.build(m, "noversions")
     assert _tags(docker_engine, "modelmatrix/noversions") == []
 
 
@@ -104,20 +104,20 @@ def test_base_that_cannot_be_had_names_invoke_bases(real_matrix, ci_base):
     try:
         cfg["base"] = tag                                    # the bootstrap tag itself: never pulled
         with pytest.raises(ImageMissing) as err:
-            images.build(real_matrix, "onnxruntime", echo=False)
+            images.build(real_matrix, "onnxruntime")
         assert str(err.value) == f"{where}: {tag} is not built; it is images.bases.absent in matrix.yaml: " \
                                  "run `invoke bases`"
         row = images.image_status(real_matrix, "onnxruntime")          # status reports, never raises
         assert not row["up_to_date"] and "invoke bases" in row["problem"]
         cfg["base"] = upstream                               # declared: pull fails, bootstrap missing
         with pytest.raises(ImageMissing) as err:
-            images.build(real_matrix, "onnxruntime", echo=False)
+            images.build(real_matrix, "onnxruntime")
         assert str(err.value).startswith(f"{where}: {upstream} is not available (not local; pull failed: ")
         assert str(err.value).endswith(f"and its bootstrap {tag} (images.bases.{upstream}) is not built; "
                                        "run `invoke bases`")
         del decls[upstream]                                  # undeclared: say how to declare it
         with pytest.raises(ImageMissing) as err:
-            images.build(real_matrix, "onnxruntime", echo=False)
+            images.build(real_matrix, "onnxruntime")
         assert "`docker load` it, or declare it under images.bases in matrix.yaml (suite, mirror, tag) and " \
                "run `invoke bases`" in str(err.value)
     finally:
@@ -146,7 +146,7 @@ def test_declared_bootstrap_base_is_used_and_said(real_matrix, ort_image, ci_bas
 
 
 def test_bases_listing_and_no_second_bootstrap(real_matrix, ci_base):
-    result = bases.bootstrap(real_matrix, CI_BASE, echo=False)
+    result = bases.bootstrap(real_matrix, CI_BASE)
     assert result["created"] is False and result["image_id"] == ci_base["Id"]
     rows = {r["base"]: r for r in bases.list_bases(real_matrix)}
     assert rows["bookworm-minbase"]["image_id"] == ci_base["Id"]
