@@ -128,7 +128,8 @@ STAGES = {
 
 def make_project(root: Path, name: str, dockerfile: str, base: str, stages: dict | None = None,
                  memory_limit: str = "1g") -> Matrix:
-    """A throwaway project (targets/, images/, matrix.yaml) with one target ``name``."""
+    """A throwaway project (targets/, images/, matrix.yaml) with one target ``name`` whose stages
+    are ``stages`` (file name -> code; default :data:`STAGES`; empty: the no-op stage only)."""
     targets = root / "targets"
     if not (targets / "common").is_dir():
         shutil.copytree(REPO_ROOT / "targets" / "common", targets / "common",
@@ -137,7 +138,8 @@ def make_project(root: Path, name: str, dockerfile: str, base: str, stages: dict
     tdir = targets / name
     tdir.mkdir(parents=True, exist_ok=True)
     (tdir / "__init__.py").write_text("")
-    stages = STAGES if stages is None else stages
+    # a target manifest declares at least one stage: "no stages" means just the no-op one
+    stages = STAGES if stages is None else stages or {"noop.py": STAGES["noop.py"]}
     for fname, text in stages.items():
         (tdir / fname).write_text(textwrap.dedent(text).lstrip())
     write_yaml(tdir / "target.yaml", {"name": name, "image": {"base": base},
