@@ -164,7 +164,7 @@ def test_image_removed_after_prepare_is_a_one_line_image_missing(shared_root, or
     m = make_project(shared_root / "vanish", "vanish",
                      ON_TOP + "USER root\nRUN echo vanish > /opt/modelmatrix/vanish.txt\n", ort_image["tag"])
     runner = DockerRunner(m)
-    runner.prepare(m.targets["vanish"], echo=False)                 # built (or found) ...
+    runner.prepare(m.targets["vanish"])                             # built (or found) ...
     tag = images.image_status(m, "vanish", docker_engine)["tag"]
     docker_engine.remove_image(tag, force=True)                     # ... and gone before the stage runs
     with pytest.raises(ImageMissing) as err:

@@ -137,7 +137,7 @@ def test_outputs_belong_to_the_invoking_user(mm_matrix, mm_image, shared_root):
 def test_image_deleted_between_build_and_run_is_not_pulled(shared_root, ort_image, tmp_path, monkeypatch):
     m = make_project(shared_root / "gone", "gone", ON_TOP + "USER root\nRUN echo gone > /opt/modelmatrix/gone.txt\n",
                      ort_image["tag"])
-    row = images.build(m, "gone", echo=False)
+    row = images.build(m, "gone")
 
     def no_pull(*args, **kwargs):
         raise AssertionError("the runner tried to pull")
