@@ -224,14 +224,15 @@ def load(c, archive, verbose=False, quiet=False):
 
 
 @task(help={**VERBOSITY, "images": "also remove modelmatrix images",
-            "workspace": "also delete the workspace's contents (waits for no run to hold it)",
+            "workspace": "also delete the workspace's contents (refused while a run holds it)",
+            "force": "also remove containers of live runs and of other hosts sharing the engine",
             "config": "matrix file"})
 @_cli
-def clean(c, images=False, workspace=False, config=DEFAULT_CONFIG, verbose=False, quiet=False):
+def clean(c, images=False, workspace=False, force=False, config=DEFAULT_CONFIG, verbose=False, quiet=False):
     """Remove containers whose run is gone (found by label); optionally images and the workspace."""
     from modelmatrix.runners import docker as docker_runner
     if docker_runner.engine_reason() is None:
-        print(json.dumps(docker_runner.clean(all_images=images)))
+        print(json.dumps(docker_runner.clean(all_images=images, force=force)))
     else:
         print("no Docker engine: no containers to clean", file=sys.stderr)
     if workspace:
@@ -264,4 +265,22 @@ def bench(c, target=None, runner="", out="", compare_runners=False, market_sized
     print(f"wrote {path}")
 
 
-ns = Collection(data, matrix, build, images, bases, ship, load, clean, bench)
+@task(iterable=["require"],
+      help={**VERBOSITY, "require": "this target must be able to run here, else exit 3; repeatable",
+            "runner": "auto | local | docker (default: matrix.yaml runner)", "config": "matrix file"})
+@_cli
+def doctor(c, require=None, runner="", config=DEFAULT_CONFIG, verbose=False, quiet=False):
+    """What this host can do: Docker engine, bases, each target's image and toolchains, and what
+    `invoke matrix` would do with it (builds, pulls, runs and writes nothing)."""
+    from modelmatrix import doctor as mdoctor
+    diagnosis = mdoctor.diagnose(_load(config), runner or None, require or [])
+    if sys.stdout.isatty():
+        from rich.console import Console
+        Console().print(mdoctor.rich_table(diagnosis))
+    else:
+        for line in mdoctor.plain_lines(diagnosis):
+            print(line)
+    diagnosis.check_required()
+
+
+ns = Collection(data, matrix, build, images, bases, ship, load, clean, bench, doctor)

@@ -90,7 +90,7 @@ class LogTail:
     """Keeps the last lines of a stage's output (for the failure message) and relays every line to
     the ``modelmatrix.stage`` logger at DEBUG, so the console shows them only when asked (-v)."""
 
-    def __init__(self, label: str, echo: bool = False, lines: int = LOG_TAIL_LINES):
+    def __init__(self, label: str, lines: int = LOG_TAIL_LINES):
         self.label = label
         self.lines: collections.deque[str] = collections.deque(maxlen=lines)
         self.everything: list[str] = []
@@ -131,10 +131,10 @@ class Runner(abc.ABC):
         """The environment a stage's outputs depend on (toolchain versions, image id): part of its key."""
 
     @abc.abstractmethod
-    def run(self, req: StageRequest, echo: bool = True) -> str:
+    def run(self, req: StageRequest) -> str:
         """Run one stage; return the tail of its log. Raise StageFailed on failure."""
 
-    def prepare(self, target: TargetDef, echo: bool = True) -> None:  # noqa: B027 - optional hook
+    def prepare(self, target: TargetDef) -> None:  # noqa: B027 - optional hook
         """Make the target runnable (e.g. build its image). Raises a ModelMatrixError (one line)
         when that fails: the target is then FAILED, unlike unavailable_reason's SKIPPED."""
 

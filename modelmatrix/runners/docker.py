@@ -32,7 +32,7 @@ from .. import REPO_ROOT, images
 from ..config import Matrix, TargetDef
 from ..docker_client import SESSION_LABEL, Engine, engine_reason, owner_labels, owner_state
 from ..errors import ConfigError, DockerError, ImageMissing, ModelMatrixError, StageFailed
-from .base import LogTail, Runner, StageRequest, device_reason
+from .base import LogTail, Runner, StageRequest, device_reason, stage_exit_failure
 
 CONTAINER_WORKSPACE = "/workspace"
 STAGE_LABEL = "io.modelmatrix.stage"
@@ -201,7 +201,7 @@ class DockerRunner(Runner):
             return str(exc)
         return device_reason(target)
 
-    def prepare(self, target: TargetDef, echo: bool = True) -> None:
+    def prepare(self, target: TargetDef) -> None:
         """Build the target's image unless its recipe's tag exists (never pulling a base: that is
         `invoke build`'s job). A failure raises a one-line error: the target FAILED, not skipped
         (base not available -> `invoke bases`; a failing Dockerfile -> its failing step)."""
@@ -226,7 +226,7 @@ class DockerRunner(Runner):
             self._images[target.name] = (row["image_id"], row["tag"])
         return self._images[target.name]
 
-    def run(self, req: StageRequest, echo: bool = True) -> str:
+    def run(self, req: StageRequest) -> str:
         image_id, tag = self.image_for(req.target)
         reason = device_reason(req.target)
         if reason:
@@ -238,7 +238,7 @@ class DockerRunner(Runner):
         if not out.is_dir():
             raise StageFailed(f"{req.label}: output folder {out} does not exist (the caller creates it)")
         req.write_spec(CONTAINER_WORKSPACE)
-        tail = LogTail(req.label, echo)
+        tail = LogTail(req.label)
         container = self.container_for(req)
         try:
             with container:
@@ -256,9 +256,7 @@ class DockerRunner(Runner):
         if code != 0:
             why = f" (killed: out of memory, images.memory_limit {_memory_limit(self.matrix)})" \
                 if container.oom_killed else _signal_note(code)
-            last = _last_line(tail.text())
-            raise StageFailed(f"{req.label}: exited {code} in {tag}{why}" + (f": {last}" if last else ""),
-                              tail.text())
+            raise stage_exit_failure(req.label, code, tail, f" in {tag}{why}")
         req.check_result(tail.text())
         return tail.text()
 
@@ -349,7 +347,7 @@ def bench_container_overhead(matrix: Matrix, runs: int = 5, target: str | None =
                             user=f"{os.getuid()}:{os.getgid()}", mounts=[],
                             labels={**owner_labels(f"bench-{uuid.uuid4().hex[:8]}"), STAGE_LABEL: "bench"},
                             environment=dict(STAGE_ENVIRONMENT), mem_limit=_memory_limit(matrix)) as c:
-            tail = LogTail("bench", echo=False)
+            tail = LogTail("bench")
             code = c.run(tail, 60)
         seconds.append(time.perf_counter() - t0)
         if code != 0:

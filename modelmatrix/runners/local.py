@@ -43,7 +43,7 @@ class LocalRunner(Runner):
                 versions.append(f"{module}=?")
         return "local:" + ",".join(versions)
 
-    def run(self, req: StageRequest, echo: bool = False) -> str:
+    def run(self, req: StageRequest) -> str:
         spec = req.write_spec(str(req.workspace))
         env = dict(os.environ)
         # The project the target's folder belongs to (targets/<t>/ -> its parent's parent): this
@@ -52,7 +52,7 @@ class LocalRunner(Runner):
         paths = [root] + ([str(REPO_ROOT)] if root != str(REPO_ROOT) else [])
         env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         env.setdefault("PYTHONUNBUFFERED", "1")
-        tail = LogTail(req.label, echo)
+        tail = LogTail(req.label)
         proc = subprocess.Popen([sys.executable, "-m", req.module, str(spec)], cwd=root, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)

@@ -2,6 +2,8 @@
 failing Dockerfiles, bases that cannot be had."""
 from __future__ import annotations
 
+import logging
+
 import json
 
 import pytest
@@ -64,7 +66,8 @@ def _tags(engine: Engine, repo: str) -> list[str]:
     return [t for img in engine.api.images(name=repo) for t in img.get("RepoTags") or []]
 
 
-def test_failing_dockerfile_shows_the_step_and_leaves_no_tag(tmp_path, ci_base, docker_engine, capsys):
+def test_failing_dockerfile_shows_the_step_and_leaves_no_tag(tmp_path, ci_base, docker_engine, caplog):
+    caplog.set_level(logging.INFO, logger="modelmatrix")
     m = make_project(tmp_path, "broken", """
         ARG BASE_IMAGE
         FROM ${BASE_IMAGE}
@@ -78,7 +81,7 @@ def test_failing_dockerfile_shows_the_step_and_leaves_no_tag(tmp_path, ci_base, 
     assert "Dockerfile: step 3/4 (RUN echo \"marker-7f3a: about to fail\" && exit 3) failed: exited 3" in msg
     assert msg.endswith("last output: marker-7f3a: about to fail")
     assert "marker-7f3a: about to fail" in err.value.log_tail
-    assert "[broken] Step 3/4 : RUN" in capsys.readouterr().err      # the live step display
+    assert "[broken] Step 3/4 : RUN" in caplog.text      # the live step display
     assert _tags(docker_engine, "modelmatrix/broken") == []
 
 
@@ -126,7 +129,8 @@ def test_base_that_cannot_be_had_names_invoke_bases(real_matrix, ci_base):
         decls.pop(upstream, None)
 
 
-def test_declared_bootstrap_base_is_used_and_said(real_matrix, ort_image, ci_base, capsys):
+def test_declared_bootstrap_base_is_used_and_said(real_matrix, ort_image, ci_base, caplog):
+    caplog.set_level(logging.INFO, logger="modelmatrix")
     # A ref that cannot be pulled, declared in images.bases: the build uses the bootstrapped tag
     # (same base image ID, so the same recipe: nothing is rebuilt) and says so.
     ref = "localhost:1/library/python:3.11-slim-bookworm"
@@ -140,7 +144,7 @@ def test_declared_bootstrap_base_is_used_and_said(real_matrix, ort_image, ci_bas
         cfg["base"] = CI_BASE
         del real_matrix.raw["images"]["bases"][ref]
     assert row["built"] is False and row["tag"] == ort_image["tag"] and row["base_source"] == "bootstrap"
-    shown = capsys.readouterr().err
+    shown = caplog.text
     assert f"{ref} is not local (pull failed:" in shown
     assert f"using {CI_BASE}, bootstrapped from images.bases.{ref}" in shown
 

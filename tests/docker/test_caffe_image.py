@@ -127,7 +127,7 @@ def run_stage(runner, matrix, ws: Path, stage: str, inputs: dict, out_dir: str, 
         shutil.rmtree(out)
     out.mkdir(parents=True)
     runner.run(StageRequest(target=matrix.targets["caffe"], stage=stage, workspace=ws, inputs=inputs,
-                            out_dir=out_dir, params=params, timeout_s=600), echo=False)
+                            out_dir=out_dir, params=params, timeout_s=600))
     return json.loads((out / "result.json").read_text())
 
 
@@ -230,7 +230,7 @@ def test_ceil_rounding_is_caught_by_the_guard_in_real_caffe(caffe_image, caffe_m
         out = Path("{CONTAINER_WORKSPACE}/guard")
         build(import_caffe(), net, oc.render_prototxt(net), out / "model.prototxt", out / "model.caffemodel")
         """)
-    tail = LogTail("caffe.guard", echo=False)
+    tail = LogTail("caffe.guard")
     container = StageContainer(docker_engine, caffe_image["image_id"], ["python3", "-c", code], label="caffe.guard",
                                user=DockerRunner(caffe_matrix).user,
                                mounts=[(str(ws), CONTAINER_WORKSPACE, True), (str(out), f"{CONTAINER_WORKSPACE}/guard", False)],

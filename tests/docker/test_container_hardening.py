@@ -77,7 +77,7 @@ def test_hardened_stage_runs_and_sees_the_limits(mm_matrix, mm_image, tmp_path):
     """What the stage itself sees: no capabilities, no privilege gain, the pid limit, a read-only
     root and a writable tmpfs /tmp; its output folder still takes its files."""
     runner = DockerRunner(mm_matrix)
-    runner.run(stage_request(mm_matrix, "mmtest", "harden", tmp_path, "out/harden"), echo=False)
+    runner.run(stage_request(mm_matrix, "mmtest", "harden", tmp_path, "out/harden"))
     facts = json.loads((tmp_path / "out/harden/result.json").read_text())
     assert int(facts["cap_eff"], 16) == 0 and int(facts["cap_bnd"], 16) == 0
     assert facts["no_new_privs"] == "1"
@@ -168,7 +168,7 @@ def test_image_removed_after_prepare_is_a_one_line_image_missing(shared_root, or
     tag = images.image_status(m, "vanish", docker_engine)["tag"]
     docker_engine.remove_image(tag, force=True)                     # ... and gone before the stage runs
     with pytest.raises(ImageMissing) as err:
-        runner.run(stage_request(m, "vanish", "noop", tmp_path, "out/noop"), echo=False)
+        runner.run(stage_request(m, "vanish", "noop", tmp_path, "out/noop"))
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith(f"vanish.noop: image {tag} (")
     assert "is gone from the engine; run `invoke build --target vanish`" in msg
@@ -191,7 +191,7 @@ def test_container_removed_mid_run_by_another_client(mm_matrix, mm_image, tmp_pa
     thread.start()
     t0 = time.monotonic()
     with pytest.raises(ModelMatrixError) as err:
-        runner.run(stage_request(mm_matrix, "mmtest", "hang", tmp_path, "out/hang", timeout_s=120), echo=False)
+        runner.run(stage_request(mm_matrix, "mmtest", "hang", tmp_path, "out/hang", timeout_s=120))
     thread.join()
     assert box == {"removed": True}
     assert time.monotonic() - t0 < 60                   # not the stage timeout
@@ -276,7 +276,7 @@ def test_engine_lost_during_wait_is_a_one_line_stage_failure(mm_matrix, mm_image
     thread.start()
     try:
         with caplog.at_level(logging.DEBUG, logger="modelmatrix.runners.docker"), pytest.raises(ModelMatrixError) as err:
-            runner.run(stage_request(mm_matrix, "mmtest", "hang", tmp_path, "out/hang", timeout_s=120), echo=False)
+            runner.run(stage_request(mm_matrix, "mmtest", "hang", tmp_path, "out/hang", timeout_s=120))
         thread.join()
         assert isinstance(err.value, StageFailed)
         msg = str(err.value)

@@ -37,7 +37,7 @@ def leftovers(runner: DockerRunner) -> list:
 def test_stage_that_crashes(mm_matrix, mm_image, tmp_path):
     runner = DockerRunner(mm_matrix)
     with pytest.raises(StageFailed) as err:
-        runner.run(request(mm_matrix, "mmtest", "crash", tmp_path, "out/crash"), echo=False)
+        runner.run(request(mm_matrix, "mmtest", "crash", tmp_path, "out/crash"))
     msg = str(err.value)
     assert msg.startswith(f"mmtest.crash: exited 1 in {mm_image['tag']}: RuntimeError: boom from mmtest.crash")
     assert "about to crash" in err.value.log_tail and "Traceback" in err.value.log_tail
@@ -48,7 +48,7 @@ def test_stage_that_crashes(mm_matrix, mm_image, tmp_path):
 def test_stage_that_hangs_is_killed_and_removed(mm_matrix, mm_image, tmp_path):
     runner = DockerRunner(mm_matrix)
     with pytest.raises(StageFailed) as err:
-        runner.run(request(mm_matrix, "mmtest", "hang", tmp_path, "out/hang", timeout_s=3), echo=False)
+        runner.run(request(mm_matrix, "mmtest", "hang", tmp_path, "out/hang", timeout_s=3))
     assert str(err.value).startswith("mmtest.hang: timed out after 3s; the container was killed")
     assert "hanging now" in err.value.log_tail
     assert leftovers(runner) == []                      # killed, then removed in finally
@@ -58,7 +58,7 @@ def test_stage_that_writes_nothing(mm_matrix, mm_image, tmp_path):
     runner = DockerRunner(mm_matrix)
     # (with or without the "mmtest.nothing: " prefix: the pipeline names the node itself)
     with pytest.raises(StageFailed, match=r"^(mmtest\.nothing: )?exited 0 but wrote no result\.json in out/nothing"):
-        runner.run(request(mm_matrix, "mmtest", "nothing", tmp_path, "out/nothing"), echo=False)
+        runner.run(request(mm_matrix, "mmtest", "nothing", tmp_path, "out/nothing"))
     assert leftovers(runner) == []
 
 
@@ -67,7 +67,7 @@ def test_container_is_isolated(mm_matrix, mm_image, tmp_path):
     (tmp_path / "in" / "data.txt").write_text("input for the probe")
     runner = DockerRunner(mm_matrix)
     tail = runner.run(request(mm_matrix, "mmtest", "probe", tmp_path, "out/probe",
-                              inputs={"data": "in/data.txt"}), echo=False)
+                              inputs={"data": "in/data.txt"}))
     facts = json.loads((tmp_path / "out/probe/result.json").read_text())
     assert facts["input"] == "input for the probe"                     # inputs readable
     assert facts["workspace_writable"] is False and facts["workspace_errno"] == errno.EROFS
@@ -118,7 +118,7 @@ def test_outputs_belong_to_the_invoking_user(mm_matrix, mm_image, shared_root):
         m = load_matrix({str(mm_matrix.path)!r}, targets_dir=Path({str(mm_matrix.targets['mmtest'].folder.parent)!r}))
         req = StageRequest(m.targets["mmtest"], "probe", Path({str(ws)!r}), {{"data": "in/data.txt"}}, "out/probe",
                            timeout_s=120)
-        DockerRunner(m).run(req, echo=False)
+        DockerRunner(m).run(req)
         """)
     python = python_for(uid)
     path = os.pathsep.join([str(REPO_ROOT), *site.getsitepackages()])
@@ -147,12 +147,12 @@ def test_image_deleted_between_build_and_run_is_not_pulled(shared_root, ort_imag
     assert runner.image_for(m.targets["gone"]) == (row["image_id"], row["tag"])    # looked up ...
     Engine().remove_image(row["tag"], force=True)                                  # ... then deleted
     with pytest.raises(ImageMissing) as err:
-        runner.run(request(m, "gone", "noop", tmp_path, "out/noop"), echo=False)
+        runner.run(request(m, "gone", "noop", tmp_path, "out/noop"))
     assert "is gone from the engine; run `invoke build --target gone`" in str(err.value)
     assert "\n" not in str(err.value)
     assert leftovers(runner) == []
     with pytest.raises(ImageMissing, match=r"is not built; run `invoke build --target gone`.*never pulls"):
-        DockerRunner(m).run(request(m, "gone", "noop", tmp_path, "out/noop"), echo=False)
+        DockerRunner(m).run(request(m, "gone", "noop", tmp_path, "out/noop"))
 
 
 def tiny_onnx_model(path: Path) -> None:
@@ -183,8 +183,7 @@ def test_outputs_from_both_runners_agree(real_matrix, ort_image, tmp_path):
     params = {"batch_size": 4, "intra_op_threads": 1, "graph_optimization": "all",
               "providers": ["CPUExecutionProvider"]}
     runner = DockerRunner(real_matrix)
-    runner.run(request(real_matrix, "onnxruntime", "infer", tmp_path, "docker", inputs=inputs, params=params),
-               echo=False)
+    runner.run(request(real_matrix, "onnxruntime", "infer", tmp_path, "docker", inputs=inputs, params=params))
     local = request(real_matrix, "onnxruntime", "infer", tmp_path, "local", inputs=inputs, params=params)
     spec = local.write_spec(str(tmp_path))
     subprocess.run([sys.executable, "-m", "targets.onnxruntime.infer", str(spec)], cwd=REPO_ROOT, check=True,

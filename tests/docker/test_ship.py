@@ -20,7 +20,7 @@ TINY = """
 @pytest.fixture
 def tiny(tmp_path, ci_base, docker_engine):
     m = make_project(tmp_path / "project", "tiny", TINY, CI_BASE, stages={})
-    row = images.build(m, "tiny", echo=False)
+    row = images.build(m, "tiny")
     yield m, row
     if docker_engine.image(row["tag"]):
         docker_engine.remove_image(row["tag"], force=True)
