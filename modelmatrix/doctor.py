@@ -28,7 +28,7 @@ from typing import Any
 from .config import Matrix, TargetDef
 from .docker_client import Engine, engine_address
 from .errors import ConfigError, DockerError, ModelMatrixError, TargetUnavailable
-from .pipeline import FAILED, SKIPPED, required_targets
+from .pipeline import FAILED, SKIPPED, required_targets, target_probe, upstream_problem
 from .plan import Node, build_plan
 
 log = logging.getLogger(__name__)
@@ -242,19 +242,9 @@ def _image(matrix: Matrix, name: str, engine: Engine | None) -> tuple[str, str |
 
 def _own_state(t: TargetState, tdef: TargetDef, runner: str) -> tuple[str | None, str]:
     """MatrixRun._probe_target without runner.prepare: (SKIPPED | FAILED | None, reason)."""
-    stages = list(tdef.matrix_stages)
-    missing = [s for s in stages if not (tdef.folder / f"{s}.py").is_file()]
-    if missing and len(missing) < len(stages):
-        files = ", ".join(f"targets/{tdef.name}/{s}.py" for s in missing)
-        return FAILED, (f"stage module {files} is missing, while the target has its other stages' "
-                        "code: restore it, or remove the stage from target.yaml")
-    reasons = [t.probes[runner]]
-    if missing:
-        reasons.append(f"stage code {', '.join(f'targets/{tdef.name}/{s}.py' for s in missing)} "
-                       "not written yet")
-    reason = "; ".join(r for r in reasons if r)
-    if reason:
-        return SKIPPED, reason
+    status, reason, _ = target_probe(tdef, t.probes[runner])
+    if status:
+        return status, reason
     if runner == "docker":
         # DockerRunner.prepare builds the image unless its tag exists: predicted, not done.
         if t.image_tag is None:
@@ -275,17 +265,7 @@ def _simulate(matrix: Matrix, plan: list[Node], broken: dict[str, str], states: 
             continue
         t = states[node.target]
         status: str | None
-        problem = None
-        for ref in node.inputs.values():
-            up = outcome.get(ref.producer)
-            if up is None:
-                if ref.optional:
-                    continue
-                problem = f"needs {ref.producer}, which is not in the plan"
-                break
-            if up != "ok":
-                problem = f"needs {ref.producer} ({up})"
-                break
+        problem = upstream_problem(node, outcome.get)
         if problem:
             status, reason = SKIPPED, problem
         else:

@@ -191,6 +191,41 @@ def _failure_kind(exc: ModelMatrixError) -> str:
     return "bad input" if type(exc) in (ModelMatrixError, ConfigError) or exc.exit_code == 2 else "failed"
 
 
+# --------------------------------------------------------------------------- what would run (shared with doctor)
+
+def upstream_problem(node: Node, status_of: Callable[[str], str | None]) -> str | None:
+    """Why ``node`` cannot run because of its inputs, or None. ``status_of(producer)``: None when the
+    producer is not in the plan, "ok", or its status. The upstream's own reason is said on its own
+    line, once: not again here."""
+    for ref in node.inputs.values():
+        up = status_of(ref.producer)
+        if up is None:
+            if ref.optional:
+                continue
+            return f"needs {ref.producer}, which is not in the plan"
+        if up != "ok":
+            return f"needs {ref.producer} ({up})"
+    return None
+
+
+def target_probe(tdef: TargetDef, unavailable: str | None) -> tuple[str | None, str, str]:
+    """(SKIPPED, why, "") when this host or runner cannot run the target (``unavailable``: the
+    runner's own probe; no stage code at all), (FAILED, why, kind) for a stage module missing beside
+    the others, else (None, "", ""). Never builds (``Runner.prepare`` is the caller's)."""
+    stages = list(tdef.matrix_stages)
+    missing = [s for s in stages if not (tdef.folder / f"{s}.py").is_file()]
+    if missing and len(missing) < len(stages):
+        files = ", ".join(f"targets/{tdef.name}/{s}.py" for s in missing)
+        return FAILED, (f"stage module {files} is missing, while the target has its other stages' "
+                        "code: restore it, or remove the stage from target.yaml"), "failed"
+    reasons = [unavailable]
+    if missing:
+        reasons.append(f"stage code {', '.join(f'targets/{tdef.name}/{s}.py' for s in missing)} "
+                       "not written yet")
+    reason = "; ".join(r for r in reasons if r)
+    return (SKIPPED, reason, "") if reason else (None, "", "")
+
+
 # --------------------------------------------------------------------------- the run
 
 class MatrixRun:
@@ -206,16 +241,10 @@ class MatrixRun:
 
     # -- helpers
     def _upstream_problem(self, node: Node) -> str | None:
-        for ref in node.inputs.values():
-            up = self.outcomes.get(ref.producer)
-            if up is None:
-                if ref.optional:
-                    continue
-                return f"needs {ref.producer}, which is not in the plan"
-            if not up.ok and node.id != "verify":
-                # The upstream's own reason is said on its own line, once: not again here.
-                return f"needs {ref.producer} ({up.status})"
-        return None
+        if node.id == "verify":
+            return None           # verify runs whatever happened upstream: it reports it
+        return upstream_problem(node, lambda p: None if p not in self.outcomes else
+                                ("ok" if self.outcomes[p].ok else self.outcomes[p].status))
 
     def _target_state(self, target: str) -> tuple[str | None, str, str]:
         """(SKIPPED, why, "") when this host or runner cannot run the target (toolchain, device, no
@@ -227,19 +256,9 @@ class MatrixRun:
         return self._target_reason[target]
 
     def _probe_target(self, tdef: TargetDef) -> tuple[str | None, str, str]:
-        stages = list(tdef.matrix_stages)
-        missing = [s for s in stages if not (tdef.folder / f"{s}.py").is_file()]
-        if missing and len(missing) < len(stages):
-            files = ", ".join(f"targets/{tdef.name}/{s}.py" for s in missing)
-            return FAILED, (f"stage module {files} is missing, while the target has its other stages' "
-                            "code: restore it, or remove the stage from target.yaml"), "failed"
-        reasons = [self.runner.unavailable_reason(tdef)]
-        if missing:
-            reasons.append(f"stage code {', '.join(f'targets/{tdef.name}/{s}.py' for s in missing)} "
-                           "not written yet")
-        reason = "; ".join(r for r in reasons if r)
-        if reason:
-            return SKIPPED, reason, ""
+        state = target_probe(tdef, self.runner.unavailable_reason(tdef))
+        if state[0]:
+            return state
         try:
             self.runner.prepare(tdef)
         except ModelMatrixError as exc:
