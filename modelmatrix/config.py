@@ -365,6 +365,35 @@ def _input_ref(value: Any) -> str:
     return value
 
 
+def _input_decl(value: Any) -> str | dict[str, Any]:
+    """An input: ``producer/file`` (see _input_ref), or ``{from: producer/file, when: {param: value
+    or [values]}}``: read only when every named stage parameter has one of the values (e.g. the
+    TensorRT engine reads the QDQ model only at ``precision: int8``, so an fp32 engine does not
+    depend on calibration data)."""
+    if not isinstance(value, dict):
+        return _input_ref(value)
+    unknown = [k for k in value if k not in ("from", "when")]
+    if unknown:
+        raise _err(f"unknown key (allowed: from, when)", unknown[0])
+    if "from" not in value:
+        raise _err("required key is missing", "from")
+    try:
+        ref = _input_ref(value["from"])
+    except PydanticCustomError as exc:
+        raise _nested(exc, "from") from None
+    when = _mapping(value.get("when"))
+    if not when:
+        raise _err("give the condition as {param: value} (or drop the mapping for an unconditional input)",
+                   "when")
+    cond = {}
+    for k, v in when.items():
+        values = v if isinstance(v, list) else [v]
+        if not values or any(isinstance(x, (dict, list)) or x is None for x in values):
+            raise _err(f"expected a value or a list of values, got {_show(v)}", "when", k)
+        cond[k] = values
+    return {"from": ref, "when": cond}
+
+
 def _output_name(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _err(f"expected a file name, got {_show(value)}")
@@ -634,7 +663,7 @@ class Requires(_Strict):
 
 
 class StageSpec(_Strict):
-    inputs: Annotated[dict[str, str], _v(_dict_of(_input_ref))] = Field(default_factory=dict)
+    inputs: Annotated[dict[str, Any], _v(_dict_of(_input_decl))] = Field(default_factory=dict)
     params: Annotated[list[str], _v(_list_of(_string(), unique=True))] = Field(default_factory=list)
     outputs: Annotated[list[str], _v(_list_of(_output_name, unique=True))] = Field(default_factory=list)
     on_demand: Annotated[bool, _v(_boolean)] = False
@@ -680,7 +709,13 @@ class Manifest(_Strict):
                     declared = ", ".join(self.params) or "none"
                     raise _err(f"{pname!r} is not declared under params: (declared: {declared}; "
                                "`model` is the model section)", "stages", sname, "params", i)
-            for iname, ref in stage.inputs.items():
+            for iname, decl in stage.inputs.items():
+                ref = decl["from"] if isinstance(decl, dict) else decl
+                for pname in (decl["when"] if isinstance(decl, dict) else {}):
+                    if pname not in stage.params:
+                        raise _err(f"condition on {pname!r}, which is not one of this stage's params "
+                                   f"({', '.join(stage.params) or 'none'})", "stages", sname, "inputs", iname,
+                                   "when", pname)
                 producer = ref.split("/", 1)[0]
                 target, _, other = producer.partition(".")
                 if target == self.name and other not in self.stages:
@@ -698,6 +733,13 @@ class StageDef:
     on_demand: bool = False       # e.g. bench: run by its own task, not part of `invoke matrix`
     #: modules/commands/devices this stage needs: the stage's own lists, else the target's
     requires: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in REQUIRE_KINDS})
+    #: input name -> {param: [values]}: the input is read only when each param has one of its values
+    when: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+
+    def inputs_for(self, params: dict[str, Any]) -> dict[str, str]:
+        """The inputs this stage reads with these (resolved) parameter values."""
+        return {name: ref for name, ref in self.inputs.items()
+                if all(params.get(k) in values for k, values in self.when.get(name, {}).items())}
 
 
 @dataclass
@@ -747,8 +789,9 @@ def load_target(folder: Path) -> TargetDef:
         assert s is not None    # _cross_checks fills empty stages
         own = s.requires.model_fields_set
         merged = {k: list(getattr(s.requires, k) if k in own else requires[k]) for k in REQUIRE_KINDS}
-        stages[sname] = StageDef(sname, dict(s.inputs), list(s.params), list(s.outputs), s.on_demand,
-                                 merged)
+        refs = {k: (v["from"] if isinstance(v, dict) else v) for k, v in s.inputs.items()}
+        when = {k: v["when"] for k, v in s.inputs.items() if isinstance(v, dict)}
+        stages[sname] = StageDef(sname, refs, list(s.params), list(s.outputs), s.on_demand, merged, when)
     given: BaseModel = spec.tolerance
     tolerance = {k: copy.deepcopy(getattr(given, k)) for k in given.model_fields_set}
     return TargetDef(name=spec.name, summary=spec.summary, folder=folder, requires=requires,

@@ -100,7 +100,7 @@ def stage_node(matrix: Matrix, target: str, stage: str) -> Node:
     where = f"targets/{target}/target.yaml: stages.{stage}"
     node = Node(f"{target}.{stage}", target, stage, outputs=list(sdef.outputs),
                 params=stage_params(matrix, target, sdef.params))
-    for iname, text in sdef.inputs.items():
+    for iname, text in sdef.inputs_for(node.params).items():
         node.inputs[iname] = parse_ref(text, f"{where}.inputs.{iname}")
     return node
 

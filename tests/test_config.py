@@ -336,3 +336,50 @@ def test_tolerance_check_fills_defaults_and_names_the_key():
     with pytest.raises(ConfigError) as exc:
         TOLERANCE.check({"checks": ["cosine", "l2"]}, "targets.t.tolerance")
     assert str(exc.value) == "targets.t.tolerance.checks[1]: expected one of allclose, cosine, retrieval, got 'l2'"
+
+
+# --------------------------------------------------------------------------- conditional inputs
+
+COND = """
+name: cond
+params:
+  precision: {type: str, default: fp32, choices: [fp32, fp16, int8]}
+stages:
+  convert:
+    inputs:
+      onnx: torch.export/model.onnx
+      qdq: {from: torch.export/meta.json, when: {precision: int8}}
+      half: {from: torch.export/weights.pt, when: {precision: [fp16, int8]}}
+    params: [precision]
+    outputs: [model.engine]
+"""
+
+
+def test_conditional_inputs_follow_the_stage_params(tmp_path):
+    from modelmatrix.plan import stage_node
+    root = _targets(tmp_path, {})
+    (root / "cond").mkdir()
+    (root / "cond" / "target.yaml").write_text(COND)
+    seen = {}
+    for precision in ("fp32", "fp16", "int8"):
+        m = load_matrix(_write(tmp_path, {"targets": {"torch": {}, "cond": {"params": {"precision": precision}}}}),
+                        targets_dir=root)
+        seen[precision] = sorted(stage_node(m, "cond", "convert").inputs)
+    assert seen == {"fp32": ["onnx"], "fp16": ["half", "onnx"], "int8": ["half", "onnx", "qdq"]}
+
+
+@pytest.mark.parametrize("decl,msg", [
+    ("{from: torch.export/meta.json, when: {batch: 1}}",
+     "stages.convert.inputs.qdq.when.batch: condition on 'batch', which is not one of this stage's params"),
+    ("{from: torch.export/meta.json}", "stages.convert.inputs.qdq.when: give the condition"),
+    ("{frm: torch.export/meta.json, when: {precision: int8}}", "stages.convert.inputs.qdq.frm: unknown key"),
+    ("{from: nonsense, when: {precision: int8}}", "stages.convert.inputs.qdq.from: input 'nonsense' must look like"),
+])
+def test_bad_conditional_inputs_are_one_line(tmp_path, decl, msg):
+    root = _targets(tmp_path, {})
+    (root / "cond").mkdir()
+    (root / "cond" / "target.yaml").write_text(
+        COND.replace("{from: torch.export/meta.json, when: {precision: int8}}", decl))
+    with pytest.raises(ConfigError) as exc:
+        load_matrix(_write(tmp_path, {"targets": {"torch": {}}}), targets_dir=root)
+    assert msg in str(exc.value) and "\n" not in str(exc.value), str(exc.value)
