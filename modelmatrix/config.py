@@ -560,12 +560,77 @@ class MatrixFile(_Strict):
     targets: Annotated[dict[str, Any], _Mapping] = Field(default_factory=dict)
 
 
+_SIZE = _v(_string(pattern=r"\d+(\.\d+)?[bkmgBKMG]?", example="a size such as 8g or 512m"))
+
+
+def _device_spec(value: Any) -> str:
+    """``/dev/x`` or ``/dev/x:/dev/y[:rwm]`` (Docker's device syntax)."""
+    text = _string()(value)
+    parts = text.split(":")
+    if not parts[0].startswith("/dev/") or len(parts) > 3 or (len(parts) == 3 and not
+                                                                re.fullmatch(r"[rwm]+", parts[2])):
+        raise _err(f"expected /dev/NAME or /dev/NAME:/dev/NAME[:rwm], got {text!r}")
+    return text
+
+
+def _ulimit(value: Any) -> dict[str, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return {"soft": value, "hard": value}
+    m = _mapping(value)
+    unknown = [k for k in m if k not in ("soft", "hard")]
+    if unknown or not m:
+        raise _err("expected a number, or {soft: N, hard: N}")
+    soft = _integer(lo=-1)(m.get("soft", m.get("hard")))
+    hard = _integer(lo=-1)(m.get("hard", soft))
+    return {"soft": soft, "hard": hard}
+
+
+class GpuRequest(_Strict):
+    """Which GPUs a stage container gets (Docker's DeviceRequest): ``count`` (-1 = all) or ``device_ids``."""
+
+    count: Annotated[Optional[int], _v(_integer(lo=-1))] = None
+    device_ids: Annotated[list[str], _v(_list_of(_string(), unique=True))] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one(self) -> GpuRequest:
+        if self.count is not None and self.device_ids:
+            raise _err("give count or device_ids, not both")
+        return self
+
+
+class ContainerOptions(_Strict):
+    """What a target's stage containers get from the Docker runner, declared instead of special-cased:
+    in targets/<t>/target.yaml (the target's needs) and overridable per matrix.yaml stanza (this
+    host's device ids). Every field left out keeps the manifest's value."""
+
+    devices: Annotated[list[str], _v(_list_of(_device_spec, unique=True))] = Field(default_factory=list)
+    group_add: Annotated[list[str], _v(_list_of(_string(), unique=True))] = Field(default_factory=list)
+    shm_size: Annotated[Optional[str], _SIZE] = None
+    ulimits: Annotated[dict[str, dict[str, int]], _v(_dict_of(_ulimit))] = Field(default_factory=dict)
+    env: Annotated[dict[str, str], _v(_dict_of(_string()))] = Field(default_factory=dict)
+    binds_ro: Annotated[list[str], _v(_list_of(_string(pattern=r"/.*", example="an absolute host path"),
+                                               unique=True))] = Field(default_factory=list)
+    gpus: Optional[GpuRequest] = None
+
+
+def _docker_host(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = _string()(value)
+    if not re.fullmatch(r"(unix|tcp|ssh|npipe)://\S+", text):
+        raise _err(f"expected an engine address such as unix:///var/run/docker.sock, tcp://host:2376 or "
+                   f"ssh://user@host, got {text!r}")
+    return text
+
+
 class _StanzaBase(_Strict):
     """targets.<t> in matrix.yaml; params, tolerance and image come from the target's manifest."""
 
     enabled: Annotated[bool, _v(_boolean)] = True
     required: Annotated[bool, _v(_boolean)] = False
     allow_skip: Annotated[Optional[str], _v(_skip_reason)] = None
+    #: the Docker engine this target's stages run on (default: DOCKER_HOST / the local socket)
+    docker_host: Annotated[Optional[str], _v(_docker_host)] = None
 
     @model_validator(mode="after")
     def _no_contradiction(self) -> _StanzaBase:
@@ -670,8 +735,20 @@ class StageSpec(_Strict):
     requires: Requires = Field(default_factory=Requires)
 
 
+class UserFile(_Strict):
+    """A file the user must supply to build the image (a proprietary installer): checked by sha256."""
+
+    name: Annotated[str, _v(_string(pattern=_NAME, example="a Python identifier such as toolkit"))]
+    filename: Annotated[str, _v(_output_name)]
+    sha256: Annotated[str, _v(_string(pattern=r"[0-9a-f]{64}", example="64 lowercase hex digits"))]
+    where: Annotated[str, _NONEMPTY]             # where the vendor publishes it (for the message)
+
+
 class TargetImage(_Strict):
     base: Annotated[str, _v(_string())] = ""
+    #: run in another target's image instead of one of its own (e.g. onnxruntime_int8 -> onnxruntime)
+    use: Annotated[Optional[str], _v(_string(pattern=_NAME, example="a target name"))] = None
+    files: Annotated[list[UserFile], BeforeValidator(lambda v: [] if v is None else v)] = Field(default_factory=list)
 
 
 _PartialTolerance = create_model(
@@ -689,6 +766,7 @@ class Manifest(_Strict):
     params: Annotated[dict[str, ParamSpec], _Mapping] = Field(default_factory=dict)
     stages: Annotated[dict[str, Optional[StageSpec]], _Mapping]
     tolerance: _PartialTolerance = Field(default_factory=_PartialTolerance)  # type: ignore[valid-type]
+    container: ContainerOptions = Field(default_factory=ContainerOptions)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Manifest:
@@ -752,6 +830,7 @@ class TargetDef:
     params: dict[str, dict[str, Any]]
     stages: dict[str, StageDef]
     tolerance: dict[str, Any] = field(default_factory=dict)    # the keys the manifest sets
+    container: dict[str, Any] = field(default_factory=dict)    # ContainerOptions, complete
 
     @property
     def matrix_stages(self) -> dict[str, StageDef]:
@@ -797,7 +876,7 @@ def load_target(folder: Path) -> TargetDef:
     return TargetDef(name=spec.name, summary=spec.summary, folder=folder, requires=requires,
                      image=spec.image.model_dump(),
                      params={k: p.model_dump() for k, p in spec.params.items()},
-                     stages=stages, tolerance=tolerance)
+                     stages=stages, tolerance=tolerance, container=spec.container.model_dump())
 
 
 def discover_targets(targets_dir: Path = TARGETS_DIR) -> dict[str, TargetDef]:
@@ -810,7 +889,7 @@ _STANZA_MODELS: dict[str, type[_Strict]] = {}
 
 def target_stanza_model(t: TargetDef) -> type[_Strict]:
     """The model of ``targets.<t.name>`` in matrix.yaml, with the manifest's params and defaults."""
-    key = json.dumps([t.name, t.params, t.tolerance, t.image], sort_keys=True, default=repr)
+    key = json.dumps([t.name, t.params, t.tolerance, t.image, t.container], sort_keys=True, default=repr)
     if key not in _STANZA_MODELS:
         _STANZA_MODELS[key] = _build_stanza_model(t)
     return _STANZA_MODELS[key]
@@ -830,10 +909,21 @@ def _build_stanza_model(t: TargetDef) -> type[_Strict]:
         build_args: Annotated[dict[str, str], _v(_dict_of(_string()))] = Field(default_factory=dict)
 
     Image.__name__ = f"Image_{t.name}"
+    defaults = dict(t.container)
+
+    def container(value: Any) -> dict[str, Any]:
+        given = _mapping(value)
+        try:
+            checked = _validate(ContainerOptions, given, "")
+        except ConfigError as exc:
+            raise _err(str(exc)) from None
+        return {**defaults, **{k: v for k, v in checked.model_dump().items() if k in given}}
+
     return create_model(f"Stanza_{t.name}", __base__=_StanzaBase,
                         params=(param_model, Field(default_factory=param_model)),
                         tolerance=(tol_model, Field(default_factory=tol_model)),
-                        image=(Image, Field(default_factory=Image)))
+                        image=(Image, Field(default_factory=Image)),
+                        container=(Annotated[dict[str, Any], _v(container)], Field(default_factory=lambda: dict(defaults))))
 
 
 def target_schema(t: TargetDef) -> _Checker:

@@ -167,7 +167,7 @@ def test_manifest_unknown_keys_anywhere(tmp_path):
     assert _target_error(tmp_path, "onnxruntime", "outputs: [features.npy]", "ouputs: [features.npy]") == \
         "stages.infer.ouputs: unknown key (allowed: inputs, params, outputs, on_demand, requires)"
     assert _target_error(tmp_path, "caffe", "requires:", "requirs:") == \
-        "requirs: unknown key (allowed: name, summary, requires, image, params, stages, tolerance)"
+        "requirs: unknown key (allowed: name, summary, requires, image, params, stages, tolerance, container)"
     assert _target_error(tmp_path, "torch", "type: int, default: 16", "type: int, defualt: 16").startswith(
         "params.batch_size.defualt: unknown key (allowed: type, default, min, max, choices, help, items)")
     assert _target_error(tmp_path, "ascend", "tolerance: {rtol:", "tolerance: {rtl:").startswith(
@@ -383,3 +383,21 @@ def test_bad_conditional_inputs_are_one_line(tmp_path, decl, msg):
     with pytest.raises(ConfigError) as exc:
         load_matrix(_write(tmp_path, {"targets": {"torch": {}}}), targets_dir=root)
     assert msg in str(exc.value) and "\n" not in str(exc.value), str(exc.value)
+
+
+# --------------------------------------------------------------------------- container options, engines
+
+def test_container_options_merge_manifest_and_stanza_and_refuse_nonsense(tmp_path):
+    root = _targets(tmp_path, {"tensorrt": ("stages:", "container: {shm_size: 1g, ulimits: {memlock: -1}}\nstages:")})
+    m = load_matrix(_write(tmp_path, {"targets": {"torch": {}, "tensorrt": {
+        "docker_host": "ssh://me@gpu-box", "container": {"gpus": {"device_ids": ["0"]}}}}}), targets_dir=root)
+    c = m.target_cfg("tensorrt")["container"]
+    assert c["shm_size"] == "1g" and c["ulimits"] == {"memlock": {"soft": -1, "hard": -1}}   # the manifest's
+    assert c["gpus"] == {"count": None, "device_ids": ["0"]}                                # the stanza's
+    assert m.target_cfg("tensorrt")["docker_host"] == "ssh://me@gpu-box"
+    for bad, msg in ((({"container": {"gpus": {"count": 1, "device_ids": ["a"]}}}), "give count or device_ids"),
+                     (({"container": {"devices": ["/tmp/x"]}}), "devices[0]: expected /dev/NAME"),
+                     (({"docker_host": "gpu-box"}), "docker_host: expected an engine address")):
+        with pytest.raises(ConfigError) as exc:
+            load_matrix(_write(tmp_path, {"targets": {"torch": {}, "tensorrt": bad}}), targets_dir=root)
+        assert msg in str(exc.value) and "targets.tensorrt." in str(exc.value)
