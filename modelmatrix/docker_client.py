@@ -405,10 +405,21 @@ def _split_ref(ref: str) -> tuple[str, str | None]:
 
 
 def _device_kwargs(options: dict[str, Any]) -> dict[str, Any]:
-    """Device options from the runner: {"gpus": True} or {"devices": [...], "binds": [...]}."""
+    """Device options from the runner: {"gpus": True | {count: N} | {device_ids: [...]}, "shm_size": "1g",
+    "ulimits": {name: {soft, hard}}} or {"devices": [...], "binds": [...]}."""
     out: dict[str, Any] = {}
-    if options.get("gpus"):
-        out["device_requests"] = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
+    gpus = options.get("gpus")
+    if gpus:
+        ids = list(gpus.get("device_ids") or []) if isinstance(gpus, dict) else []
+        count = gpus.get("count") if isinstance(gpus, dict) else None
+        out["device_requests"] = [
+            docker.types.DeviceRequest(device_ids=ids, capabilities=[["gpu"]]) if ids else
+            docker.types.DeviceRequest(count=-1 if count is None else int(count), capabilities=[["gpu"]])]
+    if options.get("shm_size"):
+        out["shm_size"] = options["shm_size"]
+    if options.get("ulimits"):
+        out["ulimits"] = [docker.types.Ulimit(name=name, soft=int(v["soft"]), hard=int(v["hard"]))
+                          for name, v in sorted(options["ulimits"].items())]
     if options.get("devices"):
         out["devices"] = list(options["devices"])
     if options.get("binds"):

@@ -322,7 +322,9 @@ class MatrixRun:
             status, reason, kind = self._target_state(node.target)
             if status:
                 return Outcome(node, status, reason, kind=kind)
-            return self._run(node, self.runner.fingerprint(self.matrix.targets[node.target]))
+            tdef = self.matrix.targets[node.target]
+            device = self.runner.device_fingerprint(tdef)     # GPU name, compute capability, driver
+            return self._run(node, self.runner.fingerprint(tdef) + (f";{device}" if device else ""))
         except ModelMatrixError as exc:
             tail = getattr(exc, "log_tail", "")
             self._save_failure_log(node, str(exc), tail)

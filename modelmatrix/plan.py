@@ -194,12 +194,14 @@ def _toposort(nodes: dict[str, Node]) -> list[Node]:
         if state.get(nid) == 1:
             raise _Unplannable(nid, f"stage graph has a cycle: {' -> '.join(chain + (nid,))}")
         state[nid] = 1
-        for ref in nodes[nid].inputs.values():
+        for name, ref in nodes[nid].inputs.items():
             if ref.producer in nodes:
                 visit(ref.producer, chain + (nid,))
             elif not ref.optional:
-                raise _Unplannable(nid, f"{nid}: input from {ref.producer!r}, which is not a stage of this "
-                                   "plan (is its target enabled in matrix.yaml?)")
+                owner = ref.producer.partition(".")[0]
+                raise _Unplannable(nid, f"{nid}: input {name} needs {ref.producer}/{ref.file}, and {ref.producer} "
+                                   f"is not a stage of this plan (is its target enabled in matrix.yaml?): "
+                                   f"enable targets.{owner} so that {ref.producer} runs first")
         state[nid] = 2
         order.append(nodes[nid])
 

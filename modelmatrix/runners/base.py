@@ -10,6 +10,9 @@ from __future__ import annotations
 import abc
 import collections
 import logging
+import os
+import shutil
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +29,80 @@ stage_log = logging.getLogger("modelmatrix.stage")
 
 # --------------------------------------------------------------------------- devices
 
-def _nvidia_present() -> str | None:
-    if not Path("/dev/nvidiactl").exists():
-        return "no /dev/nvidiactl on this host"
+NVIDIA_SMI_TIMEOUT_S = 20.0
+GPU_FIELDS = ("index", "uuid", "name", "compute_cap", "driver_version")
+
+
+def nvidia_gpus(timeout_s: float = NVIDIA_SMI_TIMEOUT_S) -> tuple[list[dict[str, str]], str | None]:
+    """The GPUs ``nvidia-smi`` lists (index, uuid, name, compute_cap, driver_version), or ([], why not)."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return [], "nvidia-smi is not on PATH (the NVIDIA driver's utilities are not installed)"
+    try:
+        proc = subprocess.run([exe, f"--query-gpu={','.join(GPU_FIELDS)}", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return [], f"nvidia-smi did not answer within {timeout_s:g} s"
+    except OSError as exc:
+        return [], f"nvidia-smi could not run ({exc.strerror or exc})"
+    if proc.returncode != 0:
+        first = (proc.stdout + proc.stderr).strip().splitlines()
+        return [], f"nvidia-smi failed (exit {proc.returncode}: {first[0][:160] if first else 'no output'})"
+    gpus = [dict(zip(GPU_FIELDS, (p.strip() for p in line.split(","))))
+            for line in proc.stdout.splitlines() if line.count(",") == len(GPU_FIELDS) - 1]
+    return (gpus, None) if gpus else ([], "nvidia-smi answered but lists no GPU")
+
+
+def nvidia_reason(dev: Path = Path("/dev")) -> str | None:
+    """Why this host cannot give a stage an NVIDIA GPU: no driver device node, or nvidia-smi missing,
+    failing or listing nothing; None when it can."""
+    if not (dev / "nvidiactl").exists():
+        return f"no {dev / 'nvidiactl'} on this host"
+    return nvidia_gpus()[1]
+
+
+def gpu_request_reason(gpus: dict[str, Any] | None, listed: list[dict[str, str]], where: str) -> str | None:
+    """Why a GPU request (``container.gpus``: count or device_ids) cannot be met by the GPUs listed."""
+    ids = list((gpus or {}).get("device_ids") or [])
+    known = {g["index"] for g in listed} | {g["uuid"] for g in listed}
+    here = ", ".join(f"{g['index']} ({g['name']})" for g in listed) or "none"
+    missing = [i for i in ids if i not in known]
+    if missing:
+        return f"{where}.device_ids: GPU {missing[0]!r} does not exist on this host (nvidia-smi lists: {here})"
+    count = (gpus or {}).get("count")
+    if isinstance(count, int) and count > len(listed):
+        return f"{where}.count: {count} GPUs asked for, this host has {len(listed)} ({here})"
     return None
+
+
+def engine_gpu_reason(info: dict[str, Any]) -> str | None:
+    """Why a Docker engine (its ``docker info``) cannot give containers NVIDIA GPUs: it lists neither an
+    ``nvidia`` runtime nor CDI ``nvidia.com/gpu`` devices; None when it lists one of them."""
+    if "nvidia" in (info.get("Runtimes") or {}):
+        return None
+    for d in info.get("DiscoveredDevices") or []:
+        if isinstance(d, dict) and str(d.get("ID", "")).startswith("nvidia.com/gpu"):
+            return None
+    return ("the Docker engine lists no nvidia runtime and no CDI nvidia.com/gpu device (docker info): install "
+            "the NVIDIA container toolkit and run `nvidia-ctk runtime configure --runtime=docker`")
+
+
+def device_fingerprint(target: TargetDef, device_ids: list[str] | None = None) -> str:
+    """The devices a target's outputs depend on, for its stage keys ("" for a target that needs none):
+    for nvidia-gpu the name, compute capability and driver of each GPU used (``device_ids``, else
+    all), so a workspace shared between hosts never reuses an engine built for another GPU."""
+    if "nvidia-gpu" not in target.requires.get("devices", []):
+        return ""
+    gpus, why = nvidia_gpus()
+    if why:
+        raise StageFailed(f"{target.name}: cannot fingerprint the GPU for the stage keys: {why}")
+    if device_ids:
+        gpus = [g for g in gpus if g["index"] in device_ids or g["uuid"] in device_ids]
+    return "nvidia-gpu=" + ";".join(f"{g['name']}/sm{g['compute_cap']}/driver{g['driver_version']}" for g in gpus)
+
+
+def _nvidia_present() -> str | None:
+    return nvidia_reason()
 
 
 def _ascend_present() -> str | None:
@@ -133,6 +206,12 @@ class Runner(abc.ABC):
     @abc.abstractmethod
     def run(self, req: StageRequest) -> str:
         """Run one stage; return the tail of its log. Raise StageFailed on failure."""
+
+    def device_fingerprint(self, target: TargetDef) -> str:
+        """The devices the target's stages use here (part of their keys; "" when none): the GPUs
+        CUDA_VISIBLE_DEVICES names, else all."""
+        ids = [i.strip() for i in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if i.strip()]
+        return device_fingerprint(target, ids or None)
 
     def prepare(self, target: TargetDef) -> None:  # noqa: B027 - optional hook
         """Make the target runnable (e.g. build its image). Raises a ModelMatrixError (one line)

@@ -32,7 +32,8 @@ from .. import REPO_ROOT, images
 from ..config import Matrix, TargetDef
 from ..docker_client import SESSION_LABEL, Engine, engine_reason, owner_labels, owner_state
 from ..errors import ConfigError, DockerError, ImageMissing, ModelMatrixError, StageFailed
-from .base import LogTail, Runner, StageRequest, device_reason, stage_exit_failure
+from .base import (LogTail, Runner, StageRequest, device_fingerprint, device_reason, engine_gpu_reason,
+                   gpu_request_reason, nvidia_gpus, stage_exit_failure)
 
 CONTAINER_WORKSPACE = "/workspace"
 STAGE_LABEL = "io.modelmatrix.stage"
@@ -82,12 +83,26 @@ DEVICE_OPTIONS = {
 }
 
 
-def _device_options(target: TargetDef) -> dict[str, Any]:
+def _device_options(target: TargetDef, container: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the engine is asked for: the devices of requires.devices, and from the target's validated
+    container options (targets/<t>/target.yaml ``container:``, overridden per matrix.yaml stanza) the
+    GPU request (count or device_ids; all GPUs when a GPU target names none), shm size and ulimits."""
+    container = container or {}
     out: dict[str, Any] = {}
     for kind in target.requires.get("devices", []):
         for key, value in DEVICE_OPTIONS[kind]().items():
             out[key] = out.get(key, []) + value if isinstance(value, list) else value
+    if container.get("gpus") or out.get("gpus"):
+        out["gpus"] = container.get("gpus") or {"count": -1}
+    for key in ("shm_size", "ulimits"):
+        if container.get(key):
+            out[key] = container[key]
     return out
+
+
+def device_options(matrix: Matrix, target: TargetDef) -> dict[str, Any]:
+    """The device options :meth:`DockerRunner.container_for` gives a stage of ``target``."""
+    return _device_options(target, matrix.target_cfg(target.name).get("container"))
 
 
 # --------------------------------------------------------------------------- one container
@@ -199,12 +214,21 @@ class DockerRunner(Runner):
             self.engine.ping()
         except DockerError as exc:
             return str(exc)
-        return device_reason(target)
+        reason = device_reason(target)
+        if reason is None and "nvidia-gpu" in target.requires.get("devices", []):
+            missing = engine_gpu_reason(self.engine.info())
+            reason = f"{target.name} needs nvidia-gpu (requires.devices): {missing}" if missing else None
+        return reason
 
     def prepare(self, target: TargetDef) -> None:
         """Build the target's image unless its recipe's tag exists (never pulling a base: that is
         `invoke build`'s job). A failure raises a one-line error: the target FAILED, not skipped
         (base not available -> `invoke bases`; a failing Dockerfile -> its failing step)."""
+        if "nvidia-gpu" in target.requires.get("devices", []):
+            gpus = self.matrix.target_cfg(target.name).get("container", {}).get("gpus")
+            wrong = gpu_request_reason(gpus, nvidia_gpus()[0], f"targets.{target.name}.container.gpus")
+            if wrong:
+                raise ConfigError(f"{self.matrix.path.name}: {wrong}")
         try:
             row = images.build(self.matrix, target.name, engine=self.engine, allow_pull=False)
         except ModelMatrixError as exc:
@@ -216,6 +240,15 @@ class DockerRunner(Runner):
         apt may bring other packages) is another environment, so stage results are not reused."""
         image_id, tag = self.image_for(target)
         return f"docker:{image_id}"
+
+    def device_fingerprint(self, target: TargetDef) -> str:
+        """The GPUs a stage container gets (container.gpus.device_ids, or the first ``count``)."""
+        gpus = self.matrix.target_cfg(target.name).get("container", {}).get("gpus") or {}
+        if gpus.get("device_ids"):
+            return device_fingerprint(target, list(gpus["device_ids"]))
+        count = gpus.get("count")
+        return device_fingerprint(target, [str(i) for i in range(count)] if isinstance(count, int) and count >= 0
+                                  else None)
 
     def image_for(self, target: TargetDef) -> tuple[str, str]:
         """(image ID, tag) of the target's current recipe; ImageMissing when it is not built."""
@@ -276,7 +309,7 @@ class DockerRunner(Runner):
             mounts=[(str(workspace), CONTAINER_WORKSPACE, True), (str(out), f"{CONTAINER_WORKSPACE}/{rel}", False)],
             labels={**owner_labels(self.session), STAGE_LABEL: req.label, IMAGE_LABEL: tag},
             environment=dict(STAGE_ENVIRONMENT), mem_limit=_memory_limit(self.matrix),
-            device_options=_device_options(req.target))
+            device_options=device_options(self.matrix, req.target))
 
     def close(self) -> None:
         """Remove whatever this runner's session left behind (normally nothing)."""
