@@ -265,6 +265,28 @@ def bench(c, target=None, runner="", out="", compare_runners=False, market_sized
     print(f"wrote {path}")
 
 
+@task(help={**VERBOSITY, "synthetic": "train on a synthetic training split (the only source for now)",
+            "runner": "auto | local | docker (default: matrix.yaml runner)",
+            "out": "where to copy the checkpoint (default: <workspace>/finetune/checkpoint.pth)",
+            "identities": "training identities (default 32)", "images_per_identity": "crops each (default 8)",
+            "force": "train again even if up to date", "config": "matrix file"})
+@_cli
+def finetune(c, synthetic=False, runner="", out="", identities=32, images_per_identity=8, force=False,
+             config=DEFAULT_CONFIG, verbose=False, quiet=False):
+    """Train the ReID model briefly (seeded) for reduced-precision tests and demos; writes a state dict."""
+    from modelmatrix.finetune import run_finetune
+    if not synthetic:
+        raise Exit("error: say where the training images come from: --synthetic", code=2)
+    m = _load(config)
+    s = run_finetune(m, runner or None, Path(out) if out else None, identities=int(identities),
+                     images_per_identity=int(images_per_identity), force=force)
+    r = s["retrieval"]
+    print(f"Rank-1 {r['trained']['rank1']:.3f} mAP {r['trained']['mAP']:.3f} trained "
+          f"(random weights: Rank-1 {r['random']['rank1']:.3f} mAP {r['random']['mAP']:.3f}); "
+          f"{s['train_seconds']:.0f} s of training")
+    print(f"wrote {s['checkpoint']}  (use it: model.checkpoint: {s['checkpoint']})")
+
+
 @task(iterable=["require"],
       help={**VERBOSITY, "require": "this target must be able to run here, else exit 3; repeatable",
             "runner": "auto | local | docker (default: matrix.yaml runner)", "config": "matrix file"})
@@ -283,4 +305,4 @@ def doctor(c, require=None, runner="", config=DEFAULT_CONFIG, verbose=False, qui
     diagnosis.check_required()
 
 
-ns = Collection(data, matrix, build, images, bases, ship, load, clean, bench, doctor)
+ns = Collection(data, matrix, build, images, bases, ship, load, clean, bench, doctor, finetune)
