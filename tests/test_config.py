@@ -157,9 +157,11 @@ def _target_error(tmp_path, target: str, old: str, new: str) -> str:
 def test_shipped_manifests_pass_with_complete_requires():
     from modelmatrix.config import discover_targets
     known = discover_targets()
-    assert set(known) == {"torch", "onnxruntime", "caffe", "tensorrt", "ascend"}
-    assert known["tensorrt"].stages["infer"].requires == {
-        "modules": ["tensorrt", "pycuda", "numpy"], "commands": [], "devices": ["nvidia-gpu"]}
+    assert {"torch", "onnxruntime", "caffe", "tensorrt", "ascend"} <= set(known)
+    for t in known.values():                      # every stage's requires is complete (merged)
+        for stage in t.stages.values():
+            assert set(stage.requires) == {"modules", "commands", "devices"}, (t.name, stage.name)
+    assert "nvidia-gpu" in known["tensorrt"].stages["infer"].requires["devices"]
     assert known["ascend"].requires == {"modules": [], "commands": ["atc"], "devices": ["ascend-npu"]}
 
 
