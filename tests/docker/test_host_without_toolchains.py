@@ -1,5 +1,12 @@
-"""The host needs no toolchain: `pip install modelmatrix` (no extras) runs the shipped matrix.yaml
+"""The host needs no toolchain: `pip install modelmatrix` (no extras) runs the SHIPPED matrix.yaml
 with `--runner docker`, torch, onnx and onnxruntime living only in the target images.
+
+This is also the test that the shipped matrix.yaml passes as a fresh clone runs it (`invoke bases`,
+`invoke build`, `invoke data --synthetic`, `invoke matrix --runner docker`): the shipped model
+(reid-strong-baseline, 256x128, seeded random weights), the default synthetic set and the shipped
+tolerances, on torch + onnxruntime + caffe in their images. It fails when a shipped threshold does
+not hold for this machine's fp32 noise (benchmarks/fp32-retrieval-noise.md): a threshold the shipped
+run cannot meet is a bug in matrix.yaml. Only `workspace` and `data.dataset` are moved (into tmp).
 
 One venv per test session, made here with the test's own interpreter (``-m venv``), gets this
 checkout installed WITHOUT extras: pip builds it from a copy in tmp (so no build/ folder lands in the
@@ -108,18 +115,24 @@ print(json.dumps(out))
     assert "matrix" in r.stdout and "build" in r.stdout
 
 
-def _shipped_copy(tmp_path: Path) -> Path:
-    """The shipped matrix.yaml with workspace and data.dataset moved into tmp_path (absolute)."""
-    cfg = yaml.safe_load((REPO_ROOT / "matrix.yaml").read_text())
+def _shipped_copy(tmp_path: Path) -> tuple[dict, Path]:
+    """The shipped matrix.yaml with workspace and data.dataset moved into tmp_path (absolute);
+    nothing else changed."""
+    shipped = yaml.safe_load((REPO_ROOT / "matrix.yaml").read_text())
+    cfg = json.loads(json.dumps(shipped))
     cfg["workspace"] = str(tmp_path / "ws")
     cfg["data"]["dataset"] = str(tmp_path / "data" / "market1501-synthetic")
-    return write_yaml(tmp_path / "matrix.yaml", cfg)
+    assert {k: v for k, v in cfg.items() if k != "workspace"} == \
+        {k: v for k, v in shipped.items() if k != "workspace"} | {"data": cfg["data"]}
+    assert {k: v for k, v in cfg["data"].items() if k != "dataset"} == \
+        {k: v for k, v in shipped["data"].items() if k != "dataset"}
+    return shipped, write_yaml(tmp_path / "matrix.yaml", cfg)
 
 
 def test_bare_install_runs_the_shipped_matrix_with_the_docker_runner(bare_venv, tmp_path, docker_engine,
                                                                       ci_base, bullseye_base):
     tmp_path.chmod(0o755)                 # keep the tree readable for the stage containers
-    cfg = _shipped_copy(tmp_path)
+    shipped, cfg = _shipped_copy(tmp_path)
     py = str(bare_venv / "bin" / "python")
 
     r = _run(bare_venv, [py, "-m", "invoke", "data", "--synthetic", "--config", str(cfg)], REPO_ROOT, 600)
@@ -150,13 +163,21 @@ def test_bare_install_runs_the_shipped_matrix_with_the_docker_runner(bare_venv, 
         ran[target].add(stamp["node"])
     assert all(ran.values()), ran
 
-    # The report compares both against torch, with every check run.
+    # The report compares both against torch, with every check run, at the SHIPPED thresholds.
     for t in COMPARED:
         res = report["targets"][t]
         assert res["status"] in ("passed", "failed"), (t, res["status"], res.get("reason"))
         assert {c["name"] for c in res["checks"] if c["enabled"]} == {"allclose", "cosine", "retrieval"}, \
             (t, res["checks"])
         assert res["metrics"]["retrieval"]["num_query"] == report["num_query"]
+        for key, value in shipped["targets"][t]["tolerance"].items():
+            assert res["tolerance"][key] == value, (t, key)
 
     assert matrix_run.returncode == 0, _tail(matrix_run) + "\n" + json.dumps(
-        {t: [(c["name"], c["passed"]) for c in report["targets"][t]["checks"]] for t in COMPARED})
+        {t: [(c["name"], c["passed"], c["message"]) for c in report["targets"][t]["checks"]] for t in COMPARED})
+    assert report["passed"] is True and report["exit_code"] == 0
+    assert sorted(t for t, res in report["targets"].items() if res["status"] == "passed") == sorted(COMPARED)
+    # tensorrt and ascend cannot run here: skipped with the shipped allowance, never passed
+    for t in ("tensorrt", "ascend"):
+        assert report["targets"][t]["status"] == "skipped"
+        assert report["targets"][t]["allowed"] == shipped["targets"][t]["allow_skip"]
