@@ -405,3 +405,13 @@ def test_a_no_op_run_on_a_full_disk_passes_and_a_stage_on_it_fails_in_one_line(p
         assert not list((mnt / "ws" / "stages").glob("*/.tmp-*"))
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_a_bare_namespace_folder_is_not_a_toolchain(tmp_path, monkeypatch):
+    """tensorrt-stubs leaves a site-packages/tensorrt/ folder without __init__: `import tensorrt`
+    then "works" as an empty namespace package. The local runner must not take it for TensorRT."""
+    from modelmatrix.runners.local import missing_requirements
+    (tmp_path / "fake_toolchain_ns").mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "fake_toolchain_ns" in missing_requirements({"modules": ["fake_toolchain_ns"]})
+    assert missing_requirements({"modules": ["numpy", "json"]}) is None

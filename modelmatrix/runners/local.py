@@ -18,7 +18,9 @@ from .base import LogTail, Runner, StageRequest, device_reason, stage_exit_failu
 def missing_requirements(requires: dict[str, list[str]]) -> str | None:
     """Why this host cannot run a target's code directly (checked without importing anything)."""
     for module in requires.get("modules", []):
-        if importlib.util.find_spec(module) is None:
+        spec = importlib.util.find_spec(module)
+        # A bare namespace package (e.g. the folder tensorrt-stubs leaves) is not the module.
+        if spec is None or spec.origin is None:
             return f"python module '{module}' is not installed on this host"
     for command in requires.get("commands", []):
         if shutil.which(command) is None:
