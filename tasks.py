@@ -116,23 +116,38 @@ def data(c, synthetic=False, out="", force=False, config=DEFAULT_CONFIG, verbose
             "target": "only this target (plus the reference); repeatable; a named target must run",
             "require": "this target must run: skipped fails the run (exit 3); repeatable",
             "force": "re-run every stage even if up to date",
+            "html": "also write report.html (plots; default on: --no-html skips it)",
             "dataset": "override data.dataset", "config": "matrix file"})
 @_cli
 def matrix(c, runner="", target=None, require=None, force=False, dataset="", config=DEFAULT_CONFIG,
-           verbose=False, quiet=False):
+           verbose=False, quiet=False, html=True):
     """Convert, run every target, verify against the reference; the exit code says how it went (README)."""
     from modelmatrix.errors import ConfigError
     from modelmatrix.pipeline import run_matrix
-    from modelmatrix.report import summary_lines
     m = _load(config, target, dataset)
     for t in require or []:
         _known(m, config, t)
         if not m.target_cfg(t)["enabled"]:
             raise ConfigError(f"--require {t}: the target is not enabled (targets.{t}.enabled in {config}, "
                               "or --target selected others); enable it or drop --require")
-    summary = run_matrix(m, runner or None, force=force, require=[*(require or []), *(target or [])])
+    summary = run_matrix(m, runner or None, force=force, require=[*(require or []), *(target or [])],
+                         html=html, progress=_live_progress())
     if summary.report is None:
         raise Exit("error: no report: verify did not run (see the stage lines above)", code=summary.exit_code)
+    _print_verdict(summary, quiet)
+
+
+def _live_progress():
+    """A live line per running stage on a terminal; start lines only in CI logs and pipes."""
+    import os
+    from modelmatrix.pipeline import RichProgress, StageProgress
+    if sys.stderr.isatty() and os.environ.get("CI", "").lower() not in ("1", "true", "yes"):
+        return RichProgress()
+    return StageProgress()
+
+
+def _print_verdict(summary, quiet: bool) -> None:
+    from modelmatrix.report import summary_lines
     lines = summary_lines(summary.report)
     for line in lines[-1:] if quiet else lines:
         print(line)
@@ -305,4 +320,34 @@ def doctor(c, require=None, runner="", config=DEFAULT_CONFIG, verbose=False, qui
     diagnosis.check_required()
 
 
-ns = Collection(data, matrix, build, images, bases, ship, load, clean, bench, doctor, finetune)
+@task(help={**VERBOSITY, "runner": "the runner each CI job uses (default docker)", "config": "matrix file"})
+@_cli
+def ci_plan(c, runner="docker", config=DEFAULT_CONFIG, verbose=False, quiet=False):
+    """The CI job matrix as JSON: one job per enabled target (stages, runner labels, runs-on)."""
+    from modelmatrix.fanout import ci_plan as plan
+    print(json.dumps({"include": plan(_load(config), runner)}, separators=(",", ":")))
+
+
+@task(help={**VERBOSITY, "target": "the target the last `invoke matrix --target T` ran", "out": "folder to write",
+            "config": "matrix file"})
+@_cli
+def export_results(c, target, out, config=DEFAULT_CONFIG, verbose=False, quiet=False):
+    """Pack what the report needs about one target (features, stamps, digests) for `invoke verify --from`."""
+    from modelmatrix.fanout import export_results as export
+    m = _load(config)
+    print(f"wrote {export(m, _known(m, config, target), Path(out)).parent}")
+
+
+@task(iterable=["from_"], help={**VERBOSITY, "from_": "an export folder (`invoke export-results`); repeatable",
+                                "force": "verify again even if up to date",
+                                "html": "also write report.html (default on)", "config": "matrix file"})
+@_cli
+def verify(c, from_=None, force=False, html=True, config=DEFAULT_CONFIG, verbose=False, quiet=False):
+    """Gather per-target exports (same prepared inputs, same ONNX) and write one report here."""
+    from modelmatrix.fanout import gather
+    summary = gather(_load(config), [Path(f) for f in from_ or []], force=force, html=html)
+    _print_verdict(summary, quiet)
+
+
+ns = Collection(data, matrix, build, images, bases, ship, load, clean, bench, doctor, finetune, ci_plan,
+                export_results, verify)

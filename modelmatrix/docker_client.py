@@ -97,14 +97,30 @@ def _translated(what: str, image: str | None = None):
 class Engine:
     """A connection to one Docker engine (from DOCKER_HOST / the active context)."""
 
-    def __init__(self, timeout: int = DEFAULT_TIMEOUT_S):
+    def __init__(self, timeout: int = DEFAULT_TIMEOUT_S, host: str | None = None):
+        """``host``: an engine address (unix://, tcp://, ssh://: a target's ``docker_host``); None:
+        DOCKER_HOST / the default socket."""
+        self.host = host
         try:
-            self.client = docker.from_env(timeout=timeout)
-            version = self.client.api.api_version
-            self.long = docker.from_env(timeout=None, version=version).api  # no read timeout
+            if host:
+                ssh = host.startswith("ssh://")
+                self.client = docker.DockerClient(base_url=host, timeout=timeout, use_ssh_client=ssh)
+                version = self.client.api.api_version
+                self.long = docker.APIClient(base_url=host, timeout=None, version=version, use_ssh_client=ssh)
+            else:
+                self.client = docker.from_env(timeout=timeout)
+                version = self.client.api.api_version
+                self.long = docker.from_env(timeout=None, version=version).api  # no read timeout
         except docker.errors.DockerException as exc:
+            if host:
+                raise DockerError(f"Docker engine not reachable at {host} ({_short(exc)}); start it, or fix "
+                                  "the target's docker_host in matrix.yaml") from None
             raise _unreachable(exc) from None
         self.api = self.client.api
+
+    @property
+    def address(self) -> str:
+        return self.host or engine_address()
 
     # ------------------------------------------------------------------ engine
     def ping(self) -> None:
@@ -246,13 +262,17 @@ class Engine:
                          network_mode: str = "none", working_dir: str | None = None,
                          device_options: dict[str, Any] | None = None, read_only: bool = False,
                          tmpfs: dict[str, str] | None = None, cap_drop: list[str] | None = None,
-                         security_opt: list[str] | None = None, pids_limit: int | None = None) -> str:
+                         security_opt: list[str] | None = None, pids_limit: int | None = None,
+                         volumes: list[str] | None = None) -> str:
         """Create (not start) a container from an image ID. ``mounts``: (host, container, read_only);
-        ``read_only``: the root filesystem; ``tmpfs``: path -> mount options."""
+        ``volumes``: container paths that get an anonymous volume (removed with the container: where
+        files are copied in on an engine that does not share this host's filesystem); ``read_only``:
+        the root filesystem; ``tmpfs``: path -> mount options."""
         with _translated("create container", image_id):
             host_config = self.api.create_host_config(
                 mounts=[docker.types.Mount(target=dst, source=src, type="bind", read_only=ro)
-                        for src, dst, ro in mounts],
+                        for src, dst, ro in mounts]
+                + [docker.types.Mount(target=dst, source=None, type="volume") for dst in volumes or []],
                 network_mode=network_mode, mem_limit=mem_limit, read_only=read_only or None,
                 tmpfs=dict(tmpfs) if tmpfs else None, cap_drop=list(cap_drop) if cap_drop else None,
                 security_opt=list(security_opt) if security_opt else None, pids_limit=pids_limit,
@@ -264,6 +284,18 @@ class Engine:
     def start(self, cid: str) -> None:
         with _translated("start container"):
             self.api.start(cid)
+
+    def put_archive(self, cid: str, path: str, data: Any) -> None:
+        """Extract a tar (bytes or a file object) into a created container at ``path``."""
+        with _translated(f"copy files into the container at {path}"):
+            if not self.long.put_archive(cid, path, data):
+                raise DockerError(f"copy files into the container at {path}: the engine refused")
+
+    def get_archive(self, cid: str, path: str) -> Iterator[bytes]:
+        """A tar stream of ``path`` in a (stopped) container."""
+        with _translated(f"copy {path} out of the container"):
+            stream, _stat = self.long.get_archive(cid, path, chunk_size=1 << 20)
+            yield from stream
 
     def logs(self, cid: str) -> Iterator[bytes]:
         """stdout+stderr from the beginning, following until the container stops."""

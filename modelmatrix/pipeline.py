@@ -161,7 +161,14 @@ def _host_verify(matrix: Matrix, ws: Workspace, node: Node, tmp: Path, inputs: d
     rep["model"] = report.model_facts(p["model"], meta)
     rep["runner"] = p["runner"]
     rep["stages"] = p["stages"]
-    report.write_reports(rep, tmp)
+    if p.get("gathered"):
+        rep["gathered"] = p["gathered"]
+    html = None
+    if p.get("html", False):
+        from .html_report import HtmlInputs
+        html = HtmlInputs(features=features, index=index, dataset=Path(p["dataset"]) if p.get("dataset") else None,
+                          bench=p.get("bench") or {})
+    report.write_reports(rep, tmp, html=html)
     return {"passed": rep["passed"], "exit_code": rep["exit_code"]}
 
 
@@ -226,13 +233,173 @@ def target_probe(tdef: TargetDef, unavailable: str | None) -> tuple[str | None, 
     return (SKIPPED, reason, "") if reason else (None, "", "")
 
 
+# --------------------------------------------------------------------------- progress
+
+class StageProgress:
+    """What is shown while a stage runs. This plain one (CI logs, pipes) says only that a stage
+    started (its finish is the stage's own ``built``/``FAILED`` line); :class:`RichProgress` draws
+    a live line on a terminal. Stages report images done / total with ``::progress`` lines (the
+    stage contract), relayed here by :func:`relay_progress` instead of to the stage's log."""
+
+    def start(self, node_id: str) -> None:
+        log.info("  started    %s", node_id)
+
+    def update(self, node_id: str, done: int, total: int) -> None:  # noqa: B027 - optional
+        """A stage said it has done ``done`` of ``total`` images."""
+
+    def finish(self, node_id: str) -> None:  # noqa: B027 - optional
+        """The stage's process ended (its outcome line follows)."""
+
+    def close(self) -> None:  # noqa: B027 - optional
+        pass
+
+
+class RichProgress(StageProgress):
+    """A live line per running stage on a terminal (rich): ``torch.infer  12.3 s  128/426 images``,
+    redrawn four times a second; nothing of it stays in the scrollback."""
+
+    def __init__(self, console: Any = None):
+        from rich.console import Console
+        from rich.live import Live
+        self.console = console or _rich_console() or Console(stderr=True)
+        self.live = Live("", console=self.console, transient=True, refresh_per_second=4,
+                         get_renderable=self._render)
+        self.running: dict[str, list[Any]] = {}       # node -> [t0, done, total]
+        self.started = False
+
+    def _render(self) -> Any:
+        from rich.text import Text
+        now = time.perf_counter()
+        lines = []
+        for node_id, (t0, done, total) in list(self.running.items()):
+            count = f"  {done}/{total} images" if total else ""
+            lines.append(f"  running    {node_id:<22} {now - t0:7.1f} s{count}")
+        return Text("\n".join(lines))
+
+    def start(self, node_id: str) -> None:
+        if not self.started:
+            self.live.start()
+            self.started = True
+        self.running[node_id] = [time.perf_counter(), 0, 0]
+
+    def update(self, node_id: str, done: int, total: int) -> None:
+        if node_id in self.running:
+            self.running[node_id][1:] = [done, total]
+
+    def finish(self, node_id: str) -> None:
+        self.running.pop(node_id, None)
+
+    def close(self) -> None:
+        self.running.clear()
+        if self.started:
+            self.live.stop()
+            self.started = False
+
+
+def _rich_console() -> Any:
+    """The console of the RichHandler on the modelmatrix logger (tasks.py's), so that log lines and
+    the live line share one console and do not tear each other."""
+    from rich.logging import RichHandler
+    for h in logging.getLogger("modelmatrix").handlers:
+        if isinstance(h, RichHandler):
+            return h.console
+    return None
+
+
+def without_progress(text: str) -> str:
+    """A stage's log tail without its ``::progress`` lines (they are not the stage's log)."""
+    from targets.common.contract import PROGRESS_PREFIX
+    return "\n".join(ln for ln in text.splitlines() if not ln.startswith(PROGRESS_PREFIX))
+
+
+class _ProgressRelay(logging.Filter):
+    """On the ``modelmatrix.stage`` logger (every line a runner reads from a stage, as
+    ``"  [%s] %s" % (label, line)``): ``::progress`` lines go to the StageProgress and no further;
+    other lines pass only where the logger would have let them (the level it had before)."""
+
+    def __init__(self, shown: StageProgress, level: int):
+        super().__init__()
+        self.shown, self.level = shown, level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from targets.common.contract import parse_progress
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 2:
+            seen = parse_progress(str(args[1]))
+            if seen is not None:
+                with contextlib.suppress(Exception):   # a display problem must never fail a stage
+                    self.shown.update(str(args[0]), *seen)
+                return False
+        return record.levelno >= self.level
+
+
+@contextlib.contextmanager
+def relay_progress(shown: StageProgress) -> Iterator[StageProgress]:
+    """Relay the stages' progress lines to ``shown`` while the block runs."""
+    stage_logger = logging.getLogger("modelmatrix.stage")
+    saved = stage_logger.level
+    relay = _ProgressRelay(shown, stage_logger.getEffectiveLevel())
+    stage_logger.addFilter(relay)
+    stage_logger.setLevel(logging.DEBUG)     # so that progress lines reach the filter at all
+    try:
+        yield shown
+    finally:
+        stage_logger.removeFilter(relay)
+        stage_logger.setLevel(saved)
+        shown.close()
+
+
+# --------------------------------------------------------------------------- verify's parameters
+
+#: report.html: a verify output (beside workspace.REPORT_FILES) unless --no-html
+HTML_REPORT = "report.html"
+
+
+def bench_throughput(ws_root: Path) -> dict[str, dict[str, float]]:
+    """target -> {batch size: img/s} from the last `invoke bench` (workspace/bench/bench.json), or {}."""
+    try:
+        bench = json.loads((ws_root / "bench" / "bench.json").read_text())
+        return {t: {str(row["batch_size"]): float(row["images_per_second"]) for row in r.get("results", [])}
+                for t, r in bench.get("targets", {}).items() if r.get("status") == "measured"}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def verify_params(m: Matrix, required: dict[str, str], runner: str, skipped: dict[str, str],
+                  failed: dict[str, dict[str, str]], stages: dict[str, Any], html: bool = True,
+                  gathered: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What verify is keyed on and reads besides its inputs (one place for `invoke matrix` and the
+    gather of `invoke verify --from`)."""
+    enabled = m.enabled_targets()
+    params = {
+        "reference": m.raw["verify"]["reference"], "max_rank": m.raw["verify"]["max_rank"],
+        "tolerances": {t: m.target_cfg(t)["tolerance"] for t in enabled},
+        "skipped": skipped, "failed": failed,
+        "required": {t: why for t, why in required.items() if t in enabled},
+        "allow_skip": {t: m.target_cfg(t)["allow_skip"] for t in enabled if m.target_cfg(t).get("allow_skip")},
+        "model": {k: m.model[k] for k in ("arch", "checkpoint", "neck_feat", "last_stride", "input_size",
+                                          "seed")},
+        "runner": runner,
+        "stages": stages,
+    }
+    if html:
+        # report.html: thumbnails of the worst images come from the dataset, throughput from the last bench
+        params.update(html=True, dataset=str(m.resolve(m.raw["data"]["dataset"])),
+                      bench=bench_throughput(m.workspace))
+    if gathered:
+        params["gathered"] = gathered
+    return params
+
+
 # --------------------------------------------------------------------------- the run
 
 class MatrixRun:
     def __init__(self, matrix: Matrix, runner: Runner, force: bool = False,
                  required: dict[str, str] | None = None, broken: dict[str, str] | None = None,
-                 ws: Workspace | None = None):
+                 ws: Workspace | None = None, html: bool = True):
         self.matrix, self.runner, self.force = matrix, runner, force
+        self.html = html
+        self.progress = StageProgress()
         self.required = dict(required or {})
         self.broken = dict(broken or {})       # target -> its manifest problem (found while planning)
         self.ws = ws or Workspace(matrix.workspace)
@@ -289,20 +456,11 @@ class MatrixRun:
                 skipped[t] = f"{o.node.id}: {o.reason}"
             else:
                 failed[t] = {"stage": o.node.id, "reason": f"{o.node.id}: {o.reason}", "kind": o.kind or "failed"}
-        enabled = m.enabled_targets()
-        node.params = {
-            "reference": m.raw["verify"]["reference"], "max_rank": m.raw["verify"]["max_rank"],
-            "tolerances": {t: m.target_cfg(t)["tolerance"] for t in enabled},
-            "skipped": skipped, "failed": failed,
-            "required": {t: why for t, why in self.required.items() if t in enabled},
-            "allow_skip": {t: m.target_cfg(t)["allow_skip"] for t in enabled if m.target_cfg(t).get("allow_skip")},
-            "model": {k: m.model[k] for k in ("arch", "checkpoint", "neck_feat", "last_stride", "input_size",
-                                              "seed")},
-            "runner": self.runner.name,
-            # Not timings, nor done vs up to date: they would change the key every run.
-            "stages": {k: {"status": "ok" if o.ok else o.status, "reason": o.reason}
-                       for k, o in self.outcomes.items()},
-        }
+        # Not timings, nor done vs up to date: they would change the key every run.
+        stages = {k: {"status": "ok" if o.ok else o.status, "reason": o.reason} for k, o in self.outcomes.items()}
+        node.params = verify_params(m, self.required, self.runner.name, skipped, failed, stages, html=self.html)
+        if self.html and HTML_REPORT not in node.outputs:
+            node.outputs.append(HTML_REPORT)
         if "torch.export" in self.outcomes and self.outcomes["torch.export"].ok:
             node.inputs["meta"] = Ref("torch.export", "meta.json")
 
@@ -326,7 +484,7 @@ class MatrixRun:
             device = self.runner.device_fingerprint(tdef)     # GPU name, compute capability, driver
             return self._run(node, self.runner.fingerprint(tdef) + (f";{device}" if device else ""))
         except ModelMatrixError as exc:
-            tail = getattr(exc, "log_tail", "")
+            tail = without_progress(getattr(exc, "log_tail", ""))
             self._save_failure_log(node, str(exc), tail)
             return Outcome(node, FAILED, _own(str(exc), node.id), log_tail=tail, kind=_failure_kind(exc))
 
@@ -353,7 +511,7 @@ class MatrixRun:
         except ModelMatrixError as exc:
             if node.target is None:
                 raise                      # a host node's error (dataset, checkpoint) stops the run
-            tail = getattr(exc, "log_tail", "")
+            tail = without_progress(getattr(exc, "log_tail", ""))
             self._save_failure_log(node, str(exc), tail)
             return Outcome(node, FAILED, _own(str(exc), node.id), key=key, seconds=time.perf_counter() - t0,
                            log_tail=tail, kind=_failure_kind(exc))
@@ -363,8 +521,12 @@ class MatrixRun:
             if slot.cached:
                 return Outcome(node, CACHED, key=key, dir=slot.dir, stamp=slot.stamp)
             assert slot.tmp is not None
+            self.progress.start(node.id)
             if node.host:
-                result = HOST_NODES[node.id](self.matrix, self.ws, node, slot.tmp, paths)
+                try:
+                    result = HOST_NODES[node.id](self.matrix, self.ws, node, slot.tmp, paths)
+                finally:
+                    self.progress.finish(node.id)
                 atomic_write_json(slot.tmp / "result.json", result or {})
             else:
                 assert node.target is not None
@@ -374,7 +536,10 @@ class MatrixRun:
                                    out_dir=self.ws.rel(slot.tmp), params=node.params,
                                    timeout_s=float(self.matrix.raw["stage_timeout_s"]),
                                    origins=self._origins(node))
-                self.runner.run(req)
+                try:
+                    self.runner.run(req)
+                finally:
+                    self.progress.finish(node.id)
             slot.extra = {"seconds": round(time.perf_counter() - t0, 3), "runner": fingerprint}
         return Outcome(node, DONE, key=key, dir=slot.dir, stamp=slot.stamp,
                        seconds=time.perf_counter() - t0, rebuilt=slot.damaged or "")
@@ -449,7 +614,8 @@ def _sigterm_unwinds() -> Iterator[None]:
 
 
 def run_matrix(matrix: Matrix, runner_choice: str | None = None, force: bool = False,
-               require: tuple[str, ...] | list[str] = (), ci: bool | None = None) -> RunSummary:
+               require: tuple[str, ...] | list[str] = (), ci: bool | None = None, html: bool = True,
+               progress: StageProgress | None = None) -> RunSummary:
     """Run what is out of date, verify, publish the reports. Raises a ModelMatrixError for what stops
     the whole run (bad config or dataset, a full disk, no engine for --runner docker)."""
     t0 = time.perf_counter()
@@ -464,16 +630,15 @@ def run_matrix(matrix: Matrix, runner_choice: str | None = None, force: bool = F
             try:
                 # One Workspace (and so one hash cache) for the whole run: the one saved below.
                 run = MatrixRun(matrix, runner, force=force, required=required_targets(matrix, require, ci),
-                                broken=broken, ws=ws)
-                outcomes = run.run(plan)
+                                broken=broken, ws=ws, html=html)
+                with relay_progress(progress or StageProgress()) as run.progress:
+                    outcomes = run.run(plan)
             finally:
                 ws.hashes.save()
                 runner.close()
             v = outcomes.get("verify")
             if v and v.ok and v.dir is not None:
-                for name in REPORT_FILES:
-                    ws.publish(v.dir / name, name)
-                report = json.loads((v.dir / "report.json").read_text())
+                report = _publish_reports(ws, v.dir)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM):
                 raise disk_error(exc, ws.root, "running the matrix") from None
@@ -481,7 +646,7 @@ def run_matrix(matrix: Matrix, runner_choice: str | None = None, force: bool = F
         finally:
             if report is None:
                 with contextlib.suppress(OSError):
-                    stale = ws.unpublish()
+                    stale = ws.unpublish((*REPORT_FILES, HTML_REPORT))
                     if stale:
                         log.info("removed the previous %s: this run did not reach verify", ", ".join(stale))
     summary = RunSummary(outcomes, report, ws.root, runner.name, time.perf_counter() - t0, notices)
@@ -489,3 +654,63 @@ def run_matrix(matrix: Matrix, runner_choice: str | None = None, force: bool = F
         log.info("nothing to do: all %d runnable stages are up to date (%.2f s)",
                  sum(o.ok for o in outcomes.values()), summary.seconds)
     return summary
+
+
+def _publish_reports(ws: Workspace, folder: Path) -> dict[str, Any]:
+    """Copy verify's reports to the workspace root; a report.html of an earlier run is removed when
+    this verify wrote none (--no-html), so the published files always describe one run."""
+    for name in REPORT_FILES:
+        ws.publish(folder / name, name)
+    if (folder / HTML_REPORT).is_file():
+        ws.publish(folder / HTML_REPORT, HTML_REPORT)
+    else:
+        ws.unpublish((HTML_REPORT,))
+    return json.loads((folder / "report.json").read_text())
+
+
+def run_verify(matrix: Matrix, *, features: dict[str, Path], index: Path, meta: Path | None,
+               skipped: dict[str, str], failed: dict[str, dict[str, str]], stages: dict[str, Any],
+               runner: str, required: dict[str, str], gathered: dict[str, Any] | None = None,
+               html: bool = True, force: bool = False) -> RunSummary:
+    """Verify alone, on inputs that other runs computed (`invoke verify --from`: fanout.gather): the
+    same host node as in `invoke matrix`, keyed and stored in ``matrix``'s workspace, its reports
+    published there."""
+    t0 = time.perf_counter()
+    ws = Workspace(matrix.workspace)
+    ref = matrix.raw["verify"]["reference"]
+    node = Node("verify", None, "verify", inputs={f"features:{t}": Ref(f"{t}.infer", "features.npy") for t in features},
+                outputs=list(REPORT_FILES) + ([HTML_REPORT] if html else []))
+    node.inputs["index"] = Ref("prepare", "index.json")
+    paths: dict[str, Path] = {**{f"features:{t}": p for t, p in features.items()}, "index": index}
+    if meta is not None:
+        node.inputs["meta"] = Ref(f"{ref}.export", "meta.json")
+        paths["meta"] = meta
+    node.params = verify_params(matrix, required, runner, skipped, failed, stages, html=html, gathered=gathered)
+    with ws.lock():
+        digests = {name: ws.hashes.file(path, external=True) for name, path in paths.items()}
+        key = node_key(node, HOST_FINGERPRINT, digests)
+        try:
+            with ws.stage(node.id, key, node.outputs, force=force) as slot:
+                if not slot.cached:
+                    assert slot.tmp is not None
+                    atomic_write_json(slot.tmp / "result.json", _host_verify(matrix, ws, node, slot.tmp, paths))
+                    slot.extra = {"seconds": round(time.perf_counter() - t0, 3), "runner": HOST_FINGERPRINT}
+            outcome = Outcome(node, CACHED if slot.cached else DONE, key=key, dir=slot.dir, stamp=slot.stamp,
+                              seconds=time.perf_counter() - t0)
+            report = _publish_reports(ws, slot.dir)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM):
+                raise disk_error(exc, ws.root, "verifying the gathered results") from None
+            raise
+        finally:
+            ws.hashes.save()
+    _announce_verify(outcome)
+    return RunSummary({"verify": outcome}, report, ws.root, runner, time.perf_counter() - t0)
+
+
+def _announce_verify(o: Outcome) -> None:
+    if o.status == DONE:
+        log.info("  built      %-22s %7.2f s [%s]", o.node.id, o.seconds, short(o.key or ""))
+    else:
+        log.info("  up to date %-22s [%s]", o.node.id, short(o.key or ""))
+

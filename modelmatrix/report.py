@@ -39,12 +39,17 @@ def model_facts(model: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     return facts
 
 
-def write_reports(report: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Write report.json, report.md and junit.xml into ``out_dir``; their paths."""
+def write_reports(report: dict[str, Any], out_dir: Path, html: Any = None) -> list[Path]:
+    """Write report.json, report.md and junit.xml into ``out_dir``, and report.html when ``html``
+    (an :class:`~modelmatrix.html_report.HtmlInputs`: the features and images its plots show) is
+    given; their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [(out_dir / "report.json", to_json(report)), (out_dir / "report.md", to_markdown(report)),
              (out_dir / "junit.xml", to_junit(report))]
+    if html is not None:
+        from .html_report import to_html
+        files.append((out_dir / "report.html", to_html(report, html)))
     for path, text in files:
         atomic_write_bytes(path, text.encode("utf-8", "backslashreplace"))
     return [p for p, _ in files]

@@ -16,10 +16,13 @@ import codecs
 import logging
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tarfile
+import tempfile
 import threading
 import time
 import uuid
@@ -112,11 +115,14 @@ class StageContainer:
 
     def __init__(self, engine: Engine, image_id: str, command: list[str], *, label: str, user: str,
                  mounts: list[tuple[str, str, bool]], labels: dict[str, str], environment: dict[str, str],
-                 mem_limit: str | None, device_options: dict[str, Any] | None = None):
+                 mem_limit: str | None, device_options: dict[str, Any] | None = None,
+                 volumes: list[str] | None = None):
         self.engine, self.image_id, self.command, self.label = engine, image_id, command, label
         self.kwargs: dict[str, Any] = dict(
             user=user, mounts=mounts, labels=labels, environment={**STAGE_ENVIRONMENT, **environment},
             mem_limit=mem_limit, network_mode="none", device_options=device_options, **HARDENING)
+        if volumes:
+            self.kwargs["volumes"] = list(volumes)
         self.cid: str | None = None
         self.log_error: str | None = None
         self.oom_killed = False
@@ -200,6 +206,20 @@ class DockerRunner(Runner):
         self.user = user or f"{os.getuid()}:{os.getgid()}"
         self._engine = engine
         self._images: dict[str, tuple[str, str]] = {}
+        self._remote: dict[str, Engine] = {}      # docker_host -> its engine
+
+    def remote_host(self, target: TargetDef) -> str | None:
+        """The target stanza's ``docker_host``: its stages run on that engine, with their inputs copied
+        in and outputs copied back (its bind mounts would name that host's filesystem, not ours)."""
+        return self.matrix.target_cfg(target.name).get("docker_host") or None
+
+    def engine_for(self, target: TargetDef) -> Engine:
+        host = self.remote_host(target)
+        if not host:
+            return self.engine
+        if host not in self._remote:
+            self._remote[host] = Engine(host=host)
+        return self._remote[host]
 
     @property
     def engine(self) -> Engine:
@@ -211,12 +231,15 @@ class DockerRunner(Runner):
         """Engine down, or a device the target needs is absent. A missing image is not a reason
         here: :meth:`prepare` builds it (and says why when it cannot)."""
         try:
-            self.engine.ping()
+            engine = self.engine_for(target)
+            engine.ping()
         except DockerError as exc:
             return str(exc)
+        if self.remote_host(target):
+            return remote_device_reason(target, engine)
         reason = device_reason(target)
         if reason is None and "nvidia-gpu" in target.requires.get("devices", []):
-            missing = engine_gpu_reason(self.engine.info())
+            missing = engine_gpu_reason(engine.info())
             reason = f"{target.name} needs nvidia-gpu (requires.devices): {missing}" if missing else None
         return reason
 
@@ -230,7 +253,7 @@ class DockerRunner(Runner):
             if wrong:
                 raise ConfigError(f"{self.matrix.path.name}: {wrong}")
         try:
-            row = images.build(self.matrix, target.name, engine=self.engine, allow_pull=False)
+            row = images.build(self.matrix, target.name, engine=self.engine_for(target), allow_pull=False)
         except ModelMatrixError as exc:
             raise StageFailed(f"{target.name} image: {exc}", getattr(exc, "log_tail", "")) from None
         self._images[target.name] = (row["image_id"], row["tag"])
@@ -253,7 +276,7 @@ class DockerRunner(Runner):
     def image_for(self, target: TargetDef) -> tuple[str, str]:
         """(image ID, tag) of the target's current recipe; ImageMissing when it is not built."""
         if target.name not in self._images:
-            row = images.image_status(self.matrix, target.name, self.engine)
+            row = images.image_status(self.matrix, target.name, self.engine_for(target))
             if not row["up_to_date"]:
                 raise ImageMissing(f"{target.name}: {row['problem']} (the docker runner never pulls)")
             self._images[target.name] = (row["image_id"], row["tag"])
@@ -261,7 +284,8 @@ class DockerRunner(Runner):
 
     def run(self, req: StageRequest) -> str:
         image_id, tag = self.image_for(req.target)
-        reason = device_reason(req.target)
+        remote = self.remote_host(req.target)
+        reason = remote_device_reason(req.target, self.engine_for(req.target)) if remote else device_reason(req.target)
         if reason:
             raise StageFailed(f"{req.label}: {reason}")
         workspace = req.workspace.resolve()
@@ -275,7 +299,11 @@ class DockerRunner(Runner):
         container = self.container_for(req)
         try:
             with container:
+                if remote:
+                    copy_in(container, req, self.user)
                 code = container.run(tail, req.timeout_s)
+                if remote and code == 0:
+                    copy_out(container, req)
         except ImageMissing:
             self._images.pop(req.target.name, None)
             raise ImageMissing(f"{req.label}: image {tag} ({image_id[7:19]}) is gone from the engine; "
@@ -304,22 +332,133 @@ class DockerRunner(Runner):
         # that preceded it) and the last line would not be the error.
         command = ["sh", "-c", 'exec "$@" 2>&1', "stage",
                    "python3", "-m", req.module, f"{CONTAINER_WORKSPACE}/{rel}/{SPEC_NAME}"]
+        remote = self.remote_host(req.target)
         return StageContainer(
-            self.engine, image_id, command, label=req.label, user=self.user,
-            mounts=[(str(workspace), CONTAINER_WORKSPACE, True), (str(out), f"{CONTAINER_WORKSPACE}/{rel}", False)],
+            self.engine_for(req.target), image_id, command, label=req.label, user=self.user,
+            # a remote engine's bind mounts would name its own filesystem: a volume, filled by copy_in
+            mounts=[] if remote else [(str(workspace), CONTAINER_WORKSPACE, True),
+                                      (str(out), f"{CONTAINER_WORKSPACE}/{rel}", False)],
+            volumes=[CONTAINER_WORKSPACE] if remote else None,
             labels={**owner_labels(self.session), STAGE_LABEL: req.label, IMAGE_LABEL: tag},
             environment=dict(STAGE_ENVIRONMENT), mem_limit=_memory_limit(self.matrix),
             device_options=device_options(self.matrix, req.target))
 
     def close(self) -> None:
         """Remove whatever this runner's session left behind (normally nothing)."""
-        if self._engine is None:
-            return
-        try:
-            for c in self._engine.containers(f"{SESSION_LABEL}={self.session}"):
-                self._engine.remove_container(c["Id"])
-        except DockerError as exc:
-            log.warning("could not remove the containers of run %s (`invoke clean` will): %s", self.session, exc)
+        for engine in ([self._engine] if self._engine is not None else []) + list(self._remote.values()):
+            try:
+                for c in engine.containers(f"{SESSION_LABEL}={self.session}"):
+                    engine.remove_container(c["Id"])
+            except DockerError as exc:
+                log.warning("could not remove the containers of run %s on %s (`invoke clean` will): %s",
+                            self.session, engine.address, exc)
+
+
+# --------------------------------------------------------------------------- remote engines
+
+#: requires.devices kind -> the runtime a remote engine's `docker info` lists when it can give that device
+ENGINE_RUNTIMES = {"ascend-npu": "ascend"}
+
+
+def remote_device_reason(target: TargetDef, engine: Engine) -> str | None:
+    """A remote engine's devices are that host's: ask the engine (`docker info`), not this host's /dev."""
+    kinds = target.requires.get("devices", [])
+    if not kinds:
+        return None
+    info = engine.info()
+    for kind in kinds:
+        if kind == "nvidia-gpu":
+            missing = engine_gpu_reason(info)
+        elif kind in ENGINE_RUNTIMES:
+            runtime = ENGINE_RUNTIMES[kind]
+            missing = None if runtime in (info.get("Runtimes") or {}) else \
+                f"the Docker engine lists no {runtime} runtime (docker info)"
+        else:
+            return (f"targets/{target.name}/target.yaml: requires.devices: unknown kind {kind!r} "
+                    f"(known: nvidia-gpu, {', '.join(ENGINE_RUNTIMES)})")
+        if missing:
+            return f"{target.name} needs {kind} (requires.devices) on {engine.address}: {missing}"
+    return None
+
+
+def _uid_gid(user: str) -> tuple[int, int]:
+    uid, _, gid = user.partition(":")
+    return int(uid), int(gid or uid)
+
+
+def copy_in(container: StageContainer, req: StageRequest, user: str) -> None:
+    """Copy the stage's inputs and its (so far: spec.json only) output folder into the container's
+    /workspace volume, at the same relative paths. Inputs and their folders are read-only to the
+    stage, its output folder is the stage user's (the stage has no capability to override that)."""
+    assert container.cid
+    uid, gid = _uid_gid(user)
+    ws = req.workspace.resolve()
+    seen: set[str] = set()
+    with tempfile.TemporaryFile() as fh:
+        with tarfile.open(fileobj=fh, mode="w") as tar:
+            def folder(rel: str, mode: int, owner: tuple[int, int]) -> None:
+                parts = Path(rel).parts
+                for i in range(1, len(parts) + 1):
+                    sub = "/".join(parts[:i])
+                    if sub in seen:
+                        continue
+                    seen.add(sub)
+                    info = tarfile.TarInfo(sub)
+                    info.type, info.mtime = tarfile.DIRTYPE, int(time.time())
+                    info.mode, (info.uid, info.gid) = (mode, owner) if i == len(parts) else (0o555, (0, 0))
+                    tar.addfile(info)
+
+            def add(path: Path, rel: str, file_mode: int, owner: tuple[int, int]) -> None:
+                if path.is_dir():
+                    folder(rel, 0o555 if file_mode == 0o444 else 0o755, owner)
+                    for child in sorted(path.iterdir()):
+                        add(child, f"{rel}/{child.name}", file_mode, owner)
+                elif path.is_file():
+                    folder(str(Path(rel).parent), 0o555, (0, 0))
+                    info = tar.gettarinfo(str(path), arcname=rel)
+                    info.mode, info.uid, info.gid, info.uname, info.gname = file_mode, owner[0], owner[1], "", ""
+                    with open(path, "rb") as src:
+                        tar.addfile(info, src)
+
+            out_rel = Path(req.out_dir).as_posix()
+            top = tarfile.TarInfo(".")                 # /workspace itself: not the stage's to write
+            top.type, top.mode, top.mtime = tarfile.DIRTYPE, 0o555, int(time.time())
+            tar.addfile(top)
+            folder(str(Path(out_rel).parent), 0o555, (0, 0))
+            for rel in req.inputs.values():
+                add(ws / rel, Path(rel).as_posix(), 0o444, (0, 0))
+            add(ws / out_rel, out_rel, 0o644, (uid, gid))
+        fh.seek(0)
+        container.engine.put_archive(container.cid, CONTAINER_WORKSPACE, fh)
+
+
+def copy_out(container: StageContainer, req: StageRequest) -> None:
+    """Copy the stage's output folder back from the container into the local one: regular files and
+    folders only, nothing outside it."""
+    assert container.cid
+    out = (req.workspace / req.out_dir).resolve()
+    remote = f"{CONTAINER_WORKSPACE}/{Path(req.out_dir).as_posix()}"
+    with tempfile.TemporaryFile() as fh:
+        for chunk in container.engine.get_archive(container.cid, remote):
+            fh.write(chunk)
+        fh.seek(0)
+        with tarfile.open(fileobj=fh, mode="r:") as tar:
+            for member in tar:
+                parts = Path(member.name).parts[1:]          # the archive's top is the folder itself
+                if not parts:
+                    continue
+                if member.name.startswith("/") or ".." in parts or not (member.isfile() or member.isdir()):
+                    raise StageFailed(f"{req.label}: the container's output holds {member.name!r}, which is not "
+                                      "a plain file or folder inside the output folder; refused")
+                dest = out.joinpath(*parts)
+                if member.isdir():
+                    dest.mkdir(parents=True, exist_ok=True)
+                    continue
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                src = tar.extractfile(member)
+                assert src is not None
+                with open(dest, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
 
 
 # --------------------------------------------------------------------------- housekeeping

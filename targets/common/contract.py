@@ -131,11 +131,51 @@ def save_npy(path: Path, array: Any) -> None:
     atomic_write(path, lambda fh: np.save(fh, np.ascontiguousarray(array)))
 
 
+#: A stage's progress message: one stdout line ``::progress <done>/<total>``, which the host relays
+#: to its live progress line instead of the stage's log.
+PROGRESS_PREFIX = "::progress "
+#: at most one progress line per this many seconds (plus the first and the last)
+PROGRESS_INTERVAL_S = 1.0
+
+
+def progress(done: int, total: int) -> None:
+    """Say how far the stage is (images done of total): one ``::progress`` line on stdout."""
+    sys.stdout.write("%s%d/%d\n" % (PROGRESS_PREFIX, int(done), int(total)))
+    sys.stdout.flush()
+
+
+def parse_progress(line: str) -> "tuple[int, int] | None":
+    """(done, total) of a ``::progress`` line, else None."""
+    if not line.startswith(PROGRESS_PREFIX):
+        return None
+    done, _, total = line[len(PROGRESS_PREFIX):].strip().partition("/")
+    if not (done.isdigit() and total.isdigit()):
+        return None
+    return int(done), int(total)
+
+
+class Batches(list):
+    """The batch boundaries of :func:`batched_timings`. Iterating them (``for start, stop in ...``,
+    as every inference stage does) reports progress: after a batch's body ran, its ``stop`` images
+    are done (the first batch, then at most one line per PROGRESS_INTERVAL_S, and the last)."""
+
+    def __iter__(self):  # type: ignore[override]
+        total = self[-1][1] if len(self) else 0
+        last = None
+        for i, item in enumerate(list.__iter__(self)):
+            yield item
+            now = time.monotonic()
+            if last is None or now - last >= PROGRESS_INTERVAL_S or i == len(self) - 1:
+                progress(item[1], total)
+                last = now
+
+
 def batched_timings(n_items: int, batch_size: int) -> list:
-    """Batch boundaries [(start, stop), ...]; the last partial batch included."""
+    """Batch boundaries [(start, stop), ...]; the last partial batch included. A loop over them
+    reports progress (:class:`Batches`)."""
     if batch_size < 1:
         raise StageError(f"batch_size must be >= 1, got {batch_size}")
-    return [(i, min(i + batch_size, n_items)) for i in range(0, n_items, batch_size)]
+    return Batches((i, min(i + batch_size, n_items)) for i in range(0, n_items, batch_size))
 
 
 def main(stage_fn: Callable[[Spec], Dict[str, Any]], argv: list | None = None) -> None:
