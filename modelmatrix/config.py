@@ -35,11 +35,19 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError, \
-    create_model, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from targets.common.archs import ARCH_CONTRACTS
@@ -374,7 +382,7 @@ def _input_decl(value: Any) -> str | dict[str, Any]:
         return _input_ref(value)
     unknown = [k for k in value if k not in ("from", "when")]
     if unknown:
-        raise _err(f"unknown key (allowed: from, when)", unknown[0])
+        raise _err("unknown key (allowed: from, when)", unknown[0])
     if "from" not in value:
         raise _err("required key is missing", "from")
     try:
@@ -498,7 +506,7 @@ class ExportSection(_Strict):
 
 class ModelSection(_Strict):
     arch: Annotated[str, _v(_string(ARCH_CONTRACTS))] = "reid-strong-baseline"
-    checkpoint: Annotated[Optional[str], _v(_optional(_string(
+    checkpoint: Annotated[str | None, _v(_optional(_string(
         pattern=r".*\S.*", example="a path, or null for seeded random weights")))] = None
     seed: Annotated[int, _v(_integer(0, MAX_SEED))] = 0
     num_classes: Annotated[int, _v(_integer(1, 1_000_000))] = 751
@@ -522,7 +530,7 @@ class SyntheticSection(_Strict):          # the same ranges data.make_synthetic 
 class DataSection(_Strict):
     dataset: Annotated[str, _NONEMPTY] = "data/market1501-synthetic"
     synthetic: SyntheticSection = Field(default_factory=SyntheticSection)
-    limit: Annotated[Optional[int], _v(_optional(_integer(1)))] = None
+    limit: Annotated[int | None, _v(_optional(_integer(1)))] = None
     ascend_bins: Annotated[bool, _v(_boolean)] = True
     workers: Annotated[int, _v(_integer(0, 1024))] = 0
 
@@ -540,9 +548,9 @@ class BaseSpec(_Strict):
 
 
 class ImagesSection(_Strict):
-    ca_bundle: Annotated[Optional[str], _v(_optional(_string()))] = "auto"
+    ca_bundle: Annotated[str | None, _v(_optional(_string()))] = "auto"
     wheelhouses: Annotated[list[str], _v(_list_of(_string()))] = Field(default_factory=list)
-    registry: Annotated[Optional[str], _v(_optional(_string()))] = None
+    registry: Annotated[str | None, _v(_optional(_string()))] = None
     memory_limit: Annotated[str, _v(_string(pattern=r"\d+(\.\d+)?[bkmgBKMG]?", example="8g or 512m"))] = "8g"
     bases: Annotated[dict[str, BaseSpec], _Mapping] = Field(default_factory=dict)
 
@@ -588,7 +596,7 @@ def _ulimit(value: Any) -> dict[str, int]:
 class GpuRequest(_Strict):
     """Which GPUs a stage container gets (Docker's DeviceRequest): ``count`` (-1 = all) or ``device_ids``."""
 
-    count: Annotated[Optional[int], _v(_integer(lo=-1))] = None
+    count: Annotated[int | None, _v(_integer(lo=-1))] = None
     device_ids: Annotated[list[str], _v(_list_of(_string(), unique=True))] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -605,12 +613,12 @@ class ContainerOptions(_Strict):
 
     devices: Annotated[list[str], _v(_list_of(_device_spec, unique=True))] = Field(default_factory=list)
     group_add: Annotated[list[str], _v(_list_of(_string(), unique=True))] = Field(default_factory=list)
-    shm_size: Annotated[Optional[str], _SIZE] = None
+    shm_size: Annotated[str | None, _SIZE] = None
     ulimits: Annotated[dict[str, dict[str, int]], _v(_dict_of(_ulimit))] = Field(default_factory=dict)
     env: Annotated[dict[str, str], _v(_dict_of(_string()))] = Field(default_factory=dict)
     binds_ro: Annotated[list[str], _v(_list_of(_string(pattern=r"/.*", example="an absolute host path"),
                                                unique=True))] = Field(default_factory=list)
-    gpus: Optional[GpuRequest] = None
+    gpus: GpuRequest | None = None
 
 
 def _docker_host(value: Any) -> str | None:
@@ -628,9 +636,9 @@ class _StanzaBase(_Strict):
 
     enabled: Annotated[bool, _v(_boolean)] = True
     required: Annotated[bool, _v(_boolean)] = False
-    allow_skip: Annotated[Optional[str], _v(_skip_reason)] = None
+    allow_skip: Annotated[str | None, _v(_skip_reason)] = None
     #: the Docker engine this target's stages run on (default: DOCKER_HOST / the local socket)
-    docker_host: Annotated[Optional[str], _v(_docker_host)] = None
+    docker_host: Annotated[str | None, _v(_docker_host)] = None
 
     @model_validator(mode="after")
     def _no_contradiction(self) -> _StanzaBase:
@@ -671,11 +679,11 @@ def _value_check(kind: str, lo: float | None = None, hi: float | None = None,
 class ParamSpec(_Strict):
     type: Annotated[str, _v(_string(PARAM_TYPES))] = "str"
     default: Any = None
-    min: Annotated[Optional[float], _v(_optional(_number(keep_int=True)))] = None
-    max: Annotated[Optional[float], _v(_optional(_number(keep_int=True)))] = None
-    choices: Annotated[Optional[list[Any]], _v(_optional(_list_of(_scalar, unique=True)))] = None
-    help: Annotated[Optional[str], _v(_optional(_string()))] = None
-    items: Annotated[Optional[str], _v(_optional(_string(ITEM_TYPES)))] = None
+    min: Annotated[float | None, _v(_optional(_number(keep_int=True)))] = None
+    max: Annotated[float | None, _v(_optional(_number(keep_int=True)))] = None
+    choices: Annotated[list[Any] | None, _v(_optional(_list_of(_scalar, unique=True)))] = None
+    help: Annotated[str | None, _v(_optional(_string()))] = None
+    items: Annotated[str | None, _v(_optional(_string(ITEM_TYPES)))] = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ParamSpec:
@@ -747,7 +755,7 @@ class UserFile(_Strict):
 class TargetImage(_Strict):
     base: Annotated[str, _v(_string())] = ""
     #: run in another target's image instead of one of its own (e.g. onnxruntime_int8 -> onnxruntime)
-    use: Annotated[Optional[str], _v(_string(pattern=_NAME, example="a target name"))] = None
+    use: Annotated[str | None, _v(_string(pattern=_NAME, example="a target name"))] = None
     files: Annotated[list[UserFile], BeforeValidator(lambda v: [] if v is None else v)] = Field(default_factory=list)
 
 
@@ -764,7 +772,7 @@ class Manifest(_Strict):
     requires: Requires = Field(default_factory=Requires)
     image: TargetImage = Field(default_factory=TargetImage)
     params: Annotated[dict[str, ParamSpec], _Mapping] = Field(default_factory=dict)
-    stages: Annotated[dict[str, Optional[StageSpec]], _Mapping]
+    stages: Annotated[dict[str, StageSpec | None], _Mapping]
     tolerance: _PartialTolerance = Field(default_factory=_PartialTolerance)  # type: ignore[valid-type]
     container: ContainerOptions = Field(default_factory=ContainerOptions)
 

@@ -17,8 +17,9 @@ import os
 import stat
 import time
 import unicodedata
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Union
+from typing import Any, BinaryIO
 
 from targets.common.contract import atomic_write_bytes
 
@@ -35,7 +36,7 @@ RACY_WINDOW_NS = 2_000_000_000
 SKIP_DIRS = ("__pycache__",)
 SKIP_SUFFIXES = (".pyc", ".pyo")
 
-StrPath = Union[str, os.PathLike]
+StrPath = str | os.PathLike
 
 
 # --------------------------------------------------------------------------- paths shown to people

@@ -18,7 +18,8 @@ Follows reid-strong-baseline (``utils/reid_metric.py::R1_mAP`` with ``feat_norm=
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

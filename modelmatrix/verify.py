@@ -19,13 +19,13 @@ enabled checks with a message; it does not crash the run.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from .config import TOLERANCE
-from .errors import (EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK, EXIT_UNAVAILABLE, DataError,
-                     worst_exit)
+from .errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK, EXIT_UNAVAILABLE, DataError, worst_exit
 from .reid_metrics import evaluate_index
 
 CHECKS = ("allclose", "cosine", "retrieval")

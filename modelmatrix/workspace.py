@@ -27,9 +27,10 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 from targets.common.contract import atomic_write_bytes, atomic_write_json
 

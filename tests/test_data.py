@@ -22,6 +22,7 @@ from modelmatrix import data
 from modelmatrix.config import ARCH_CONTRACTS
 from modelmatrix.errors import DataError
 from modelmatrix.hashing import HashCache
+
 from test_hashing import KIND_WORDS, KINDS, make_special, one_line_error, readable_in_child_body, run_child
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "market1501-samples"
@@ -324,7 +325,7 @@ def test_prepare_writes_inputs_index_and_ascend_bins(synthetic, tmp_path):
     assert {b.stat().st_size for b in bins} == {393216}
     lines = (out / "ascend" / "prep_bin.info").read_text().splitlines()
     assert len(lines) == len(items)
-    for i, (line, it) in enumerate(zip(lines, items)):
+    for i, (line, it) in enumerate(zip(lines, items, strict=True)):
         idx, path, w, h = line.split(" ")
         assert (int(idx), path, w, h) == (i, f"ascend/{Path(it['file']).stem}.bin", "128", "256")
         np.testing.assert_array_equal(np.fromfile(out / path, dtype=np.float32).reshape(3, 256, 128), x[i])

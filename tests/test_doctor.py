@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mm_testing import REPO, run_invoke, write_matrix
 from modelmatrix import data
 from modelmatrix.config import load_matrix
 from modelmatrix.doctor import diagnose, plain_lines, rich_table
 from modelmatrix.errors import ConfigError, TargetUnavailable
 from modelmatrix.pipeline import run_matrix
+
+from mm_testing import REPO, run_invoke, write_matrix
 
 TRT_ALLOW = "no GPU on this test host"
 

@@ -25,7 +25,8 @@ import torch
 
 from targets.common.contract import Spec, atomic_write_json, spec_to_json
 from targets.onnxruntime import infer as ort_infer
-from targets.torch import export, models as M
+from targets.torch import export
+from targets.torch import models as M
 from targets.torch.infer import load_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,9 +3,8 @@ the normalised context tar, wheel/CA selection, mirror detection, labels, the bu
 the engine-unreachable message."""
 from __future__ import annotations
 
-import logging
-
 import io
+import logging
 import os
 import shutil
 import tarfile

@@ -14,9 +14,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from mm_testing import REPO
-
 from targets.common.contract import spec_to_json
+
+from mm_testing import REPO
 
 
 def conv_net(path: Path, custom_op: bool = False) -> Path:

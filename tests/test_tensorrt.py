@@ -15,7 +15,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -535,6 +534,7 @@ def test_gpu_parser_lists_an_op_it_rejects(tmp_path):
 @needs_gpu
 def test_gpu_build_infer_and_reuse_the_timing_cache(tmp_path):
     import numpy as np
+
     from targets.common.contract import load_spec
     from targets.tensorrt import infer
     from targets.tensorrt.convert import build

@@ -26,7 +26,7 @@ def images(arch, n, size=SMALL, seed=123):
 
 def resnet_keys(prefix):
     keys = {f"{prefix}.conv1.weight"} | {f"{prefix}.bn1.{k}" for k in BN_KEYS}
-    for layer, blocks in zip(range(1, 5), (3, 4, 6, 3)):
+    for layer, blocks in zip(range(1, 5), (3, 4, 6, 3), strict=True):
         for i in range(blocks):
             for j in (1, 2, 3):
                 keys.add(f"{prefix}.layer{layer}.{i}.conv{j}.weight")

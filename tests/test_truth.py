@@ -11,7 +11,6 @@ that misbehave in one way each - real stage code run by the real local runner, n
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -26,11 +25,12 @@ import numpy as np
 import pytest
 import yaml
 
-from mm_testing import REPO, run_invoke, write_matrix
 from modelmatrix import data
 from modelmatrix.config import load_matrix
 from modelmatrix.errors import ModelMatrixError
 from modelmatrix.pipeline import CACHED, DONE, FAILED, SKIPPED, run_matrix
+
+from mm_testing import REPO, run_invoke, write_matrix
 
 FEATURES = """
     import numpy as np
@@ -244,7 +244,6 @@ def test_junit_stays_well_formed_with_control_characters_in_file_names():
 # ============================================================================ workspace writers take the lock
 
 def test_every_workspace_writer_takes_the_lock(tmp_path):
-    from modelmatrix.workspace import Workspace
     cfg = write_matrix(tmp_path)
     m = load_matrix(cfg)
     data.make_synthetic(m.resolve(m.raw["data"]["dataset"]), **m.raw["data"]["synthetic"])

@@ -48,7 +48,7 @@ def nvidia_gpus(timeout_s: float = NVIDIA_SMI_TIMEOUT_S) -> tuple[list[dict[str,
     if proc.returncode != 0:
         first = (proc.stdout + proc.stderr).strip().splitlines()
         return [], f"nvidia-smi failed (exit {proc.returncode}: {first[0][:160] if first else 'no output'})"
-    gpus = [dict(zip(GPU_FIELDS, (p.strip() for p in line.split(","))))
+    gpus = [dict(zip(GPU_FIELDS, (p.strip() for p in line.split(",")), strict=True))
             for line in proc.stdout.splitlines() if line.count(",") == len(GPU_FIELDS) - 1]
     return (gpus, None) if gpus else ([], "nvidia-smi answered but lists no GPU")
 

@@ -15,6 +15,7 @@ from ..config import TargetDef
 from ..errors import StageFailed
 from .base import LogTail, Runner, StageRequest, device_reason, stage_exit_failure
 
+
 def missing_requirements(requires: dict[str, list[str]]) -> str | None:
     """Why this host cannot run a target's code directly (checked without importing anything)."""
     for module in requires.get("modules", []):

@@ -67,8 +67,8 @@ def deb_version(package: str) -> str:
 
 def versions(caffe) -> Dict[str, Any]:
     import google.protobuf
-    from google.protobuf.internal import api_implementation
     import onnx
+    from google.protobuf.internal import api_implementation
     return {"caffe": getattr(caffe, "__version__", "unknown"),
             "caffe_deb": deb_version("python3-caffe"),
             "round_mode_supported": round_mode_supported(),

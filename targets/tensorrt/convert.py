@@ -25,9 +25,21 @@ from typing import Any, Dict, List, Optional, Tuple
 from targets.common.contract import Spec, StageError, atomic_write_bytes, atomic_write_json, load_spec, main
 
 from . import cudart, require_tensorrt
-from .planning import (ENGINE_NAME, SIDECAR_NAME, TIMING_CACHE_NAME, Profile, describe_parser_errors, dims,
-                       dry_run_lines, file_sha256, make_sidecar, onnx_input, plan_profile, read_sidecar,
-                       stale_reason)
+from .planning import (
+    ENGINE_NAME,
+    SIDECAR_NAME,
+    TIMING_CACHE_NAME,
+    Profile,
+    describe_parser_errors,
+    dims,
+    dry_run_lines,
+    file_sha256,
+    make_sidecar,
+    onnx_input,
+    plan_profile,
+    read_sidecar,
+    stale_reason,
+)
 
 #: where the previous build's outputs are seen from a stage: the workspace's pointer to the current
 #: tensorrt.convert folder (read-only; only ever a speed hint, never a result)

@@ -30,8 +30,15 @@ from targets.common.contract import Spec, StageError, atomic_write_bytes, atomic
 
 from . import checkpoint as ckpt
 from .infer import load_inputs
-from .models import (ARCH_CONTRACTS, ARCHS, NECK_FEATS, build_model, calibration_count,
-                     inference_state_dict, init_random_model)
+from .models import (
+    ARCH_CONTRACTS,
+    ARCHS,
+    NECK_FEATS,
+    build_model,
+    calibration_count,
+    inference_state_dict,
+    init_random_model,
+)
 
 PRODUCER = "modelmatrix"
 EXPORT_KEYS = ("opset", "input_name", "output_name", "dynamic_batch")

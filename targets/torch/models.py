@@ -263,7 +263,7 @@ def calibrate_batchnorm(model: nn.Module, images: torch.Tensor) -> None:
     model.train()
     with torch.no_grad():
         model(images)
-    for m, momentum in zip(norms, saved):
+    for m, momentum in zip(norms, saved, strict=True):
         m.momentum = momentum
     model.eval()
 

@@ -17,6 +17,7 @@ import pytest
 from modelmatrix import images
 from modelmatrix.config import Matrix, load_matrix
 from modelmatrix.docker_client import Engine, engine_reason
+
 from mm_docker_support import BULLSEYE_BASE, CI_BASE, ON_TOP, make_project, unavailable, write_yaml
 
 HERE = Path(__file__).resolve().parent

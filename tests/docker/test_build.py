@@ -2,9 +2,8 @@
 failing Dockerfiles, bases that cannot be had."""
 from __future__ import annotations
 
-import logging
-
 import json
+import logging
 
 import pytest
 

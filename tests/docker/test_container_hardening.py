@@ -18,8 +18,17 @@ from pathlib import Path
 import pytest
 
 from modelmatrix import images
-from modelmatrix.docker_client import (OWNER_HOST_LABEL, OWNER_LABEL, OWNER_PID_LABEL, OWNER_START_LABEL,
-                                       SESSION_LABEL, Engine, host_identity, owner_labels, process_start)
+from modelmatrix.docker_client import (
+    OWNER_HOST_LABEL,
+    OWNER_LABEL,
+    OWNER_PID_LABEL,
+    OWNER_START_LABEL,
+    SESSION_LABEL,
+    Engine,
+    host_identity,
+    owner_labels,
+    process_start,
+)
 from modelmatrix.errors import ImageMissing, ModelMatrixError, StageFailed
 from modelmatrix.runners.docker import HARDENING, DockerRunner, clean
 

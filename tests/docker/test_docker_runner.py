@@ -16,8 +16,14 @@ import numpy as np
 import pytest
 
 from modelmatrix import REPO_ROOT, images
-from modelmatrix.docker_client import (OWNER_PID_LABEL, OWNER_START_LABEL, SESSION_LABEL, Engine, owner_labels,
-                                       process_start)
+from modelmatrix.docker_client import (
+    OWNER_PID_LABEL,
+    OWNER_START_LABEL,
+    SESSION_LABEL,
+    Engine,
+    owner_labels,
+    process_start,
+)
 from modelmatrix.errors import ImageMissing, StageFailed
 from modelmatrix.runners.base import StageRequest
 from modelmatrix.runners.docker import DockerRunner, bench_container_overhead, clean

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import uuid
 
-from mm_docker_support import CI_BASE, write_yaml
-from mm_testing import run_invoke
 from modelmatrix import images
 from modelmatrix.config import load_matrix
 from modelmatrix.docker_client import engine_address
+
+from mm_docker_support import CI_BASE, write_yaml
+from mm_testing import run_invoke
 
 
 def _rows(stdout: str) -> dict[tuple[str, str], str]:

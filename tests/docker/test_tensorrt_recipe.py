@@ -18,6 +18,7 @@ from modelmatrix.docker_client import owner_labels
 from modelmatrix.errors import ImageMissing
 from modelmatrix.runners.base import LogTail, engine_gpu_reason
 from modelmatrix.runners.docker import STAGE_ENVIRONMENT, StageContainer, device_options
+
 from mm_docker_support import CI_BASE, write_yaml
 
 
