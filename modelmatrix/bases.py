@@ -245,7 +245,8 @@ def _import(engine: Engine, rootfs: Path, labels: dict[str, str]) -> str:
     _say("docker import (through the SDK)")
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as tar:
         assert tar.stdout is not None and tar.stderr is not None
-        image_id = engine.import_tar(iter(lambda: tar.stdout.read(1 << 20), b""), changes)
+        out = tar.stdout
+        image_id = engine.import_tar(iter(lambda: out.read(1 << 20), b""), changes)
         err = tar.stderr.read().decode(errors="replace").strip()
     if tar.returncode != 0:
         engine.remove_image(image_id, force=True)
@@ -262,7 +263,8 @@ def _unmount_below(folder: Path) -> None:
         subprocess.run(["umount", "-l", point], check=True)
 
 
-def _bootstrap_result(key, decl, mirror, image_id, created, seconds) -> dict[str, Any]:
+def _bootstrap_result(key: str, decl: dict[str, Any], mirror: str, image_id: str, created: bool,
+                      seconds: float) -> dict[str, Any]:
     return {"base": key, "tag": decl["tag"], "suite": decl["suite"], "variant": decl["variant"],
             "mirror": mirror, "image_id": image_id, "created": created, "seconds": round(seconds, 1)}
 

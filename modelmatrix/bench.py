@@ -29,9 +29,9 @@ from targets.common.contract import atomic_write_json
 
 from .config import Matrix
 from .errors import ModelMatrixError
-from .pipeline import run_matrix, select_runner
+from .pipeline import RunSummary, run_matrix, select_runner
 from .plan import stage_node
-from .runners.base import StageRequest
+from .runners.base import Runner, StageRequest
 from .workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -40,19 +40,19 @@ DEFAULT_BATCH_SIZES = {"caffe": [1, 8, 16]}
 BENCH_BATCH_SIZES = [1, 8, 16, 32]
 
 
-def _bench_target(matrix: Matrix, summary, runner, target: str) -> dict[str, Any]:
+def _bench_target(matrix: Matrix, summary: RunSummary, runner: Runner, target: str) -> dict[str, Any]:
     tdef = matrix.targets[target]
     if "bench" not in tdef.stages or not (tdef.folder / "bench.py").is_file():
         return {"status": "skipped", "reason": f"targets/{target} declares no bench stage"}
     infer = summary.outcomes.get(f"{target}.infer")
-    if infer is None or not infer.ok:
+    if infer is None or not infer.ok or infer.dir is None:
         reason = infer.reason if infer else "not in the plan"
         return {"status": "skipped", "reason": f"{target}.infer did not run ({reason})"}
     node = stage_node(matrix, target, "bench")
     inputs = {}
     for name, ref in node.inputs.items():
         up = summary.outcomes.get(ref.producer)
-        if up is None or not up.ok:
+        if up is None or not up.ok or up.dir is None:
             return {"status": "skipped", "reason": f"needs {ref.producer}, which did not run"}
         inputs[name] = os.path.relpath(up.dir / ref.file, summary.workspace)
     out = Path(tempfile.mkdtemp(prefix=f".bench-{target}-", dir=summary.workspace))

@@ -773,7 +773,7 @@ class Manifest(_Strict):
     image: TargetImage = Field(default_factory=TargetImage)
     params: Annotated[dict[str, ParamSpec], _Mapping] = Field(default_factory=dict)
     stages: Annotated[dict[str, StageSpec | None], _Mapping]
-    tolerance: _PartialTolerance = Field(default_factory=_PartialTolerance)  # type: ignore[valid-type]
+    tolerance: _PartialTolerance = Field(default_factory=_PartialTolerance)
     container: ContainerOptions = Field(default_factory=ContainerOptions)
 
     @model_validator(mode="after")

@@ -32,7 +32,7 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -210,7 +210,8 @@ def _read_recipe(folder: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _check_synthetic_args(identities, cameras, gallery_per_camera, junk, distractors, qpi, train):
+def _check_synthetic_args(identities: Any, cameras: Any, gallery_per_camera: Any, junk: Any, distractors: Any,
+                          qpi: Any, train: Any) -> None:
     checks = [("identities", identities, 2, 3000), ("cameras", cameras, 2, 6),
               ("gallery_per_camera", gallery_per_camera, 1, 50), ("junk", junk, 0, 1000),
               ("distractors", distractors, 0, 1000), ("queries_per_identity", qpi, 1, cameras),
@@ -235,7 +236,8 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
 _THUMBS_DB = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(504)   # an OLE2 header, like Windows writes
 
 
-def _write_synthetic(root: Path, identities, cameras, gpc, junk, distractors, seed, qpi, train_ids):
+def _write_synthetic(root: Path, identities: int, cameras: int, gpc: int, junk: int, distractors: int, seed: int,
+                     qpi: int, train_ids: int) -> dict[str, int]:
     for sub in (QUERY_DIR, GALLERY_DIR, TRAIN_DIR):
         (root / sub).mkdir()
         (root / sub / "Thumbs.db").write_bytes(_THUMBS_DB)
@@ -274,7 +276,7 @@ def _write_synthetic(root: Path, identities, cameras, gpc, junk, distractors, se
 class _Namer:
     """Unique Market-style names: ``PPPP_cCsS_FFFFFF_NN.jpg`` (junk: ``-1_cCsS_...``)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.counter = 0
 
     def name(self, pid: int, cam: int) -> str:
@@ -351,12 +353,12 @@ def _render(person: dict | None, look: dict, r: np.random.Generator) -> np.ndarr
         _draw_person(img, person, r, yy, xx)
     img = img * look["tint"] * look["gain"] * r.uniform(0.9, 1.1)
     img = np.clip(img, 0, 255).astype(np.uint8)
-    small = np.asarray(Image.fromarray(img).resize((64, 128), Image.Resampling.BOX), dtype=np.float32)
+    small: np.ndarray = np.asarray(Image.fromarray(img).resize((64, 128), Image.Resampling.BOX), dtype=np.float32)
     small = small + r.normal(0, look["noise"], size=small.shape)
     return np.clip(small + 0.5, 0, 255).astype(np.uint8)
 
 
-def _draw_person(img, p, r, yy, xx) -> None:
+def _draw_person(img: np.ndarray, p: dict[str, Any], r: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> None:
     H, W = img.shape[:2]
     cx = W / 2 + r.uniform(-8, 8)
     scale = r.uniform(0.93, 1.07)
@@ -397,7 +399,7 @@ def _draw_person(img, p, r, yy, xx) -> None:
         img[bag] = p["bag_colour"]
 
 
-def _pattern(p, yy, xx, cx, neck) -> np.ndarray:
+def _pattern(p: dict[str, Any], yy: np.ndarray, xx: np.ndarray, cx: float, neck: float) -> np.ndarray:
     up, acc, k = p["upper"], p["accent"], p["stripe"]
     kind = p["pattern"]
     if kind == 1:
@@ -588,7 +590,7 @@ def _limit(query: list[_Row], gallery: list[_Row], limit: int) -> tuple[list[_Ro
 
 def _checked_contract(contract: dict[str, Any], input_size: Sequence[int]) -> tuple:
     """(resample, (W, H), scale-op, mean, std, bgr) from a contract; DataError on a bad key."""
-    def bad(key, msg):
+    def bad(key: str, msg: str) -> DataError:
         return DataError(f"contract.{key}: {msg}; fix the architecture contract (config.ARCH_CONTRACTS)")
 
     if (not isinstance(input_size, (list, tuple)) or len(input_size) != 2
@@ -678,7 +680,7 @@ def _workers(workers: int) -> int:
 
 def iter_preprocessed(items: Sequence[dict], root: Path, contract: dict, input_size: Sequence[int],
                       workers: int = 0, chunk: int | None = None,
-                      bin_paths: Sequence[Path] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+                      bin_paths: Sequence[Path] | None = None) -> Generator[tuple[int, np.ndarray], None, None]:
     """Yield ``(start, array[n, 3, H, W])`` in item order, decoded in chunks by ``workers`` threads.
 
     ``bin_paths`` (one per item): the workers also write each image there as raw float32 CHW.
@@ -770,7 +772,7 @@ def prepare(dataset: Path, out_dir: Path, contract: dict, input_size: Sequence[i
                     fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
                          "fortran_order": False, "shape": shape})
                 for _start, arr in chunks:
-                    fh.write(memoryview(np.ascontiguousarray(arr, dtype=np.float32)).cast("B"))
+                    fh.write(np.ascontiguousarray(arr, dtype=np.float32).data.cast("B"))
         finally:
             chunks.close()                  # waits for the workers: none still writing a .bin
         os.replace(tmp, final)

@@ -74,7 +74,7 @@ def _api_error(what: str, exc: docker.errors.APIError) -> DockerError:
 
 
 @contextlib.contextmanager
-def _translated(what: str, image: str | None = None):
+def _translated(what: str, image: str | None = None) -> Iterator[None]:
     """Turn SDK/requests exceptions into one-line ModelMatrixErrors."""
     try:
         yield
@@ -197,7 +197,7 @@ class Engine:
         first = threading.Event()
         box: dict[str, Any] = {}
 
-        def work():
+        def work() -> None:
             try:
                 for chunk in self.long.pull(repo, tag=tag, stream=True, decode=True):
                     first.set()

@@ -104,7 +104,7 @@ def os_problem(path: StrPath, exc: OSError, what: str = "file") -> DataError:
     p = shown(path)
     code = exc.errno
     if code == errno.ENOENT and os.path.islink(path):
-        target = shown(os.readlink(path))
+        target = shown(os.readlink(os.fspath(path)))
         return DataError(f"{p}: broken symbolic link (points to {target}, which does not exist); "
                          f"fix or delete the link")
     if code == errno.ENOENT:

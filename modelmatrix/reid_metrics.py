@@ -40,7 +40,8 @@ def squared_distances(qf: np.ndarray, gf: np.ndarray) -> np.ndarray:
     return (qf ** 2).sum(1)[:, None] + (gf ** 2).sum(1)[None, :] - 2.0 * qf @ gf.T
 
 
-def eval_func(distmat: np.ndarray, q_pids, g_pids, q_camids, g_camids,
+def eval_func(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray, q_camids: np.ndarray,
+              g_camids: np.ndarray,
               max_rank: int = 50) -> tuple[np.ndarray, float, int, list[float]]:
     """(cmc, mAP, num_valid_queries, per-query AP) from a distance matrix, as upstream eval_func."""
     q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
@@ -66,7 +67,8 @@ def eval_func(distmat: np.ndarray, q_pids, g_pids, q_camids, g_camids,
     return np.mean(all_cmc, axis=0), float(np.mean(all_ap)), len(all_cmc), all_ap
 
 
-def evaluate(qf, gf, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50) -> dict[str, Any]:
+def evaluate(qf: np.ndarray, gf: np.ndarray, q_pids: Any, g_pids: Any, q_camids: Any, g_camids: Any,
+             max_rank: int = 50) -> dict[str, Any]:
     """Rank-1/5/10, mAP and the CMC curve of query features against gallery features.
 
     Raises DataError when no query has a match in the gallery under another camera.

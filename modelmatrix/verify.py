@@ -60,7 +60,7 @@ def elementwise(a: np.ndarray, b: np.ndarray, rtol: float, atol: float, index: M
     allowed = atol + rtol * np.abs(b)
     bad = ~(diff <= allowed)                       # NaN compares False: a violation
     nonfinite = int((~np.isfinite(a)).sum())
-    out = {"max_abs_error": _num(np.max(diff)) if diff.size else 0.0,
+    out: dict[str, Any] = {"max_abs_error": _num(np.max(diff)) if diff.size else 0.0,
            "mean_abs_error": _num(np.mean(diff)) if diff.size else 0.0,
            "max_rel_error": _num(np.max(diff / (np.abs(b) + REL_EPS))) if diff.size else 0.0,
            "violations": int(bad.sum()), "elements": int(diff.size),
@@ -126,7 +126,7 @@ def compare(target: str, feats: np.ndarray, ref: np.ndarray, tol: Mapping[str, A
     result["metrics"]["retrieval"] = ret
     result["metrics"]["reference_retrieval"] = ref_retrieval
     result["checks"].append(_retrieval_check(ret, ref_retrieval, ret_err, tol, "retrieval" in enabled))
-    if ret is not None:
+    if ret is not None and ref_retrieval is not None:
         result["metrics"]["deltas"] = {k: ret[k] - ref_retrieval[k] for k in ("rank1", "rank5", "rank10", "mAP")}
     return _finish(result)
 
@@ -266,7 +266,7 @@ def verify_all(features: Mapping[str, np.ndarray], reference_name: str, toleranc
             results[name] = {"target": name, "status": "skipped", "reason": skipped[name]}
             if name in allow_skip:
                 results[name]["allowed"] = allow_skip[name]
-        elif name == reference_name:
+        elif name == reference_name and ref is not None:
             results[name] = {"target": name, "status": "reference", "shape": list(np.shape(ref)),
                              "reason": ref_bad or f"the reference ({np.shape(ref)[0]} images)",
                              "metrics": {"retrieval": ref_ret}}
@@ -299,7 +299,7 @@ def _ordered(reference: str, names: Sequence[str]) -> list[str]:
     return out
 
 
-def _why_no_reference(name: str, ref, failed: Mapping, skipped: Mapping) -> str | None:
+def _why_no_reference(name: str, ref: np.ndarray | None, failed: Mapping, skipped: Mapping) -> str | None:
     if name in failed:
         return f"reference target {name!r} did not run ({failed[name]['kind']})"
     if ref is not None:

@@ -247,7 +247,7 @@ class Workspace:
 
     def clear(self) -> list[str]:
         """Delete the workspace's contents (under the lock); what was really removed, relative names."""
-        removed = []
+        removed: list[str] = []
         if not self.root.is_dir():
             return removed
         for entry in sorted(os.listdir(self.root)):

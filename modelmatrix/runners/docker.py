@@ -161,6 +161,7 @@ class StageContainer:
     def _pump(self, tail: LogTail) -> None:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         partial = ""
+        assert self.cid is not None, "the container is created before its logs are read"
         try:
             for chunk in self.engine.logs(self.cid):
                 text = partial + decoder.decode(chunk).replace("\r\n", "\n").replace("\r", "\n")

@@ -90,8 +90,8 @@ class LocalRunner(Runner):
 
 
 class _suppress_lookup:
-    def __enter__(self):
+    def __enter__(self) -> _suppress_lookup:
         return self
 
-    def __exit__(self, exc_type, exc, tb):
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
         return exc_type is ProcessLookupError

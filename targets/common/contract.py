@@ -159,7 +159,7 @@ class Batches(list):
     as every inference stage does) reports progress: after a batch's body ran, its ``stop`` images
     are done (the first batch, then at most one line per PROGRESS_INTERVAL_S, and the last)."""
 
-    def __iter__(self):  # type: ignore[override]
+    def __iter__(self):
         total = self[-1][1] if len(self) else 0
         last = None
         for i, item in enumerate(list.__iter__(self)):
