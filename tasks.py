@@ -116,11 +116,11 @@ def data(c, synthetic=False, out="", force=False, config=DEFAULT_CONFIG, verbose
             "target": "only this target (plus the reference); repeatable; a named target must run",
             "require": "this target must run: skipped fails the run (exit 3); repeatable",
             "force": "re-run every stage even if up to date",
-            "html": "also write report.html (plots; default on: --no-html skips it)",
+            "plots": "also write report.html with its plots (default on; --no-plots skips it)",
             "dataset": "override data.dataset", "config": "matrix file"})
 @_cli
 def matrix(c, runner="", target=None, require=None, force=False, dataset="", config=DEFAULT_CONFIG,
-           verbose=False, quiet=False, html=True):
+           verbose=False, quiet=False, plots=True):
     """Convert, run every target, verify against the reference; the exit code says how it went (README)."""
     from modelmatrix.errors import ConfigError
     from modelmatrix.pipeline import run_matrix
@@ -131,7 +131,7 @@ def matrix(c, runner="", target=None, require=None, force=False, dataset="", con
             raise ConfigError(f"--require {t}: the target is not enabled (targets.{t}.enabled in {config}, "
                               "or --target selected others); enable it or drop --require")
     summary = run_matrix(m, runner or None, force=force, require=[*(require or []), *(target or [])],
-                         html=html, progress=_live_progress())
+                         html=plots, progress=_live_progress())
     if summary.report is None:
         raise Exit("error: no report: verify did not run (see the stage lines above)", code=summary.exit_code)
     _print_verdict(summary, quiet)
@@ -157,14 +157,24 @@ def _print_verdict(summary, quiet: bool) -> None:
         raise Exit(code=summary.exit_code)
 
 
-@task(iterable=["target"], help={**VERBOSITY, "target": "target to build; repeatable", "all": "every target in matrix.yaml",
-                                 "force": "rebuild even if up to date", "config": "matrix file"})
+@task(iterable=["target", "file"], help={**VERBOSITY, "target": "target to build; repeatable",
+                                         "all": "every target in matrix.yaml",
+                                         "force": "rebuild even if up to date", "config": "matrix file",
+                                         "file": "NAME=PATH: a file the target's image.files declares (a vendor "
+                                                 "installer), checked by sha256 before the build; repeatable"})
 @_cli
-def build(c, target=None, all=False, force=False, config=DEFAULT_CONFIG, verbose=False, quiet=False):
+def build(c, target=None, all=False, force=False, config=DEFAULT_CONFIG, verbose=False, quiet=False, file=None):
     """Build target images through the Docker SDK (content-addressed tags; no-op when up to date)."""
     from modelmatrix import images
     from modelmatrix.errors import ModelMatrixError
     m = _load(config)
+    supplied = {}
+    for item in file or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise Exit(f"error: --file {item!r}: expected NAME=PATH (e.g. --file toolkit=Ascend-cann-toolkit_5.0.1_"
+                       "linux-x86_64.run)", code=2)
+        supplied[name] = path
     names = [_known(m, config, t) for t in target or []]
     if all:
         names = [t for t in m.raw["targets"] if m.targets[t].dockerfile.is_file()]
@@ -176,7 +186,7 @@ def build(c, target=None, all=False, force=False, config=DEFAULT_CONFIG, verbose
     failed = []
     for name in names:
         try:
-            st = images.build(m, name, force=force)
+            st = images.build(m, name, force=force, files=supplied or None)
         except ModelMatrixError as exc:
             if not all:
                 raise
@@ -340,12 +350,13 @@ def export_results(c, target, out, config=DEFAULT_CONFIG, verbose=False, quiet=F
 
 @task(iterable=["from_"], help={**VERBOSITY, "from_": "an export folder (`invoke export-results`); repeatable",
                                 "force": "verify again even if up to date",
-                                "html": "also write report.html (default on)", "config": "matrix file"})
+                                "plots": "also write report.html with its plots (default on; --no-plots skips it)",
+                                "config": "matrix file"})
 @_cli
-def verify(c, from_=None, force=False, html=True, config=DEFAULT_CONFIG, verbose=False, quiet=False):
+def verify(c, from_=None, force=False, plots=True, config=DEFAULT_CONFIG, verbose=False, quiet=False):
     """Gather per-target exports (same prepared inputs, same ONNX) and write one report here."""
     from modelmatrix.fanout import gather
-    summary = gather(_load(config), [Path(f) for f in from_ or []], force=force, html=html)
+    summary = gather(_load(config), [Path(f) for f in from_ or []], force=force, html=plots)
     _print_verdict(summary, quiet)
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from targets.common.contract import RESULT_NAME, SPEC_NAME, atomic_write_json, spec_to_json
+from targets.common.contract import PROGRESS_PREFIX, RESULT_NAME, SPEC_NAME, atomic_write_json, spec_to_json
 
 from ..config import TargetDef
 from ..errors import StageFailed
@@ -170,9 +170,11 @@ class LogTail:
 
     def feed(self, line: str) -> None:
         line = line.rstrip("\n")
+        stage_log.debug("  [%s] %s", self.label, line)       # progress lines are relayed from here
+        if line.startswith(PROGRESS_PREFIX):
+            return                                            # not the stage's log
         self.lines.append(line)
         self.everything.append(line)
-        stage_log.debug("  [%s] %s", self.label, line)
 
     def text(self) -> str:
         return "\n".join(self.lines)

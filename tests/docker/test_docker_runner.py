@@ -45,7 +45,7 @@ def test_stage_that_crashes(mm_matrix, mm_image, tmp_path):
     with pytest.raises(StageFailed) as err:
         runner.run(request(mm_matrix, "mmtest", "crash", tmp_path, "out/crash"))
     msg = str(err.value)
-    assert msg.startswith(f"mmtest.crash: exited 1 in {mm_image['tag']}: RuntimeError: boom from mmtest.crash")
+    assert msg.startswith(f"exited with code 1 in {mm_image['tag']}: RuntimeError: boom from mmtest.crash")
     assert "about to crash" in err.value.log_tail and "Traceback" in err.value.log_tail
     assert leftovers(runner) == []
     assert not (tmp_path / "out/crash/result.json").exists()
