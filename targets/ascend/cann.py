@@ -51,7 +51,7 @@ def check_onnx_for_atc(info: Dict[str, Any], path: Path) -> None:
     opset = info["opsets"].get("")
     if opset != ATC_OPSET:
         raise StageError("%s: ONNX opset %s; ATC (CANN %s) takes opset %d: export with model.export.opset: %d"
-                         % (path, opset, TOOLKIT_VERSION, ATC_OPSET, ATC_OPSET, ATC_OPSET))
+                         % (path, opset, TOOLKIT_VERSION, ATC_OPSET, ATC_OPSET))
     missing: Dict[str, int] = {}
     for domain, op, _name in info["ops"]:
         key = op if not domain else "%s:%s" % (domain, op)
@@ -224,7 +224,7 @@ def read_dump(result_dir: Path, device_id: int, stems: Sequence[str], dim: Optio
     return out
 
 
-_PERF_LINE = re.compile(r"^\[(?P<stage>[a-z ]+)\]\s+(?P<rest>.*)$")
+_PERF_LINE = re.compile(r"^\[(?P<stage>[a-z0-9 ]+)\]\s+(?P<rest>.*)$")
 _PERF_ITEM = re.compile(r"^\s*(?P<key>[A-Za-z][A-Za-z ]*?):\s*(?P<value>[-+0-9.eE]+)\s*$")
 
 
