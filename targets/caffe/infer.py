@@ -230,7 +230,7 @@ def scan_caffemodel(path: Path) -> Dict[str, List[Tuple[int, ...]]]:
                 raise StageError(f"{path}: uses the V1 'layers' format; run caffe.convert again")
             if number != 100 or wire != 2:
                 continue
-            name, blobs = None, []
+            name, blobs = None, []  # type: Tuple[Any, List[Any]]
             for sub, sub_wire, sub_value in _fields(data, *value):
                 if sub == 1 and sub_wire == 2:
                     name = bytes(data[sub_value[0]:sub_value[1]]).decode("utf-8", "replace")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -935,7 +935,7 @@ def simulate_shapes(net: CaffeNet, batch: Optional[int] = None) -> Dict[str, Sha
     return shapes
 
 
-def check_shapes(net: CaffeNet, actual: Dict[str, Sequence[int]], where: str) -> None:
+def check_shapes(net: CaffeNet, actual: Mapping[str, Sequence[int]], where: str) -> None:
     """The shape guard: the first layer whose top shape differs from the ONNX graph's, named."""
     for layer in net.layers:
         for top in layer.tops:

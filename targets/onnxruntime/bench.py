@@ -9,7 +9,7 @@ the host can tell the harness's overhead from the runtime's speed. Writes bench.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import numpy as np
 
@@ -39,7 +39,8 @@ def matrix_loop(sess, name: str, arr: np.ndarray, batch_size: int) -> float:
 
 def compare(sess, name: str, arr: np.ndarray, batch_size: int, repeats: int) -> Dict[str, Any]:
     """Best of ``repeats`` for each loop, in alternating order so drift hits both alike."""
-    bare, matrix = [], []
+    bare: List[float] = []
+    matrix: List[float] = []
     for i in range(repeats):
         order = (bare_loop, matrix_loop) if i % 2 == 0 else (matrix_loop, bare_loop)
         for fn in order:

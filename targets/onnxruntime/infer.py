@@ -107,6 +107,8 @@ def infer(sess: ort.InferenceSession, name: str, arr: np.ndarray, batch_size: in
         if features is None:
             features = np.empty((arr.shape[0],) + out.shape[1:], dtype=np.float32)
         features[start:stop] = out
+    if features is None:
+        raise StageError(f"no images to run (inputs of shape {tuple(arr.shape)}); prepare at least one")
     return features.reshape(arr.shape[0], -1), seconds
 
 

@@ -69,7 +69,7 @@ def run(spec: Spec) -> Dict[str, Any]:
         print(f"warning: {notes[-1]}", flush=True)
     images = np.ascontiguousarray(arr[:used], dtype=np.float32)
     calib_sha = hashlib.sha256(images.tobytes()).hexdigest()
-    extra = {"ActivationSymmetric": True, "WeightSymmetric": True}
+    extra: Dict[str, Any] = {"ActivationSymmetric": True, "WeightSymmetric": True}
     if method == "percentile":
         extra["CalibPercentile"] = float(spec.param("percentile", 99.999))
     with tempfile.TemporaryDirectory(prefix=".quantize-", dir=spec.out_dir) as tmp:

@@ -19,10 +19,10 @@ NO_DRIVER = ("no CUDA driver in this container ({why}); run it on a host with an
 def runtime() -> Any:
     """cuda-python's runtime module (``cuda.bindings.runtime``; ``cuda.cudart`` before 12.6)."""
     try:
-        from cuda.bindings import runtime as rt  # type: ignore[import-not-found]
+        from cuda.bindings import runtime as rt
     except ImportError:
         try:
-            from cuda import cudart as rt  # type: ignore[import-not-found,no-redef]
+            from cuda import cudart as rt
         except ImportError:
             raise StageError("cuda-python is not installed here (pip install cuda-python; the tensorrt "
                              "image has it)") from None

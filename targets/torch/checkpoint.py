@@ -11,7 +11,7 @@ import pickle
 import re
 import warnings
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
@@ -76,7 +76,7 @@ def read_checkpoint(path: Path, shown: Optional[str] = None) -> object:
                          f"({detail}); download or save it again") from None
 
 
-def extract_state_dict(path: str, obj: object) -> Dict[str, torch.Tensor]:
+def extract_state_dict(path: str, obj: Any) -> Dict[str, torch.Tensor]:
     """The state dict inside ``obj``: module. stripped, classifier dropped."""
     if not isinstance(obj, Mapping):
         raise StageError(f"{path}: not a state dict (the file holds a {type(obj).__name__}); "
