@@ -165,3 +165,19 @@ def test_garbage_file(tmp_path, content):
 
 def test_missing_file(tmp_path):
     assert "checkpoint file not found" in bad(tmp_path / "nope.pth")
+
+
+def test_nan_weights_are_refused_naming_the_tensors(tmp_path, strong_sd):
+    """A diverged run's checkpoint would make every reference feature NaN: refused at export."""
+    sd = {k: v.clone() for k, v in strong_sd.items()}
+    sd["base.layer4.2.bn3.weight"][0] = float("nan")
+    sd["bottleneck.running_var"][3] = float("inf")
+    path = tmp_path / "diverged.pth"
+    torch.save(sd, path)
+    msg = bad(path)
+    assert "2 tensors hold NaN or infinite values" in msg
+    assert "base.layer4.2.bn3.weight" in msg and "bottleneck.running_var" in msg
+    torch.save(strong_sd, path)                      # the same file with finite weights loads
+    model = fresh()
+    C.load_into(model, path)
+    assert same_weights(model, strong_sd)

@@ -414,3 +414,51 @@ def test_a_bare_namespace_folder_is_not_a_toolchain(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     assert "fake_toolchain_ns" in missing_requirements({"modules": ["fake_toolchain_ns"]})
     assert missing_requirements({"modules": ["numpy", "json"]}) is None
+
+
+# ============================================================================ the hash cache persists
+
+def test_the_hash_cache_is_persisted_and_a_no_op_reads_no_dataset_file(project):
+    """run_matrix saves the one hash cache the run used (once it saved a second, empty instance,
+    so every run re-read the whole dataset and checkpoint)."""
+    import json as _json
+    from modelmatrix.hashing import HashCache
+    tmp, targets_dir, cfg = project
+    s = run_matrix(load_matrix(cfg, targets_dir=targets_dir), "local", ci=False)
+    cache = s.workspace / ".cache" / "hashes.json"
+    text = cache.read_text()
+    dataset = str((tmp / "data").resolve())
+    assert dataset in text, "the dataset's digests are not in the persisted cache"
+    before = cache.stat().st_mtime_ns
+    again = run_matrix(load_matrix(cfg, targets_dir=targets_dir), "local", ci=False)
+    assert not again.did_work
+    assert cache.stat().st_mtime_ns == before          # nothing re-hashed, nothing re-written
+    assert _json.loads(cache.read_text()) is not None and isinstance(HashCache(cache), HashCache)
+
+
+# ============================================================================ reports show only what applies
+
+def test_reports_name_the_checkpoint_by_sha256_and_give_the_reference_no_tolerance(project, tmp_path):
+    import hashlib
+    tmp, targets_dir, cfg = project
+    first = run_matrix(load_matrix(cfg, targets_dir=targets_dir), "local", ci=False)
+    weights = first.outcomes["torch.export"].dir / "weights.pt"      # a plain state dict
+    ckpt = tmp_path / "ckpt.pth"
+    ckpt.write_bytes(weights.read_bytes())
+    path, _ = _variant(project, "ckpt")
+    raw = yaml.safe_load(path.read_text())
+    raw["model"]["checkpoint"] = str(ckpt)
+    raw["workspace"] = str(tmp_path / "ws")
+    path.write_text(yaml.safe_dump(raw))
+    s = run_matrix(load_matrix(path, targets_dir=targets_dir), "local", ci=False)
+    assert s.passed, s.report["reason"]
+    sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert s.report["model"]["checkpoint_sha256"] == sha and s.report["model"]["random_weights"] is False
+    md = (s.workspace / "report.md").read_text()
+    assert sha in md and "None" not in md and "Random weights" not in md
+    torch_section = md.split("### torch")[1].split("###")[0]
+    assert "tolerance" not in torch_section                   # the reference is not checked
+    assert "tolerance" not in s.report["targets"]["torch"]
+    # random weights: said as such, with the seed, and no None either
+    md0 = (first.workspace / "report.md").read_text()
+    assert "random weights, seed 0" in md0 and "None" not in md0
