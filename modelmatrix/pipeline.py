@@ -481,6 +481,10 @@ class MatrixRun:
             if status:
                 return Outcome(node, status, reason, kind=kind)
             tdef = self.matrix.targets[node.target]
+            # per-stage requires: ascend.convert needs the toolkit only, ascend.infer also an NPU
+            stage_reason = self.runner.stage_unavailable_reason(tdef, node.stage)
+            if stage_reason:
+                return Outcome(node, SKIPPED, stage_reason)
             device = self.runner.device_fingerprint(tdef)     # GPU name, compute capability, driver
             return self._run(node, self.runner.fingerprint(tdef) + (f";{device}" if device else ""))
         except ModelMatrixError as exc:

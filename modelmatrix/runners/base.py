@@ -115,9 +115,25 @@ def _ascend_present() -> str | None:
 DEVICE_PROBES = {"nvidia-gpu": _nvidia_present, "ascend-npu": _ascend_present}
 
 
-def device_reason(target: TargetDef) -> str | None:
-    """None when the host has every device the target requires, else a one-line reason."""
-    for kind in target.requires.get("devices", []):
+def stage_requires(target: TargetDef, stage: str | None) -> dict[str, list[str]]:
+    """What one stage needs (its own ``requires``, else the target's); the target's for None."""
+    sdef = target.stages.get(stage) if stage else None
+    return sdef.requires if sdef is not None else target.requires
+
+
+def ascend_device_reason(device_ids: list[int], dev: Path = Path("/dev")) -> str | None:
+    """Why the configured Ascend device ids cannot be given to a stage: /dev/davinci<N> is missing."""
+    found = sorted(p.name for p in dev.glob("davinci[0-9]*"))
+    for i in device_ids:
+        if not (dev / f"davinci{i}").exists():
+            return (f"device id {i}: {dev / f'davinci{i}'} does not exist on this host (found: "
+                    f"{', '.join(found) or 'no davinci device'}); set targets.ascend.params.device_id")
+    return None
+
+
+def device_reason(target: TargetDef, stage: str | None = None) -> str | None:
+    """None when the host has every device the target (or one of its stages) requires, else a one-line reason."""
+    for kind in stage_requires(target, stage).get("devices", []):
         if kind not in DEVICE_PROBES:
             return (f"targets/{target.name}/target.yaml: requires.devices: unknown kind {kind!r} "
                     f"(known: {', '.join(DEVICE_PROBES)})")
@@ -208,6 +224,11 @@ class Runner(abc.ABC):
     @abc.abstractmethod
     def run(self, req: StageRequest) -> str:
         """Run one stage; return the tail of its log. Raise StageFailed on failure."""
+
+    def stage_unavailable_reason(self, target: TargetDef, stage: str) -> str | None:
+        """None when this runner can run this one stage (its own ``requires``: ascend.convert needs the
+        toolkit only, ascend.infer also /dev/davinci*), else a one-line reason (the stage is skipped)."""
+        return device_reason(target, stage)
 
     def device_fingerprint(self, target: TargetDef) -> str:
         """The devices the target's stages use here (part of their keys; "" when none): the GPUs

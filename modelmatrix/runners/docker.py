@@ -36,7 +36,7 @@ from ..config import Matrix, TargetDef
 from ..docker_client import SESSION_LABEL, Engine, engine_reason, owner_labels, owner_state
 from ..errors import ConfigError, DockerError, ImageMissing, ModelMatrixError, StageFailed
 from .base import (LogTail, Runner, StageRequest, device_fingerprint, device_reason, engine_gpu_reason,
-                   gpu_request_reason, nvidia_gpus, stage_exit_failure)
+                   gpu_request_reason, nvidia_gpus, stage_exit_failure, stage_requires)
 
 CONTAINER_WORKSPACE = "/workspace"
 STAGE_LABEL = "io.modelmatrix.stage"
@@ -70,31 +70,52 @@ __all__ = ["DockerRunner", "StageContainer", "engine_reason", "clean", "bench_co
 
 # --------------------------------------------------------------------------- devices
 
-def _ascend_options() -> dict[str, Any]:
-    devices = [f"{p}:{p}:rwm" for p in sorted(Path("/dev").glob("davinci[0-9]*"))]
-    devices += [f"/dev/{n}:/dev/{n}:rwm" for n in ("davinci_manager", "devmm_svm", "hisi_hdc")
-                if Path(f"/dev/{n}").exists()]
-    binds = [f"{p}:{p}:ro" for p in ("/usr/local/Ascend/driver", "/usr/local/dcmi", "/usr/local/bin/npu-smi",
-                                     "/etc/ascend_install.info") if Path(p).exists()]
-    return {"devices": devices, "binds": binds}
+def ascend_options(container: dict[str, Any], device_ids: list[int], dev: Path = Path("/dev")) -> dict[str, Any]:
+    """An Ascend stage's devices, from the validated container options (targets/ascend/target.yaml,
+    overridable per stanza) and the configured device ids: /dev/davinci<N> for each id, the listed
+    management devices (davinci_manager, devmm_svm, hisi_hdc), the read-only binds (the driver folder)
+    and the numeric groups that own those devices (mode 0660 HwHiAiUser; the container runs as the
+    caller's uid). A device id the host lacks is a one-line ConfigError."""
+    from .base import ascend_device_reason
+    wrong = ascend_device_reason(device_ids, dev)
+    if wrong:
+        raise ConfigError(f"targets.ascend: {wrong}")
+    paths = [str(dev / f"davinci{i}") for i in device_ids]
+    for spec in container.get("devices") or []:
+        host = spec.split(":")[0]
+        if host not in paths:
+            paths.append(host)
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        raise ConfigError(f"targets.ascend.container.devices: {missing[0]} does not exist on this host; is the "
+                          "Ascend driver installed (npu-smi info)?")
+    groups = sorted({str(os.stat(p).st_gid) for p in paths})
+    return {"devices": [f"{p}:{p}:rwm" for p in paths],
+            "binds": [f"{b}:{b}:ro" for b in container.get("binds_ro") or [] if Path(b).exists()],
+            "group_add": groups}
 
 
 #: requires.devices kind -> the container options that give a stage that device
 DEVICE_OPTIONS = {
     "nvidia-gpu": lambda: {"gpus": True},
-    "ascend-npu": _ascend_options,
+    "ascend-npu": lambda: {},          # from the container options: ascend_options
 }
 
 
-def _device_options(target: TargetDef, container: dict[str, Any] | None = None) -> dict[str, Any]:
+def _device_options(target: TargetDef, container: dict[str, Any] | None = None, stage: str | None = None,
+                    params: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the engine is asked for: the devices of requires.devices, and from the target's validated
     container options (targets/<t>/target.yaml ``container:``, overridden per matrix.yaml stanza) the
     GPU request (count or device_ids; all GPUs when a GPU target names none), shm size and ulimits."""
     container = container or {}
     out: dict[str, Any] = {}
-    for kind in target.requires.get("devices", []):
+    kinds = stage_requires(target, stage).get("devices", [])
+    for kind in kinds:
         for key, value in DEVICE_OPTIONS[kind]().items():
             out[key] = out.get(key, []) + value if isinstance(value, list) else value
+    if "ascend-npu" in kinds:
+        ids = [int((params or {}).get("device_id", 0))]
+        out.update(ascend_options(container, ids))
     if container.get("gpus") or out.get("gpus"):
         out["gpus"] = container.get("gpus") or {"count": -1}
     for key in ("shm_size", "ulimits"):
@@ -103,9 +124,11 @@ def _device_options(target: TargetDef, container: dict[str, Any] | None = None) 
     return out
 
 
-def device_options(matrix: Matrix, target: TargetDef) -> dict[str, Any]:
-    """The device options :meth:`DockerRunner.container_for` gives a stage of ``target``."""
-    return _device_options(target, matrix.target_cfg(target.name).get("container"))
+def device_options(matrix: Matrix, target: TargetDef, stage: str | None = None,
+                   params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The device options :meth:`DockerRunner.container_for` gives a stage of ``target`` (the
+    stage's own requires.devices; the target's when ``stage`` is None)."""
+    return _device_options(target, matrix.target_cfg(target.name).get("container"), stage, params)
 
 
 # --------------------------------------------------------------------------- one container
@@ -286,7 +309,8 @@ class DockerRunner(Runner):
     def run(self, req: StageRequest) -> str:
         image_id, tag = self.image_for(req.target)
         remote = self.remote_host(req.target)
-        reason = remote_device_reason(req.target, self.engine_for(req.target)) if remote else device_reason(req.target)
+        reason = remote_device_reason(req.target, self.engine_for(req.target)) if remote else \
+            device_reason(req.target, req.stage)
         if reason:
             raise StageFailed(f"{req.label}: {reason}")
         workspace = req.workspace.resolve()
@@ -341,8 +365,10 @@ class DockerRunner(Runner):
                                       (str(out), f"{CONTAINER_WORKSPACE}/{rel}", False)],
             volumes=[CONTAINER_WORKSPACE] if remote else None,
             labels={**owner_labels(self.session), STAGE_LABEL: req.label, IMAGE_LABEL: tag},
-            environment=dict(STAGE_ENVIRONMENT), mem_limit=_memory_limit(self.matrix),
-            device_options=device_options(self.matrix, req.target))
+            environment={**STAGE_ENVIRONMENT,
+                         **(self.matrix.target_cfg(req.target.name).get("container") or {}).get("env", {})},
+            mem_limit=_memory_limit(self.matrix),
+            device_options=device_options(self.matrix, req.target, req.stage, req.params))
 
     def close(self) -> None:
         """Remove whatever this runner's session left behind (normally nothing)."""

@@ -13,7 +13,7 @@ import threading
 from .. import REPO_ROOT
 from ..config import TargetDef
 from ..errors import StageFailed
-from .base import LogTail, Runner, StageRequest, device_reason, stage_exit_failure
+from .base import LogTail, Runner, StageRequest, device_reason, stage_exit_failure, stage_requires
 
 
 def missing_requirements(requires: dict[str, list[str]]) -> str | None:
@@ -34,6 +34,10 @@ class LocalRunner(Runner):
 
     def unavailable_reason(self, target: TargetDef) -> str | None:
         reason = missing_requirements(target.requires) or device_reason(target)
+        return f"{reason} (local runner)" if reason else None
+
+    def stage_unavailable_reason(self, target: TargetDef, stage: str) -> str | None:
+        reason = missing_requirements(stage_requires(target, stage)) or device_reason(target, stage)
         return f"{reason} (local runner)" if reason else None
 
     def fingerprint(self, target: TargetDef) -> str:
