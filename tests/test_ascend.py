@@ -349,3 +349,20 @@ def test_fake_tools_refuse_unknown_flags(fake_toolkit, tmp_path):
     bench = subprocess.run(["benchmark.x86_64", "-model_type=vision", "-turbo=True"], env=env, capture_output=True,
                            text=True, cwd=tmp_path)
     assert bench.returncode == 1 and "unknown parameter -turbo" in bench.stdout
+
+
+def test_device_ids_that_do_not_exist_on_the_host(tmp_path):
+    from modelmatrix.errors import ConfigError
+    from modelmatrix.runners.base import ascend_device_reason
+    from modelmatrix.runners.docker import ascend_options
+    (tmp_path / "davinci0").write_text("")
+    assert ascend_device_reason([0], tmp_path) is None
+    assert ascend_device_reason([3], tmp_path) == (f"device id 3: {tmp_path / 'davinci3'} does not exist on this host "
+                                                   "(found: davinci0); set targets.ascend.params.device_id")
+    with pytest.raises(ConfigError, match="targets.ascend: device id 3: "):
+        ascend_options({"devices": []}, [3], tmp_path)
+    (tmp_path / "davinci_manager").write_text("")
+    opts = ascend_options({"devices": [str(tmp_path / "davinci_manager")], "binds_ro": [str(tmp_path)]}, [0], tmp_path)
+    assert opts["devices"] == [f"{tmp_path}/davinci0:{tmp_path}/davinci0:rwm",
+                               f"{tmp_path}/davinci_manager:{tmp_path}/davinci_manager:rwm"]
+    assert opts["binds"] == [f"{tmp_path}:{tmp_path}:ro"] and opts["group_add"] == [str(os.getgid())]
