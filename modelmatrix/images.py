@@ -5,6 +5,9 @@ A target's *recipe* is its build context, assembled here (never the repo root):
     Dockerfile                    images/<t>/Dockerfile
     <other files>                 the rest of images/<t>/ (e.g. requirements.txt)
     targets/__init__.py, targets/common/**, targets/<t>/**     the code that runs in the image
+    targets/<u>/**                every target <u> whose target.yaml says ``image: {use: <t>}``: it
+                                  runs in this image (onnxruntime_int8 in onnxruntime's), so its
+                                  code is part of the recipe and of the image ID its keys hold
     .mm/ca/extra-ca.pem           the extra CA bundle for pip/apt in the builder stage (empty: none)
     .mm/wheels/*                  wheelhouse files the recipe's requirements.txt names
 
@@ -41,7 +44,7 @@ from targets.common.contract import atomic_write, atomic_write_bytes
 
 from . import REPO_ROOT, __version__
 from .bases import BaseInfo, resolve, target_base
-from .config import Matrix, TargetDef
+from .config import Matrix, TargetDef, discover_targets
 from .docker_client import Engine
 from .errors import BuildFailed, ConfigError, DataError, DockerError, ImageMissing
 
@@ -152,6 +155,41 @@ def user_build_args(matrix: Matrix, target: str) -> dict[str, str]:
     return args
 
 
+# --------------------------------------------------------------------------- image.use
+
+def image_owner(matrix: Matrix, target: str) -> TargetDef:
+    """The target whose image ``target`` runs in: itself, or the one its ``image.use`` names (one
+    level: the named target must have an image of its own). It need not be in the matrix."""
+    tdef = matrix.targets[target]
+    use = tdef.image.get("use")
+    if not use:
+        return tdef
+    where = f"targets/{target}/target.yaml: image.use"
+    owner = matrix.targets.get(use) or discover_targets(tdef.folder.parent).get(use)
+    if owner is None or use == target:
+        raise ConfigError(f"{where}: {use!r} is not another target (a folder targets/<name>/ with a "
+                          "target.yaml); name the target whose image this one runs in")
+    if owner.image.get("use"):
+        raise ConfigError(f"{where}: {use!r} itself uses {owner.image['use']!r}'s image; name "
+                          f"{owner.image['use']!r} directly")
+    return owner
+
+
+def image_users(owner: TargetDef) -> list[TargetDef]:
+    """Every target on disk (not only the matrix's) that runs in ``owner``'s image, by name."""
+    return [t for _, t in sorted(discover_targets(owner.folder.parent).items())
+            if t.image.get("use") == owner.name]
+
+
+def _owner_base(matrix: Matrix, owner: TargetDef) -> str:
+    """The owner's base: its stanza's when it is in the matrix, else its manifest's."""
+    if owner.name in matrix.raw["targets"]:
+        return target_base(matrix, owner.name)
+    if not owner.image.get("base"):
+        raise ConfigError(f"targets/{owner.name}/target.yaml: image.base: empty; name the base image")
+    return str(owner.image["base"])
+
+
 # --------------------------------------------------------------------------- context and hash
 
 def _skipped(name: str) -> bool:
@@ -177,8 +215,10 @@ def _snapshot(files: dict[str, Path]) -> dict[str, Path | bytes]:
     return {arc: src if os.access(src, os.X_OK) else src.read_bytes() for arc, src in files.items()}
 
 
-def context_files(target: TargetDef, ca: Path | None, wheels: list[Path]) -> dict[str, Path | bytes]:
-    """The build context of a target, arcname -> source file (or bytes)."""
+def context_files(target: TargetDef, ca: Path | None, wheels: list[Path],
+                  users: Iterable[TargetDef] = ()) -> dict[str, Path | bytes]:
+    """The build context of a target, arcname -> source file (or bytes); ``users``: the targets
+    that run in its image (their code is copied beside its own)."""
     image_dir = target.dockerfile.parent
     if not target.dockerfile.is_file():
         raise ConfigError(f"{target.dockerfile}: not found; every target needs images/{target.name}/Dockerfile")
@@ -195,6 +235,8 @@ def context_files(target: TargetDef, ca: Path | None, wheels: list[Path]) -> dic
         files["targets/__init__.py"] = (targets_dir / "__init__.py").read_bytes()
     files.update(_snapshot(_tree(targets_dir / "common", "targets/common")))
     files.update(_snapshot(_tree(target.folder, f"targets/{target.name}")))
+    for user in users:
+        files.update(_snapshot(_tree(user.folder, f"targets/{user.name}")))
     files[CA_ARCNAME] = ca.read_bytes() if ca else b""
     for wheel in wheels:
         files[f"{WHEELS_DIR}/{wheel.name}"] = wheel
@@ -295,14 +337,15 @@ class Recipe:
 
 
 def plan(matrix: Matrix, target: str, base: BaseInfo) -> Recipe:
-    """The recipe of a target once its base is resolved (no engine needed)."""
-    tdef = matrix.targets[target]
+    """The recipe of a target's image once its base is resolved (no engine needed); for a target
+    with ``image.use``, the used target's recipe (its repository and tag)."""
+    tdef = image_owner(matrix, target)
     ca = ca_bundle(matrix)
     reqs = read_requirements(tdef.dockerfile.parent / "requirements.txt")
     wheels = select_wheels(wheelhouses(matrix), reqs) if reqs else []
-    files = context_files(tdef, ca, wheels)
-    args = user_build_args(matrix, target)
-    return Recipe(target, tdef.dockerfile, files, args, base, ca, wheels,
+    files = context_files(tdef, ca, wheels, image_users(tdef))
+    args = user_build_args(matrix, tdef.name) if tdef.name in matrix.raw["targets"] else {}
+    return Recipe(tdef.name, tdef.dockerfile, files, args, base, ca, wheels,
                   recipe_hash(files, args, base.image_id))
 
 
@@ -365,13 +408,21 @@ def image_status(matrix: Matrix, target_name: str, engine: Engine | None = None)
     engine = _engine(engine)
     row = _empty_row(target_name)
     try:
-        row["base"] = target_base(matrix, target_name)
-        base = resolve(matrix, row["base"], engine, allow_pull=False, where=f"targets.{target_name}.image.base")
+        owner = image_owner(matrix, target_name).name
+        row["base"] = _owner_base(matrix, image_owner(matrix, target_name))
+        base = resolve(matrix, row["base"], engine, allow_pull=False, where=f"targets.{owner}.image.base")
         recipe = plan(matrix, target_name, base)
     except (ImageMissing, ConfigError) as exc:
         row.update(problem=str(exc), base_source="missing")
         return _with_other_tags(row, engine)
-    return _recipe_row(recipe, engine)
+    return _used_by(_recipe_row(recipe, engine), target_name)
+
+
+def _used_by(row: dict[str, Any], target_name: str) -> dict[str, Any]:
+    """A row of the used image, shown under the using target's name (``uses``: whose image it is)."""
+    if row["target"] != target_name:
+        row = {**row, "target": target_name, "uses": row["target"]}
+    return row
 
 
 def _with_other_tags(row: dict[str, Any], engine: Engine) -> dict[str, Any]:
@@ -499,8 +550,9 @@ def build(matrix: Matrix, target_name: str, *, force: bool = False,
     run passes False, so a no-op run never waits on a registry and never switches bases under you."""
     engine = _engine(engine)
     t0 = time.monotonic()
-    ref = target_base(matrix, target_name)
-    base = resolve(matrix, ref, engine, allow_pull=allow_pull, where=f"targets.{target_name}.image.base")
+    ref = _owner_base(matrix, image_owner(matrix, target_name))
+    base = resolve(matrix, ref, engine, allow_pull=allow_pull,
+                   where=f"targets.{image_owner(matrix, target_name).name}.image.base")
     _say(target_name, f"base {base.ref} ({base.image_id[7:19]}): {base.why}")
     recipe = plan(matrix, target_name, base)
     _say(target_name, f"recipe {recipe.hash[:16]}: {len(recipe.files)} context files, CA bundle "
@@ -508,7 +560,7 @@ def build(matrix: Matrix, target_name: str, *, force: bool = False,
     existing = engine.image(recipe.tag)
     if existing and not force:
         _say(target_name, f"{recipe.tag} is up to date (recipe unchanged); not rebuilding")
-        return _result(recipe, engine, built=False, seconds=time.monotonic() - t0)
+        return _used_by(_result(recipe, engine, built=False, seconds=time.monotonic() - t0), target_name)
     where = _rel(recipe.dockerfile)
     stream = BuildStream(target_name, where)
     image_id = _build_context(engine, recipe.files, buildargs=recipe.builder_args(), labels={},
@@ -521,7 +573,7 @@ def build(matrix: Matrix, target_name: str, *, force: bool = False,
     if existing and existing["Id"] != final_id:
         _drop_untagged(engine, existing["Id"], target_name)
     seconds = time.monotonic() - t0
-    out = _result(recipe, engine, built=True, seconds=seconds)
+    out = _used_by(_result(recipe, engine, built=True, seconds=seconds), target_name)
     _say(target_name, f"built {recipe.tag} ({final_id[7:19]}, {out['size'] / 1e6:.0f} MB) in {seconds:.0f}s; "
          f"versions: {', '.join(f'{k} {v}' for k, v in sorted(versions.items()))}")
     return out

@@ -67,7 +67,13 @@ def upgrade(model: onnx.ModelProto, opset: int, path: Path) -> onnx.ModelProto:
     if current >= opset:
         return model
     try:
-        return version_converter.convert_version(model, opset)
+        out = version_converter.convert_version(model, opset)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise StageError(f"{path}: cannot upgrade from opset {current} to {opset} ({first})") from None
+    # the converter keeps the IR version (6 from an opset-11 export), below what opset 13 needs (7):
+    # raised to the minimum, never to the newest (older runtimes and parsers refuse IR they do not know)
+    need = onnx.helper.find_min_ir_version_for(list(out.opset_import))
+    if out.ir_version < need:
+        out.ir_version = need
+    return out

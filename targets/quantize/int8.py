@@ -5,6 +5,12 @@ it), then ONNX Runtime's ``quantize_static`` writes QuantizeLinear/DequantizeLin
 weights, symmetric, per output channel; int8 activations, symmetric (zero point 0). That is what
 TensorRT's explicit quantisation accepts, and ONNX Runtime's CPU provider runs the same file.
 
+``keep_fp32`` (default ``stem``): the first Conv (the one reading the image: 3 input channels, 2% of
+the MACs) gets no Q/DQ and stays fp32; ``none`` quantises every Conv. Measured on the fine-tuned
+checkpoint (report: targets/quantize/target.yaml) it lifts the cosine to fp32 in every case, and a
+QDQ graph with an unquantised layer is still what TensorRT's explicit quantisation accepts (that
+layer runs in the tensor's own precision).
+
 Calibration: the first ``calibration_images`` rows of prepare/inputs.npy (the same tensor every
 backend reads; all of them, said in the sidecar and the log, when there are fewer), method minmax,
 entropy or percentile. Sidecar quantization.json: method, N (requested and used), the sha256 of the
@@ -15,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import tempfile
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import numpy as np
 import onnx
@@ -29,6 +35,19 @@ from .common import default_opset, load_model, sha256_file, upgrade, versions
 METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
            "percentile": CalibrationMethod.Percentile}
 CALIBRATION_BATCH = 8
+KEEP_FP32 = ("none", "stem")
+
+
+def fp32_nodes(model: onnx.ModelProto, keep: str) -> List[str]:
+    """The node names ``keep_fp32`` leaves unquantised (named: quantize_static excludes by name)."""
+    if keep == "none":
+        return []
+    first = next((n for n in model.graph.node if n.op_type == "Conv"), None)
+    if first is None:
+        return []
+    if not first.name:
+        first.name = "modelmatrix_stem_conv"
+    return [first.name]
 
 
 class Reader(CalibrationDataReader):
@@ -55,7 +74,11 @@ def run(spec: Spec) -> Dict[str, Any]:
     if requested < 1:
         raise StageError(f"calibration_images must be >= 1, got {requested}")
     opset = int(spec.param("opset", 13))
+    keep = str(spec.param("keep_fp32", "stem"))
+    if keep not in KEEP_FP32:
+        raise StageError(f"keep_fp32: expected one of {', '.join(KEEP_FP32)}, got {keep!r}")
     model = upgrade(load_model(path), opset, path)
+    exclude = fp32_nodes(model, keep)
     inp = model.graph.input[0]
     dims = [d.dim_value for d in inp.type.tensor_type.shape.dim]
     arr = load_inputs(spec.input("calibration"), dims[1:], str(path))
@@ -79,7 +102,8 @@ def run(spec: Spec) -> Dict[str, Any]:
         try:
             quantize_static(str(src), str(dst), Reader(inp.name, images), quant_format=QuantFormat.QDQ,
                             per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=METHODS[method], extra_options=extra)
+                            calibrate_method=METHODS[method], extra_options=extra,
+                            nodes_to_exclude=exclude)
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise StageError(f"{path}: ONNX Runtime's quantize_static failed ({type(exc).__name__}: {first})") from None
@@ -97,6 +121,7 @@ def run(spec: Spec) -> Dict[str, Any]:
             "opset": default_opset(qmodel), "source_sha256": sha256_file(path),
             "weights": "int8 symmetric per-channel", "activations": "int8 symmetric per-tensor",
             "percentile": extra.get("CalibPercentile"), "qdq_nodes": counts, "notes": notes,
+            "keep_fp32": keep, "fp32_nodes": exclude,
             "versions": versions()}
     atomic_write_json(spec.output("quantization.json"), side)
     return side
