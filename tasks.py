@@ -116,11 +116,12 @@ def data(c, synthetic=False, out="", force=False, config=DEFAULT_CONFIG, verbose
             "target": "only this target (plus the reference); repeatable; a named target must run",
             "require": "this target must run: skipped fails the run (exit 3); repeatable",
             "force": "re-run every stage even if up to date",
+            "dry_run": "print what would run, be up to date or be skipped (and vendor command lines); run nothing",
             "plots": "also write report.html with its plots (default on; --no-plots skips it)",
             "dataset": "override data.dataset", "config": "matrix file"})
 @_cli
 def matrix(c, runner="", target=None, require=None, force=False, dataset="", config=DEFAULT_CONFIG,
-           verbose=False, quiet=False, plots=True):
+           verbose=False, quiet=False, plots=True, dry_run=False):
     """Convert, run every target, verify against the reference; the exit code says how it went (README)."""
     from modelmatrix.errors import ConfigError
     from modelmatrix.pipeline import run_matrix
@@ -130,6 +131,16 @@ def matrix(c, runner="", target=None, require=None, force=False, dataset="", con
         if not m.target_cfg(t)["enabled"]:
             raise ConfigError(f"--require {t}: the target is not enabled (targets.{t}.enabled in {config}, "
                               "or --target selected others); enable it or drop --require")
+    if dry_run:
+        import shlex
+        from modelmatrix.pipeline import dry_run as plan_dry_run
+        lines = plan_dry_run(m, runner or None, force=force, require=[*(require or []), *(target or [])])
+        print(f"dry run ({runner or m.raw['runner']} runner): nothing is run, built or written")
+        for d in lines:
+            print(f"  {d.status:<11} {d.node:<22} {d.reason}".rstrip())
+            for cmd in d.commands:
+                print(f"  {'':<11} {'':<22} $ {shlex.join(cmd)}")
+        return
     summary = run_matrix(m, runner or None, force=force, require=[*(require or []), *(target or [])],
                          html=plots, progress=_live_progress())
     if summary.report is None:
@@ -283,7 +294,9 @@ def bench(c, target=None, runner="", out="", compare_runners=False, market_sized
     """Benchmark backends (img/s, p50/p95 at several batch sizes) and the pipeline itself; writes a JSON file."""
     from modelmatrix.bench import run_bench, summary_lines
     m = _load(config)
-    path = run_bench(m, target or ["torch", "onnxruntime"], runner or None,
+    # by default the fp32 pair, plus the reduced-precision targets when the matrix lists them
+    default = ["torch", "onnxruntime"] + [t for t in ("onnxruntime_int8", "onnxruntime_fp16") if t in m.raw["targets"]]
+    path = run_bench(m, target or default, runner or None,
                      Path(out) if out else None, compare_runners=compare_runners, market_sized=int(market_sized))
     for line in summary_lines(json.loads(path.read_text())):
         print(line)

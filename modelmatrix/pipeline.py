@@ -592,6 +592,136 @@ class MatrixRun:
         return self.outcomes
 
 
+# --------------------------------------------------------------------------- the dry run
+
+WOULD_RUN = "would run"
+
+
+@dataclass
+class DryLine:
+    node: str
+    status: str                 # "up to date", "would run", "skipped", "FAILED"
+    reason: str = ""
+    commands: list[list[str]] = field(default_factory=list)
+
+
+class DryRun(MatrixRun):
+    """`invoke matrix --dry-run`: the same plan, probes and keys as a run, with nothing run, built,
+    written or locked. A stage is "up to date" when its key is in the store (outputs re-checked),
+    "would run" otherwise (and so is everything after it); skips and failures are predicted by the
+    same probes (an image the docker runner would build first is said). Stages that drive a vendor
+    tool list the command lines they would run (``targets/<t>/commands.py``, stdlib only)."""
+
+    def __init__(self, matrix: Matrix, runner: Runner, **kw: Any):
+        super().__init__(matrix, runner, html=False, **kw)
+        self.notes: dict[str, str] = {}
+
+    def _probe_target(self, tdef: TargetDef) -> tuple[str | None, str, str]:
+        state = target_probe(tdef, self.runner.unavailable_reason(tdef))
+        if state[0] or self.runner.name != "docker":
+            return state
+        from . import images
+        row = images.image_status(self.matrix, tdef.name, getattr(self.runner, "engine", None))
+        if not row["up_to_date"]:
+            if not row.get("tag"):
+                return FAILED, f"{tdef.name} image: {row['problem']}", "failed"
+            self.notes[tdef.name] = f"builds {row['tag']} first"
+        return None, "", ""
+
+    def _upstream_problem(self, node: Node) -> str | None:
+        if node.id == "verify":
+            return None
+        return upstream_problem(node, lambda p: None if p not in self.outcomes else
+                                ("ok" if self.outcomes[p].ok or self.outcomes[p].status == WOULD_RUN
+                                 else self.outcomes[p].status))
+
+    def run_node(self, node: Node) -> Outcome:
+        after = [r.producer for r in node.inputs.values()
+                 if r.producer in self.outcomes and self.outcomes[r.producer].status == WOULD_RUN]
+        if node.id == "verify" and any(o.status == WOULD_RUN for o in self.outcomes.values()):
+            return Outcome(node, WOULD_RUN, "after the stages that would run")
+        if after and node.id != "verify":
+            o = super().run_node(node) if node.target is None else self._probe_only(node)
+            if o.status in (SKIPPED, FAILED):
+                return o
+            return Outcome(node, WOULD_RUN, f"after {', '.join(dict.fromkeys(after))}")
+        if node.target is not None and node.target in self.notes:
+            o = self._probe_only(node)
+            return o if o.status in (SKIPPED, FAILED) else Outcome(node, WOULD_RUN, self.notes[node.target])
+        return super().run_node(node)
+
+    def _probe_only(self, node: Node) -> Outcome:
+        assert node.target is not None
+        if node.target in self.broken:
+            return Outcome(node, FAILED, self.broken[node.target], kind="bad input")
+        status, reason, kind = self._target_state(node.target)
+        if status:
+            return Outcome(node, status, reason, kind=kind)
+        stage_reason = self.runner.stage_unavailable_reason(self.matrix.targets[node.target], node.stage)
+        return Outcome(node, SKIPPED, stage_reason) if stage_reason else Outcome(node, WOULD_RUN)
+
+    def _produce(self, node: Node, key: str, fingerprint: str, paths: dict[str, Path], t0: float) -> Outcome:
+        stamp, damaged = (None, None) if self.force else self.ws.find(node.id, key)
+        if stamp is not None:
+            return Outcome(node, CACHED, key=key, dir=self.ws.stage_dir(node.id, key), stamp=stamp)
+        why = "--force" if self.force else (f"the stored result is damaged: {damaged}" if damaged else "")
+        return Outcome(node, WOULD_RUN, why, key=key)
+
+    def _announce(self, o: Outcome) -> None:
+        pass
+
+    def _save_failure_log(self, node: Node, message: str, tail: str) -> None:
+        pass                                  # a dry run writes nothing
+
+    def run(self, plan: list[Node], on_node: Callable[[Node], None] | None = None) -> dict[str, Outcome]:
+        for node in plan:
+            self.outcomes[node.id] = self.run_node(node)
+        return self.outcomes
+
+    def commands(self, node: Node) -> list[list[str]]:
+        """The vendor command lines ``node`` would run, from its target's commands.py (if any)."""
+        if node.target is None:
+            return []
+        import importlib
+        try:
+            module = importlib.import_module(f"targets.{node.target}.commands")
+        except ModuleNotFoundError:
+            return []
+        inputs = {}
+        for name, ref in node.inputs.items():
+            up = self.outcomes.get(ref.producer)
+            inputs[name] = str(up.dir / ref.file) if up is not None and up.ok and up.dir is not None \
+                else f"<{ref.producer}>/{ref.file}"
+        o = self.outcomes.get(node.id)
+        out_dir = str(self.ws.stage_dir(node.id, o.key)) if o is not None and o.key else \
+            f"<{self.ws.node_dir(node.id)}/KEY>"
+        facts = {"input_name": self.matrix.model["export"]["input_name"],
+                 "input_size": self.matrix.model["input_size"], "inputs": inputs, "out_dir": out_dir}
+        try:
+            return [list(map(str, c)) for c in module.commands(node.stage, node.params, facts)]
+        except Exception as exc:                # a stage's own check (e.g. batch > max): said, not raised
+            return [[f"(cannot list the command: {exc})"]]
+
+
+def dry_run(matrix: Matrix, runner_choice: str | None = None, force: bool = False,
+            require: tuple[str, ...] | list[str] = (), ci: bool | None = None) -> list[DryLine]:
+    """What `invoke matrix` would do, stage by stage, without running, building or writing anything."""
+    plan, broken = build_plan(matrix, per_target_errors=True)
+    runner, _ = select_runner(matrix, runner_choice)
+    try:
+        run = DryRun(matrix, runner, force=force, required=required_targets(matrix, require, ci), broken=broken)
+        outcomes = run.run(plan)
+        lines = []
+        for node in plan:
+            o = outcomes[node.id]
+            status = {CACHED: "up to date", DONE: "up to date", SKIPPED: "skipped", FAILED: "FAILED"}.get(
+                o.status, o.status)
+            lines.append(DryLine(node.id, status, o.reason, run.commands(node)))
+        return lines
+    finally:
+        runner.close()
+
+
 def _existing(path: Path, key: str) -> Path:
     if not path.is_file():
         raise ModelMatrixError(f"{path}: checkpoint not found (matrix.yaml {key}); fix the path "

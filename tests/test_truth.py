@@ -66,7 +66,7 @@ def _project(root: Path) -> Path:
     targets = root / "targets"
     targets.mkdir(parents=True)
     shutil.copy(REPO / "targets" / "__init__.py", targets / "__init__.py")
-    for name in ("common", "torch", "onnxruntime", "caffe"):
+    for name in ("common", "torch", "onnxruntime", "caffe", "ascend", "tensorrt"):
         (targets / name).symlink_to(REPO / "targets" / name)
     for name, (stages, files) in FAULTS.items():
         folder = targets / name
@@ -462,3 +462,36 @@ def test_reports_name_the_checkpoint_by_sha256_and_give_the_reference_no_toleran
     # random weights: said as such, with the seed, and no None either
     md0 = (first.workspace / "report.md").read_text()
     assert "random weights, seed 0" in md0 and "None" not in md0
+
+
+# ============================================================================ dry run
+
+def _tree_state(root: Path) -> dict[str, int]:
+    return {str(p): p.lstat().st_mtime_ns for p in root.rglob("*")}
+
+
+def test_dry_run_predicts_runs_nothing_and_lists_vendor_commands(project):
+    tmp, targets_dir, cfg = project
+    assert run_matrix(load_matrix(cfg, targets_dir=targets_dir), "local", ci=False).passed
+    path, _ = _variant(project, "dry", {"ascend": {}, "tensorrt": {}})
+    m = load_matrix(path, targets_dir=targets_dir)
+    before = _tree_state(m.workspace)
+    from modelmatrix.pipeline import dry_run
+    lines = {d.node: d for d in dry_run(m, "local", ci=False)}
+    assert _tree_state(m.workspace) == before                   # nothing written, not even the cache
+    for node in ("prepare", "torch.export", "torch.infer", "onnxruntime.infer"):
+        assert lines[node].status == "up to date", (node, lines[node])
+    assert lines["verify"].status == "would run"                # the tolerances' set of targets changed
+    atc = [c for c in lines["ascend.convert"].commands]
+    assert lines["ascend.convert"].status == "skipped" and len(atc) == 2      # the guide's bs1 and bs16
+    for batch, cmd in zip((1, 16), atc, strict=True):
+        assert cmd[0] == "atc" and "--framework=5" in cmd and f"--input_shape=image:{batch},3,64,32" in cmd
+    assert lines["tensorrt.convert"].commands[0][0] == "trtexec"
+    # a new export: it and everything after it would run; nothing before it
+    raw = yaml.safe_load(path.read_text())
+    raw["model"]["seed"] = 123
+    path.write_text(yaml.safe_dump(raw))
+    lines = {d.node: d for d in dry_run(load_matrix(path, targets_dir=targets_dir), "local", ci=False)}
+    assert lines["prepare"].status == "up to date"
+    assert lines["torch.export"].status == "would run" and lines["onnxruntime.infer"].status == "would run"
+    assert _tree_state(m.workspace) == before
