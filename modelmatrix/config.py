@@ -915,6 +915,17 @@ def _build_stanza_model(t: TargetDef) -> type[_Strict]:
     class Image(_Strict):
         base: Annotated[str, _v(_string())] = t.image.get("base", "")
         build_args: Annotated[dict[str, str], _v(_dict_of(_string()))] = Field(default_factory=dict)
+        #: name -> path of the user-supplied files the manifest's image.files declares
+        files: Annotated[dict[str, str], _v(_dict_of(_string()))] = Field(default_factory=dict)
+
+        @model_validator(mode="after")
+        def _declared(self) -> Any:
+            names = [f.get("name") for f in t.image.get("files") or []]
+            for name in self.files:
+                if name not in names:
+                    raise _err(f"targets/{t.name}/target.yaml declares no such file (image.files: "
+                               f"{', '.join(map(str, names)) or 'none'})", "files", name)
+            return self
 
     Image.__name__ = f"Image_{t.name}"
     defaults = dict(t.container)

@@ -456,6 +456,8 @@ def _device_kwargs(options: dict[str, Any]) -> dict[str, Any]:
         out["devices"] = list(options["devices"])
     if options.get("binds"):
         out["binds"] = list(options["binds"])
+    if options.get("group_add"):
+        out["group_add"] = [str(g) for g in options["group_add"]]     # e.g. the group owning /dev/davinci*
     return out
 
 

@@ -150,11 +150,17 @@ def engine_state(timeout: int = 10) -> tuple[EngineState, Engine | None]:
                        api_version=str(api) if api else None), engine
 
 
-def declared_files(tdef: TargetDef) -> list[str]:
-    """Files the user must supply for a target (a vendor toolkit, a licence). The hook for them:
-    target.yaml declares none yet (its schema has no such key), so this is always empty; when a
-    manifest gains them, list each here with whether it is present."""
-    return []
+def declared_files(tdef: TargetDef, given: dict[str, str] | None = None) -> list[str]:
+    """Files the user must supply for a target's image (a vendor toolkit: image.files in target.yaml),
+    each with where it is expected and whether it is there (its sha256 is checked by the build)."""
+    given = given or {}
+    out = []
+    for f in tdef.image.get("files") or []:
+        path = given.get(f["name"])
+        state = ("given: " + path + ("" if Path(path).is_file() else " (missing)")) if path else \
+            f"not given: `invoke build --target {tdef.name} --file {f['name']}=PATH` ({f['where']})"
+        out.append(f"{f['name']} = {f['filename']}: {state}")
+    return out
 
 
 def _short_id(image_id: str | None) -> str:
@@ -319,7 +325,7 @@ def diagnose(matrix: Matrix, runner_choice: str | None = None, require: list[str
         text, tag, fresh, problem = _image(matrix, name, engine)
         probes = {"local": local.unavailable_reason(tdef),
                   "docker": docker.unavailable_reason(tdef) if docker is not None else NO_ENGINE}
-        states[name] = TargetState(name, cfg["enabled"], text, tag, fresh, problem, probes, declared_files(tdef),
+        states[name] = TargetState(name, cfg["enabled"], text, tag, fresh, problem, probes, declared_files(tdef, (cfg.get("image") or {}).get("files")),
                                    required=required.get(name), allow_skip=cfg.get("allow_skip"))
         if not cfg["enabled"]:
             states[name].verdict, states[name].reason = OFF, f"targets.{name}.enabled is false in {matrix.path.name}"

@@ -162,7 +162,9 @@ def test_shipped_manifests_pass_with_complete_requires():
         for stage in t.stages.values():
             assert set(stage.requires) == {"modules", "commands", "devices"}, (t.name, stage.name)
     assert "nvidia-gpu" in known["tensorrt"].stages["infer"].requires["devices"]
-    assert known["ascend"].requires == {"modules": [], "commands": ["atc"], "devices": ["ascend-npu"]}
+    # per-stage: atc converts on any x86 host with the toolkit; only inference needs the NPU
+    assert known["ascend"].stages["convert"].requires["devices"] == []
+    assert "ascend-npu" in known["ascend"].stages["infer"].requires["devices"]
 
 
 def test_manifest_unknown_keys_anywhere(tmp_path):
@@ -196,7 +198,7 @@ def test_manifest_stage_inputs_outputs_params(tmp_path):
     assert _target_error(tmp_path, "onnxruntime", "onnx: torch.export/model.onnx", "onnx: model.onnx") == \
         "stages.infer.inputs.onnx: input 'model.onnx' must look like 'producer/file' " \
         "(e.g. torch.export/model.onnx or prepare/inputs.npy)"
-    assert _target_error(tmp_path, "ascend", "om: ascend.convert/model.om", "om: ascend.convrt/model.om") == \
+    assert _target_error(tmp_path, "ascend", "om: ascend.convert/om", "om: ascend.convrt/om") == \
         "stages.infer.inputs.om: ascend has no stage 'convrt' (stages: convert, infer)"
     assert _target_error(tmp_path, "caffe", "outputs: [model.prototxt, model.caffemodel]",
                          "outputs: model.prototxt") == "stages.convert.outputs: expected a list, got 'model.prototxt'"
@@ -390,16 +392,23 @@ def test_bad_conditional_inputs_are_one_line(tmp_path, decl, msg):
 # --------------------------------------------------------------------------- container options, engines
 
 def test_container_options_merge_manifest_and_stanza_and_refuse_nonsense(tmp_path):
-    root = _targets(tmp_path, {"tensorrt": ("stages:", "container: {shm_size: 1g, ulimits: {memlock: -1}}\nstages:")})
-    m = load_matrix(_write(tmp_path, {"targets": {"torch": {}, "tensorrt": {
+    root = _targets(tmp_path, {"onnxruntime": ("stages:", "container: {shm_size: 1g, ulimits: {memlock: -1}}\nstages:")})
+    m = load_matrix(_write(tmp_path, {"targets": {"torch": {}, "onnxruntime": {
         "docker_host": "ssh://me@gpu-box", "container": {"gpus": {"device_ids": ["0"]}}}}}), targets_dir=root)
-    c = m.target_cfg("tensorrt")["container"]
+    c = m.target_cfg("onnxruntime")["container"]
     assert c["shm_size"] == "1g" and c["ulimits"] == {"memlock": {"soft": -1, "hard": -1}}   # the manifest's
     assert c["gpus"] == {"count": None, "device_ids": ["0"]}                                # the stanza's
-    assert m.target_cfg("tensorrt")["docker_host"] == "ssh://me@gpu-box"
+    assert m.target_cfg("onnxruntime")["docker_host"] == "ssh://me@gpu-box"
     for bad, msg in ((({"container": {"gpus": {"count": 1, "device_ids": ["a"]}}}), "give count or device_ids"),
                      (({"container": {"devices": ["/tmp/x"]}}), "devices[0]: expected /dev/NAME"),
                      (({"docker_host": "gpu-box"}), "docker_host: expected an engine address")):
         with pytest.raises(ConfigError) as exc:
-            load_matrix(_write(tmp_path, {"targets": {"torch": {}, "tensorrt": bad}}), targets_dir=root)
-        assert msg in str(exc.value) and "targets.tensorrt." in str(exc.value)
+            load_matrix(_write(tmp_path, {"targets": {"torch": {}, "onnxruntime": bad}}), targets_dir=root)
+        assert msg in str(exc.value) and "targets.onnxruntime." in str(exc.value)
+
+
+def test_user_file_paths_in_the_stanza_must_be_declared(tmp_path):
+    m = load_matrix(_write(tmp_path, {"targets": {"torch": {}, "ascend": {"image": {"files": {"toolkit": "/x.run"}}}}}))
+    assert m.target_cfg("ascend")["image"]["files"] == {"toolkit": "/x.run"}
+    msg = _error(tmp_path, {"targets": {"torch": {}, "ascend": {"image": {"files": {"tolkit": "/x.run"}}}}})
+    assert "targets.ascend.image.files.tolkit: targets/ascend/target.yaml declares no such file" in msg
