@@ -13,6 +13,8 @@ while a stage runs is a one-line StageFailed, never a docker/requests traceback.
 from __future__ import annotations
 
 import codecs
+import json
+import dataclasses
 import logging
 import os
 import re
@@ -271,7 +273,8 @@ class DockerRunner(Runner):
         """Build the target's image unless its recipe's tag exists (never pulling a base: that is
         `invoke build`'s job). A failure raises a one-line error: the target FAILED, not skipped
         (base not available -> `invoke bases`; a failing Dockerfile -> its failing step)."""
-        if "nvidia-gpu" in target.requires.get("devices", []):
+        if "nvidia-gpu" in target.requires.get("devices", []) and not self.remote_host(target):
+            # (a remote engine's GPUs are that host's: this host's nvidia-smi says nothing of them)
             gpus = self.matrix.target_cfg(target.name).get("container", {}).get("gpus")
             wrong = gpu_request_reason(gpus, nvidia_gpus()[0], f"targets.{target.name}.container.gpus")
             if wrong:
@@ -288,9 +291,22 @@ class DockerRunner(Runner):
         image_id, tag = self.image_for(target)
         return f"docker:{image_id}"
 
+    def stage_unavailable_reason(self, target: TargetDef, stage: str) -> str | None:
+        """One stage's own device needs: on a remote engine asked of that engine, else of this host."""
+        if self.remote_host(target):
+            own = dataclasses.replace(target, requires=stage_requires(target, stage))
+            return remote_device_reason(own, self.engine_for(target))
+        return super().stage_unavailable_reason(target, stage)
+
     def device_fingerprint(self, target: TargetDef) -> str:
-        """The GPUs a stage container gets (container.gpus.device_ids, or the first ``count``)."""
+        """The GPUs a stage container gets (container.gpus.device_ids, or the first ``count``). On a
+        remote engine this host cannot see them: the engine's address and its server id stand in,
+        so a workspace shared between hosts still never reuses another host's engine."""
         gpus = self.matrix.target_cfg(target.name).get("container", {}).get("gpus") or {}
+        host = self.remote_host(target)
+        if host and "nvidia-gpu" in target.requires.get("devices", []):
+            info = self.engine_for(target).info()
+            return f"nvidia-gpu@{host}={info.get('ID', '?')};gpus={json.dumps(gpus, sort_keys=True)}"
         if gpus.get("device_ids"):
             return device_fingerprint(target, list(gpus["device_ids"]))
         count = gpus.get("count")

@@ -138,3 +138,22 @@ def test_unreachable_remote_engine_is_one_line(remote_matrix, tmp_path):
     reason = DockerRunner(m).unavailable_reason(m.targets["mmtest"])
     assert reason is not None and reason.startswith(f"Docker engine not reachable at unix://{tmp_path}/none.sock")
     assert "\n" not in reason
+
+
+def test_a_remote_gpu_target_is_probed_and_keyed_by_its_engine_not_this_host(tmp_path, docker_engine):
+    """tensorrt on a docker_host: this host has no nvidia-smi, and must not be asked. The stage probe
+    goes to the engine's `docker info` (no nvidia runtime there: one line naming the engine), the key's
+    device part names that engine, and prepare does not check this host's GPUs."""
+    from modelmatrix import REPO_ROOT
+    address = docker_engine.api.base_url.replace("http+docker://localhost", "unix:///var/run/docker.sock") \
+        if os.environ.get("DOCKER_HOST") is None else os.environ["DOCKER_HOST"]
+    cfg = write_yaml(tmp_path / "matrix.yaml", {"workspace": str(tmp_path / "ws"), "targets": {
+        "torch": {}, "tensorrt": {"docker_host": address, "container": {"gpus": {"device_ids": ["7"]}}}}})
+    m = load_matrix(cfg)
+    runner = DockerRunner(m)
+    trt = m.targets["tensorrt"]
+    why = runner.stage_unavailable_reason(trt, "infer")
+    assert why is not None and "nvidia-gpu" in why and address in why and "\n" not in why
+    fp = runner.device_fingerprint(trt)                   # no nvidia-smi consulted (there is none here)
+    assert fp.startswith(f"nvidia-gpu@{address}=") and '"device_ids": ["7"]' in fp
+    assert (REPO_ROOT / "targets" / "tensorrt" / "target.yaml").is_file()
