@@ -8,7 +8,13 @@ Measured, then written to a JSON file and printed; never asserted in tests:
 - a no-op re-run of `invoke matrix` (target: < 2 s);
 - the no-op dataset digest on a Market1501-sized set (`noop_hash_bench`: 32,000 files; target:
   well under 1 s, so that a whole no-op `invoke matrix` stays under 1 s);
-- with the Docker runner, per-stage container overhead (target: < 1 s).
+- with the Docker runner, per-stage container overhead (target: < 1 s);
+- first of all, the machine's roofline (``quantize.roofline``, run by the same runner): fp32 GEMM
+  (numpy), int8 GEMM (ONNX Runtime MatMulInteger), bf16 GEMM where torch is present, the CPU flags
+  and the model's GFLOP/image from its ONNX graph; every backend x batch row then gets
+  ``gflops`` (img/s x GFLOP/image) and ``roofline_fraction`` against the GEMM of its precision
+  (int8 for *int8 targets, fp32 otherwise: this CPU has no fp16 arithmetic), and the run reports
+  int8 / fp32 ONNX Runtime img/s at batch 16 (the issue's goal: >= 3x).
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ from typing import Any
 
 from targets.common.contract import atomic_write_json
 
-from .config import Matrix
+from .config import Matrix, TargetDef, discover_targets
 from .errors import ModelMatrixError
 from .pipeline import RunSummary, run_matrix, select_runner
 from .plan import stage_node
@@ -38,6 +44,83 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZES = {"caffe": [1, 8, 16]}
 BENCH_BATCH_SIZES = [1, 8, 16, 32]
+ROOFLINE_TARGET, ROOFLINE_STAGE = "quantize", "roofline"
+ROOFLINE_SECONDS = 1.0          # per GEMM kernel
+RATIO_BATCH = 16                # int8 / fp32 img/s is compared at this batch size
+
+
+def producers(matrix: Matrix, targets: list[str]) -> set[str]:
+    """The targets whose stages feed the benched ones (quantize for onnxruntime_int8/fp16), so that
+    enabling only the benched targets still runs what they read."""
+    out: set[str] = set()
+    todo = list(targets)
+    while todo:
+        tdef = matrix.targets.get(todo.pop())
+        for stage in (tdef.stages.values() if tdef else []):
+            for ref in stage.inputs.values():
+                producer = ref.split("/", 1)[0].split(".", 1)[0]
+                if producer in matrix.raw["targets"] and producer not in out and producer not in targets:
+                    out.add(producer)
+                    todo.append(producer)
+    return out
+
+
+def precision_of(target: str) -> str:
+    """The roofline a backend is held against: int8 for the int8 targets, fp32 for the rest (fp16
+    targets too: the CPU has no fp16 arithmetic, ONNX Runtime computes them in fp32 or casts)."""
+    return "int8" if "int8" in target else "fp32"
+
+
+def _roofline(matrix: Matrix, summary: RunSummary, runner: Runner) -> dict[str, Any]:
+    """quantize.roofline on the exported model, by the bench's runner (its image under docker)."""
+    export = summary.outcomes.get("torch.export")
+    if export is None or not export.ok or export.dir is None:
+        return {"status": "skipped", "reason": "torch.export did not run"}
+    tdef: TargetDef | None = matrix.targets.get(ROOFLINE_TARGET) or discover_targets().get(ROOFLINE_TARGET)
+    if tdef is None or ROOFLINE_STAGE not in tdef.stages:
+        return {"status": "skipped", "reason": f"targets/{ROOFLINE_TARGET} declares no {ROOFLINE_STAGE} stage"}
+    reason = runner.unavailable_reason(tdef)
+    if reason:
+        return {"status": "skipped", "reason": reason}
+    out = Path(tempfile.mkdtemp(prefix=".bench-roofline-", dir=summary.workspace))
+    req = StageRequest(target=tdef, stage=ROOFLINE_STAGE, workspace=summary.workspace,
+                       inputs={"onnx": os.path.relpath(export.dir / "model.onnx", summary.workspace)},
+                       out_dir=os.path.relpath(out, summary.workspace),
+                       params={"seconds": ROOFLINE_SECONDS}, timeout_s=float(matrix.raw["stage_timeout_s"]))
+    try:
+        runner.prepare(tdef)
+        runner.run(req)
+        result: dict[str, Any] = json.loads((out / "result.json").read_text())
+    except ModelMatrixError as exc:
+        return {"status": "skipped", "reason": str(exc)}
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    result["status"] = "measured"
+    return result
+
+
+def against_roofline(results: dict[str, Any]) -> None:
+    """Adds gflops / roofline_fraction to every measured row, and the int8 / fp32 ratio."""
+    roof = results.get("roofline") or {}
+    if roof.get("status") != "measured":
+        return
+    gflop = float(roof["model"]["gflop_per_image"])
+    for target, r in results["targets"].items():
+        if r.get("status") != "measured":
+            continue
+        precision = precision_of(target)
+        peak = float(roof["gemm"][precision]["gflops"])
+        r["roofline"] = {"precision": precision, "peak_gflops": peak, "gflop_per_image": gflop}
+        for row in r.get("results", []):
+            achieved = row["images_per_second"] * gflop
+            row["gflops"] = round(achieved, 1)
+            row["roofline_fraction"] = round(achieved / peak, 3) if peak > 0 else None
+    rows = {t: {row["batch_size"]: row["images_per_second"] for row in r.get("results", [])}
+            for t, r in results["targets"].items() if r.get("status") == "measured"}
+    fp32, int8 = rows.get("onnxruntime", {}).get(RATIO_BATCH), rows.get("onnxruntime_int8", {}).get(RATIO_BATCH)
+    if fp32 and int8:
+        results["int8_over_fp32"] = {"batch_size": RATIO_BATCH, "ratio": round(int8 / fp32, 3),
+                                     "onnxruntime": fp32, "onnxruntime_int8": int8, "goal": ">= 3"}
 
 
 def _bench_target(matrix: Matrix, summary: RunSummary, runner: Runner, target: str) -> dict[str, Any]:
@@ -175,8 +258,9 @@ def run_bench(matrix: Matrix, targets: list[str], runner_choice: str | None,
         if t not in matrix.raw["targets"]:
             raise ModelMatrixError(f"--target {t}: not a target of {matrix.path}")
     ref = matrix.raw["verify"]["reference"]
+    wanted = set(targets) | {ref} | producers(matrix, targets)
     for name, stanza in matrix.raw["targets"].items():
-        stanza["enabled"] = name in targets or name == ref
+        stanza["enabled"] = name in wanted
     log.info("bench: bringing the matrix up to date first")
     summary = run_matrix(matrix, runner_choice)
     t0 = time.perf_counter()
@@ -195,6 +279,8 @@ def run_bench(matrix: Matrix, targets: list[str], runner_choice: str | None,
     with Workspace(matrix.workspace).lock():
         results["preprocessing"] = _preprocessing(matrix)
         try:
+            log.info("bench: the machine's roofline (fp32/int8/bf16 GEMM, the model's GFLOP/image)")
+            results["roofline"] = _roofline(matrix, summary, runner)
             for t in targets:
                 log.info("bench: %s", t)
                 results["targets"][t] = _bench_target(matrix, summary, runner, t)
@@ -207,6 +293,7 @@ def run_bench(matrix: Matrix, targets: list[str], runner_choice: str | None,
             log.info("bench: the no-op dataset digest on a %d-file Market1501-sized set", market_sized)
             results["noop_dataset_digest"] = noop_hash_bench(matrix.workspace / "bench" / "market-sized",
                                                              files=market_sized)
+    against_roofline(results)
     if compare_runners:
         log.info("bench: a forced matrix run with each runner")
         results["runners"] = _compare_runners(matrix)
@@ -220,18 +307,34 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
              f"no-op re-run of invoke matrix: {results['noop_rerun']['seconds']:.2f} s (target < 2 s)",
              f"preprocessing: {results['preprocessing']['images_per_second']} img/s "
              f"(target >= 300)"]
+    roof = results.get("roofline") or {}
+    if roof.get("status") == "measured":
+        g = roof["gemm"]
+        bf16 = f"{g['bf16']['gflops']} GFLOP/s" if "gflops" in g["bf16"] else g["bf16"].get("reason", "-")
+        lines.append(f"roofline: fp32 GEMM {g['fp32']['gflops']} GFLOP/s, int8 GEMM {g['int8']['gflops']} GOP/s "
+                     f"({roof['int8_over_fp32']}x), bf16 {bf16}; CPU {roof['cpu']} [{' '.join(roof['flags'])}]; "
+                     f"model {roof['model']['gflop_per_image']} GFLOP/image")
+    elif roof:
+        lines.append(f"roofline: {roof.get('status')} ({roof.get('reason')})")
     for t, r in results["targets"].items():
         if r.get("status") != "measured":
             lines.append(f"{t}: {r.get('status')} ({r.get('reason')})")
             continue
         for row in r.get("results", []):
+            frac = row.get("roofline_fraction")
             lines.append(f"{t:<12} batch {row['batch_size']:>3}: {row['images_per_second']:7.1f} img/s  "
-                         f"p50 {row['latency_ms_p50']:8.1f} ms  p95 {row['latency_ms_p95']:8.1f} ms")
+                         f"p50 {row['latency_ms_p50']:8.1f} ms  p95 {row['latency_ms_p95']:8.1f} ms"
+                         + (f"  {row['gflops']:6.1f} GFLOP/s = {frac:.0%} of {r['roofline']['precision']}"
+                            if frac is not None else "")
+                         + (f"  peak RSS {r['peak_rss_mib']:.0f} MiB" if "peak_rss_mib" in r else ""))
         cmp_ = r.get("comparison")
         if cmp_:
             lines.append(f"{t:<12} matrix loop {cmp_['matrix_images_per_second']:.1f} img/s vs bare loop "
                          f"{cmp_['bare_images_per_second']:.1f} img/s (ratio {cmp_['matrix_over_bare']:.3f}, "
                          "target >= 0.9)")
+    if "int8_over_fp32" in results:
+        q = results["int8_over_fp32"]
+        lines.append(f"int8 / fp32 ONNX Runtime at batch {q['batch_size']}: {q['ratio']:.2f}x (goal >= 3)")
     if results.get("runners", {}).get("status") == "measured":
         r = results["runners"]
         lines.append(f"forced matrix run: local {r['seconds']['local']} s, docker {r['seconds']['docker']} s "

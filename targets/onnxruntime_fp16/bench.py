@@ -1,9 +1,10 @@
 """Stage ``onnxruntime_fp16.bench`` (run by ``invoke bench``): as ``onnxruntime.bench``, on the fp16 model."""
 from __future__ import annotations
 
+import resource
 from typing import Any, Dict
 
-from targets.common.contract import Spec, main
+from targets.common.contract import Spec, atomic_write_json, main
 from targets.onnxruntime import bench as ort_bench
 
 PARAMS = {"providers": ["CPUExecutionProvider"], "graph_optimization": "all"}
@@ -11,7 +12,11 @@ PARAMS = {"providers": ["CPUExecutionProvider"], "graph_optimization": "all"}
 
 def run(spec: Spec) -> Dict[str, Any]:
     spec.params = {**PARAMS, **spec.params}
-    return ort_bench.run(spec)
+    report = ort_bench.run(spec)
+    # the process's peak resident set over every batch size (Linux reports KiB)
+    report["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    atomic_write_json(spec.output("bench.json"), report)
+    return report
 
 
 if __name__ == "__main__":
