@@ -135,9 +135,11 @@ def stage_error(runner, matrix, ws, stage, inputs, out_dir, params) -> str:
     """Run a stage that must fail with exit 2; returns its one error line."""
     with pytest.raises(StageFailed) as exc:
         run_stage(runner, matrix, ws, stage, inputs, out_dir, params)
-    assert "exited 2" in str(exc.value), exc.value.log_tail
+    # the stage contract's user error (exit 2): its message IS the reason, said once
+    assert exc.value.user_error and exc.value.exit_code == 2, (str(exc.value), exc.value.log_tail)
     errors = [line for line in exc.value.log_tail.splitlines() if "error: " in line]
     assert len(errors) == 1, exc.value.log_tail
+    assert errors[0].split("error: ", 1)[1] == str(exc.value)
     assert "Traceback" not in exc.value.log_tail
     return errors[0]
 
