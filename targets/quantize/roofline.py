@@ -78,7 +78,7 @@ def gemm_fp32(n: int, seconds: float) -> Dict[str, Any]:
 
 def _blas() -> str:
     try:
-        cfg = np.show_config(mode="dicts")  # type: ignore[call-arg]
+        cfg = np.show_config(mode="dicts")
         return str(cfg["Build Dependencies"]["blas"]["name"])
     except Exception:
         return "?"
