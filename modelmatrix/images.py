@@ -54,6 +54,10 @@ CONTEXT_MTIME = 315532800                # 1980-01-01T00:00:00Z: fixed mtime of 
 VERSIONS_PATH = "/opt/modelmatrix/versions.json"
 CA_ARCNAME = ".mm/ca/extra-ca.pem"
 WHEELS_DIR = ".mm/wheels"
+#: user-supplied files (targets/<t>/target.yaml image.files), streamed into the context here
+USER_FILES_DIR = ".mm/files"
+#: a declared sha256 of 64 zeros: not recorded yet (the build refuses the file until it is)
+UNRECORDED_SHA256 = "0" * 64
 CA_ENV_VARS = ("PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
 log = logging.getLogger(__name__)
 
@@ -264,10 +268,15 @@ def _mode(src: Path | bytes) -> int:
     return 0o755 if isinstance(src, Path) and os.access(src, os.X_OK) else 0o644
 
 
-def recipe_hash(files: dict[str, Path | bytes], build_args: dict[str, str], base_id: str) -> str:
+def recipe_hash(files: dict[str, Path | bytes], build_args: dict[str, str], base_id: str,
+                declared: dict[str, str] | None = None) -> str:
+    """``declared``: arcname -> sha256 of the user-supplied files (image.files): hashed by their
+    declared digest, so the tag is known without the files (only a build needs them)."""
     h = hashlib.sha256(RECIPE_SCHEMA.encode() + b"\n")
     for arc in sorted(files):
         h.update(f"{arc}\0{_mode(files[arc]):o}\0{_sha256(files[arc])}\n".encode())
+    for arc, digest in sorted((declared or {}).items()):
+        h.update(f"{arc}\0user-file\0{digest}\n".encode())
     h.update(b"build-args\0" + json.dumps(build_args, sort_keys=True).encode() + b"\n")
     h.update(b"base-id\0" + base_id.encode() + b"\n")
     return h.hexdigest()
@@ -314,6 +323,7 @@ class Recipe:
     ca: Path | None
     wheels: list[Path] = field(default_factory=list)
     hash: str = ""
+    declared: dict[str, str] = field(default_factory=dict)     # user files: arcname -> sha256
 
     @property
     def repository(self) -> str:
@@ -345,8 +355,57 @@ def plan(matrix: Matrix, target: str, base: BaseInfo) -> Recipe:
     wheels = select_wheels(wheelhouses(matrix), reqs) if reqs else []
     files = context_files(tdef, ca, wheels, image_users(tdef))
     args = user_build_args(matrix, tdef.name) if tdef.name in matrix.raw["targets"] else {}
+    declared = {f"{USER_FILES_DIR}/{f['filename']}": f["sha256"] for f in tdef.image.get("files") or []}
     return Recipe(tdef.name, tdef.dockerfile, files, args, base, ca, wheels,
-                  recipe_hash(files, args, base.image_id))
+                  recipe_hash(files, args, base.image_id, declared), declared)
+
+
+def user_files(matrix: Matrix, target: str, given: dict[str, str] | None = None) -> dict[str, Path]:
+    """arcname -> path of each file the target's image.files declares, checked before a build
+    starts: the path from ``given`` (``invoke build --file name=PATH``) or the stanza's
+    ``image.files.<name>``; it must exist and have the declared sha256 (hashed once: a persisted
+    cache keyed by path, size and mtime, workspace/.cache/user-files.json). Anything else is one
+    line naming the file, the expected sha256 and where to get it."""
+    from .hashing import HashCache
+    tdef = image_owner(matrix, target)
+    declared = list(tdef.image.get("files") or [])
+    given = dict(given or {})
+    names = [f["name"] for f in declared]
+    for name in given:
+        if name not in names:
+            raise ConfigError(f"--file {name}=...: targets/{tdef.name}/target.yaml declares no such file "
+                              f"(image.files: {', '.join(names) or 'none'})")
+    if not declared:
+        return {}
+    stanza = (matrix.target_cfg(tdef.name).get("image") or {}).get("files") or {} \
+        if tdef.name in matrix.raw["targets"] else {}
+    cache = HashCache(matrix.workspace / ".cache" / "user-files.json")
+    out: dict[str, Path] = {}
+    for f in declared:
+        what = (f"{f['filename']} (targets/{tdef.name}/target.yaml image.files {f['name']}, sha256 "
+                f"{f['sha256']}; get it from {f['where']})")
+        raw = given.get(f["name"]) or stanza.get(f["name"])
+        if not raw:
+            raise ConfigError(f"{tdef.name}: the build needs {what}: pass --file {f['name']}=PATH")
+        path = Path(raw).expanduser()
+        path = path if path.is_absolute() else (Path.cwd() / path if f["name"] in given else matrix.resolve(path))
+        if f["sha256"] == UNRECORDED_SHA256:
+            raise ConfigError(f"targets/{tdef.name}/target.yaml: image.files {f['name']}: no sha256 recorded "
+                              f"for {f['filename']} (64 zeros); put the sha256 of your verified download "
+                              f"(`sha256sum {path}`) there; it comes from {f['where']}")
+        if not path.is_file():
+            raise ConfigError(f"{path}: not found; the build needs {what}")
+        digest = cache.file(path)
+        if digest != f["sha256"]:
+            raise ConfigError(f"{path}: sha256 {digest} is not the expected {f['sha256']} of {f['filename']} "
+                              f"(targets/{tdef.name}/target.yaml image.files {f['name']}); get the right file "
+                              f"from {f['where']}")
+        out[f"{USER_FILES_DIR}/{f['filename']}"] = path
+    try:
+        cache.save()
+    except OSError as exc:
+        log.debug("could not save the user-file hash cache %s: %s", cache.path, exc)
+    return out
 
 
 def _git(*args: str) -> str | None:
@@ -372,6 +431,9 @@ def image_labels(recipe: Recipe, versions: dict[str, Any]) -> dict[str, str]:
         LABEL_PREFIX + "wheelhouse": ",".join(w.name for w in recipe.wheels) or "none",
         LABEL_PREFIX + "versions": json.dumps(versions, sort_keys=True, separators=(",", ":")),
     }
+    if recipe.declared:
+        labels[LABEL_PREFIX + "user-files"] = ",".join(f"{arc.rsplit('/', 1)[-1]}=sha256:{d}"
+                                                       for arc, d in sorted(recipe.declared.items()))
     revision = _git("rev-parse", "HEAD")
     if revision:
         labels["org.opencontainers.image.revision"] = revision
@@ -543,7 +605,8 @@ def _versions(engine: Engine, image_id: str, recipe: Recipe) -> dict[str, Any]:
 
 
 def build(matrix: Matrix, target_name: str, *, force: bool = False,
-          engine: Engine | None = None, allow_pull: bool = True) -> dict[str, Any]:
+          engine: Engine | None = None, allow_pull: bool = True,
+          files: dict[str, str] | None = None) -> dict[str, Any]:
     """Build a target's image unless its tag exists (``force``: rebuild without the layer cache).
 
     ``allow_pull``: try the registry once for a base that is not local (`invoke build`); the matrix
@@ -562,8 +625,9 @@ def build(matrix: Matrix, target_name: str, *, force: bool = False,
         _say(target_name, f"{recipe.tag} is up to date (recipe unchanged); not rebuilding")
         return _used_by(_result(recipe, engine, built=False, seconds=time.monotonic() - t0), target_name)
     where = _rel(recipe.dockerfile)
+    supplied = user_files(matrix, target_name, files)     # checked before the engine sees anything
     stream = BuildStream(target_name, where)
-    image_id = _build_context(engine, recipe.files, buildargs=recipe.builder_args(), labels={},
+    image_id = _build_context(engine, {**recipe.files, **supplied}, buildargs=recipe.builder_args(), labels={},
                               stream=stream, nocache=force)
     versions = _versions(engine, image_id, recipe)
     labels = image_labels(recipe, versions)
