@@ -58,8 +58,8 @@ _code_cache: dict[str, str] = {}
 
 
 def code_hash(node: Node, folder: Path | None = None) -> str:
-    """Hash of the code a node runs: the whole target folder (``folder``) plus the shared contract,
-    or for a host node the whole host package."""
+    """Hash of the code a node runs: the whole target folder (``folder``), the folder of the target
+    whose image it uses, and the shared contract; or for a host node the whole host package."""
     cache_key = str(folder) if folder else "host"
     if cache_key in _code_cache:
         return _code_cache[cache_key]
@@ -71,6 +71,13 @@ def code_hash(node: Node, folder: Path | None = None) -> str:
         paths = [(f"targets/{f.relative_to(common).as_posix()}", f)
                  for f in [common / "__init__.py", *iter_files(common / "common")]]
         paths += [(f"target/{f.relative_to(folder).as_posix()}", f) for f in iter_files(folder)]
+        # A target that runs in another's image (image.use) runs that target's code too (e.g.
+        # onnxruntime_int8 imports targets.onnxruntime): its folder is part of the key as well.
+        from .config import load_target
+        used = load_target(folder).image.get("use")
+        if used:
+            other = folder.parent / used
+            paths += [(f"uses/{used}/{f.relative_to(other).as_posix()}", f) for f in iter_files(other)]
     for name, p in paths:
         if p.is_file():
             h.update(str(name).encode() + b"\0" + p.read_bytes())

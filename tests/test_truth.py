@@ -495,3 +495,27 @@ def test_dry_run_predicts_runs_nothing_and_lists_vendor_commands(project):
     assert lines["prepare"].status == "up to date"
     assert lines["torch.export"].status == "would run" and lines["onnxruntime.infer"].status == "would run"
     assert _tree_state(m.workspace) == before
+
+
+def test_a_target_that_uses_another_targets_image_is_keyed_on_that_targets_code_too():
+    from modelmatrix import plan
+    from modelmatrix.config import discover_targets
+    known = discover_targets()
+    int8 = known["onnxruntime_int8"]
+    assert int8.image.get("use") == "onnxruntime"
+    node = plan.Node("onnxruntime_int8.infer", "onnxruntime_int8", "infer")
+    plan._code_cache.clear()
+    before = plan.code_hash(node, int8.folder)
+    plan._code_cache.clear()
+    # the same hash as a manual one over both folders proves the used folder is in it
+    import hashlib
+    h = hashlib.sha256()
+    common = REPO / "targets"
+    from modelmatrix.hashing import iter_files
+    files = [(f"targets/{f.relative_to(common).as_posix()}", f) for f in [common / "__init__.py", *iter_files(common / "common")]]
+    files += [(f"target/{f.relative_to(int8.folder).as_posix()}", f) for f in iter_files(int8.folder)]
+    other = common / "onnxruntime"
+    files += [(f"uses/onnxruntime/{f.relative_to(other).as_posix()}", f) for f in iter_files(other)]
+    for name, f in files:
+        h.update(name.encode() + b"\0" + f.read_bytes())
+    assert before == h.hexdigest()
