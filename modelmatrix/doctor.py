@@ -253,8 +253,8 @@ def _own_state(t: TargetState, tdef: TargetDef, runner: str) -> tuple[str | None
         return status, reason
     if runner == "docker":
         # DockerRunner.prepare builds the image unless its tag exists: predicted, not done.
-        if t.image_tag is None:
-            return FAILED, f"{tdef.name} image: {t.image_problem or t.image}"
+        if t.image_tag is None:       # its base (or a vendor file) is not here: skipped, as the run does
+            return SKIPPED, f"{tdef.name} image: {t.image_problem or t.image}"
         if not t.image_up_to_date:
             t.builds = t.image_tag
     return None, ""

@@ -78,6 +78,11 @@ class ImageMissing(ModelMatrixError):
     exit_code = EXIT_UNAVAILABLE
 
 
+class UserFileMissing(ImageMissing):
+    """A file the user must supply for an image build (a vendor installer) was not given: the target
+    cannot be built here (skipped, with how to supply it), unlike a given file whose sha256 is wrong."""
+
+
 class BuildFailed(ModelMatrixError):
     """An image build failed. ``log_tail`` holds the output of the failing step."""
 

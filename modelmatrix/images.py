@@ -46,7 +46,7 @@ from . import REPO_ROOT, __version__
 from .bases import BaseInfo, resolve, target_base
 from .config import Matrix, TargetDef, discover_targets
 from .docker_client import Engine
-from .errors import BuildFailed, ConfigError, DataError, DockerError, ImageMissing
+from .errors import BuildFailed, ConfigError, DataError, DockerError, ImageMissing, UserFileMissing
 
 IMAGE_NAMESPACE = "modelmatrix"
 RECIPE_SCHEMA = "modelmatrix-recipe-1"
@@ -386,7 +386,8 @@ def user_files(matrix: Matrix, target: str, given: dict[str, str] | None = None)
                 f"{f['sha256']}; get it from {f['where']})")
         raw = given.get(f["name"]) or stanza.get(f["name"])
         if not raw:
-            raise ConfigError(f"{tdef.name}: the build needs {what}: pass --file {f['name']}=PATH")
+            raise UserFileMissing(f"{tdef.name}: the build needs {what}: pass --file {f['name']}=PATH "
+                                  f"(or targets.{tdef.name}.image.files.{f['name']} in matrix.yaml)")
         path = Path(raw).expanduser()
         path = path if path.is_absolute() else (Path.cwd() / path if f["name"] in given else matrix.resolve(path))
         if f["sha256"] == UNRECORDED_SHA256:

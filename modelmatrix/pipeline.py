@@ -35,7 +35,7 @@ import PIL
 from targets.common.contract import atomic_write_json
 
 from .config import Matrix, TargetDef
-from .errors import EXIT_UNAVAILABLE, ConfigError, ModelMatrixError, StageFailed
+from .errors import EXIT_UNAVAILABLE, ConfigError, ModelMatrixError, StageFailed, TargetUnavailable
 from .plan import Node, Ref, build_plan, node_key, short
 from .runners.base import Runner, StageRequest
 from .workspace import REPORT_FILES, Workspace, disk_error
@@ -428,6 +428,8 @@ class MatrixRun:
             return state
         try:
             self.runner.prepare(tdef)
+        except TargetUnavailable as exc:        # e.g. its image's base or a vendor file is not here
+            return SKIPPED, str(exc), ""
         except ModelMatrixError as exc:
             return FAILED, str(exc), _failure_kind(exc)
         return None, "", ""

@@ -36,7 +36,7 @@ from targets.common.contract import SPEC_NAME
 from .. import REPO_ROOT, images
 from ..config import Matrix, TargetDef
 from ..docker_client import SESSION_LABEL, Engine, engine_reason, owner_labels, owner_state
-from ..errors import ConfigError, DockerError, ImageMissing, ModelMatrixError, StageFailed
+from ..errors import ConfigError, DockerError, ImageMissing, ModelMatrixError, StageFailed, TargetUnavailable
 from .base import (LogTail, Runner, StageRequest, device_fingerprint, device_reason, engine_gpu_reason,
                    gpu_request_reason, nvidia_gpus, stage_exit_failure, stage_requires)
 
@@ -281,6 +281,10 @@ class DockerRunner(Runner):
                 raise ConfigError(f"{self.matrix.path.name}: {wrong}")
         try:
             row = images.build(self.matrix, target.name, engine=self.engine_for(target), allow_pull=False)
+        except ImageMissing as exc:
+            # its base is not here, or a file the user must supply was not given: the target cannot
+            # run here (skipped with how to fix it), unlike a Dockerfile step that fails
+            raise TargetUnavailable(f"{target.name} image: {exc}") from None
         except ModelMatrixError as exc:
             raise StageFailed(f"{target.name} image: {exc}", getattr(exc, "log_tail", "")) from None
         self._images[target.name] = (row["image_id"], row["tag"])

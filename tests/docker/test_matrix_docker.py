@@ -73,3 +73,22 @@ def test_cli_runner_docker_and_local_agree(tmp_path, ci_base, bullseye_base):
     assert local_report["runner"] == "local" and docker_report["runner"] == "docker"
     for key in ("rank1", "mAP"):
         assert local_report["reference_retrieval"][key] == docker_report["reference_retrieval"][key]
+
+
+def test_a_target_whose_image_base_is_not_here_is_skipped_not_failed(tmp_path, ci_base):
+    """ascend's base (ubuntu:18.04) and vendor files are not on this host: the target cannot run here.
+    That is a skip with the reason (allowed by the shipped allow_skip), never a FAILED that turns the
+    shipped matrix red; a Dockerfile step that fails is still FAILED (test_build)."""
+    tmp_path.chmod(0o755)
+    shipped = yaml.safe_load((REPO_ROOT / "matrix.yaml").read_text())
+    cfg = write_matrix(tmp_path, runner="docker", images=shipped["images"], targets={
+        "torch": {"params": {"batch_size": 8}}, "onnxruntime": {"params": {"batch_size": 8}},
+        "ascend": {"allow_skip": shipped["targets"]["ascend"]["allow_skip"]}})
+    m = load_matrix(cfg)
+    data.make_synthetic(m.resolve(m.raw["data"]["dataset"]), **m.raw["data"]["synthetic"])
+    s = run_matrix(load_matrix(cfg), ci=True)
+    o = s.outcomes["ascend.convert"]
+    assert o.status == SKIPPED and "ascend image:" in o.reason and "ubuntu:18.04" in o.reason
+    assert s.report["targets"]["ascend"]["status"] == "skipped" and s.passed and s.exit_code == 0
+    strict = run_matrix(load_matrix(cfg), ci=True, require=["ascend"])
+    assert strict.exit_code == 3 and strict.report["targets"]["ascend"]["status"] == "error"
