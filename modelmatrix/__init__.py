@@ -1,4 +1,5 @@
 """modelmatrix: host-side orchestration. Imports no toolchain (torch, onnxruntime, caffe, tensorrt, acl)."""
+
 from pathlib import Path
 
 __version__ = "0.1.0"

@@ -16,6 +16,7 @@ and bootstrapped once with ``invoke bases`` (debootstrap, then ``docker import``
 A build never bootstraps by itself: it uses the declared tag when it exists, says so, and otherwise
 stops with a message naming ``invoke bases``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -46,11 +47,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BaseInfo:
-    requested: str     # the ref the target asks for
-    ref: str           # the image actually used (the requested ref or its declared bootstrap tag)
+    requested: str  # the ref the target asks for
+    ref: str  # the image actually used (the requested ref or its declared bootstrap tag)
     image_id: str
-    source: str        # local | pulled | bootstrap
-    why: str           # one sentence for the build output
+    source: str  # local | pulled | bootstrap
+    why: str  # one sentence for the build output
 
 
 def _say(msg: str, level: int = logging.INFO) -> None:
@@ -59,11 +60,14 @@ def _say(msg: str, level: int = logging.INFO) -> None:
 
 # --------------------------------------------------------------------------- declarations
 
+
 def target_base(matrix: Matrix, target: str) -> str:
     ref = matrix.target_cfg(target)["image"]["base"]
     if not ref:
-        raise ConfigError(f"{matrix.path.name}: targets.{target}.image.base: empty, and "
-                          f"targets/{target}/target.yaml has no image.base; name the base image")
+        raise ConfigError(
+            f"{matrix.path.name}: targets.{target}.image.base: empty, and "
+            f"targets/{target}/target.yaml has no image.base; name the base image"
+        )
     return ref
 
 
@@ -94,7 +98,7 @@ def detect_mirror(sources_dir: Path = APT_SOURCES_DIR, sources_list: Path = APT_
             if not line.startswith("deb "):
                 continue
             rest = line[4:].strip()
-            if rest.startswith("["):              # deb [arch=amd64 signed-by=...] URI suite ...
+            if rest.startswith("["):  # deb [arch=amd64 signed-by=...] URI suite ...
                 rest = rest.split("]", 1)[1] if "]" in rest else ""
             words = rest.split()
             if words and words[0].startswith(("http://", "https://")):
@@ -107,12 +111,15 @@ def mirror_of(matrix: Matrix, key: str, decl: dict[str, Any]) -> str:
         return decl["mirror"]
     mirror = detect_mirror()
     if not mirror:
-        raise ConfigError(f"{matrix.path.name}: images.bases.{key}.mirror: 'auto' found no http(s) URI in "
-                          f"{APT_SOURCES_DIR}/*.sources or {APT_SOURCES_LIST}; give the mirror URL")
+        raise ConfigError(
+            f"{matrix.path.name}: images.bases.{key}.mirror: 'auto' found no http(s) URI in "
+            f"{APT_SOURCES_DIR}/*.sources or {APT_SOURCES_LIST}; give the mirror URL"
+        )
     return mirror
 
 
 # --------------------------------------------------------------------------- resolution
+
 
 def resolve(matrix: Matrix, ref: str, engine: Engine, *, allow_pull: bool, where: str = "") -> BaseInfo:
     """Find the image a build FROMs. Never bootstraps; raises ImageMissing naming `invoke bases`."""
@@ -123,8 +130,9 @@ def resolve(matrix: Matrix, ref: str, engine: Engine, *, allow_pull: bool, where
     found = declaration(matrix, ref)
     if found and found[1]["tag"] == ref:
         # A bootstrap tag is local by definition: never ask a registry for it.
-        raise ImageMissing(f"{where}: {ref} is not built; it is images.bases.{found[0]} in "
-                           f"{matrix.path.name}: run `invoke bases`")
+        raise ImageMissing(
+            f"{where}: {ref} is not built; it is images.bases.{found[0]} in {matrix.path.name}: run `invoke bases`"
+        )
     pull_reason = _PULL_FAILED.get(ref)
     if allow_pull and pull_reason is None:
         pull_reason = engine.pull(ref, PULL_ANSWER_TIMEOUT_S)
@@ -139,20 +147,28 @@ def resolve(matrix: Matrix, ref: str, engine: Engine, *, allow_pull: bool, where
         key, decl = found
         boot = engine.image(decl["tag"])
         if boot:
-            why = (f"{ref} is not local ({tried}); using {decl['tag']}, bootstrapped from "
-                   f"images.bases.{key} (debootstrap {decl['suite']}, {decl['variant']})")
+            why = (
+                f"{ref} is not local ({tried}); using {decl['tag']}, bootstrapped from "
+                f"images.bases.{key} (debootstrap {decl['suite']}, {decl['variant']})"
+            )
             return BaseInfo(ref, decl["tag"], boot["Id"], "bootstrap", why)
-        raise ImageMissing(f"{where}: {ref} is not available (not local; {tried}) and its bootstrap "
-                           f"{decl['tag']} (images.bases.{key}) is not built; run `invoke bases`")
-    raise ImageMissing(f"{where}: {ref} is not available (not local; {tried}); `docker load` it, or "
-                       f"declare it under images.bases in {matrix.path.name} (suite, mirror, tag) and run "
-                       "`invoke bases`")
+        raise ImageMissing(
+            f"{where}: {ref} is not available (not local; {tried}) and its bootstrap "
+            f"{decl['tag']} (images.bases.{key}) is not built; run `invoke bases`"
+        )
+    raise ImageMissing(
+        f"{where}: {ref} is not available (not local; {tried}); `docker load` it, or "
+        f"declare it under images.bases in {matrix.path.name} (suite, mirror, tag) and run "
+        "`invoke bases`"
+    )
 
 
 # --------------------------------------------------------------------------- bootstrap
 
-def bootstrap(matrix: Matrix, base: str | dict[str, Any], force: bool = False,
-              engine: Engine | None = None) -> dict[str, Any]:
+
+def bootstrap(
+    matrix: Matrix, base: str | dict[str, Any], force: bool = False, engine: Engine | None = None
+) -> dict[str, Any]:
     """debootstrap the declared base and ``docker import`` it under its tag (atomic; tagged last)."""
     key, decl = _declaration_arg(matrix, base)
     engine = engine or Engine()
@@ -175,7 +191,7 @@ def bootstrap(matrix: Matrix, base: str | dict[str, Any], force: bool = False,
         repo, tg = _split_ref(tag)
         engine.tag(image_id, repo, tg or "latest")
     finally:
-        try:       # never let cleanup replace the real (one-line) error of the bootstrap
+        try:  # never let cleanup replace the real (one-line) error of the bootstrap
             _unmount_below(tmp)
             shutil.rmtree(tmp)
         except (OSError, subprocess.CalledProcessError) as exc:
@@ -218,8 +234,14 @@ def _run_logged(cmd: list[str], where: str) -> None:
 
 def _fixup(rootfs: Path) -> None:
     """Remove what differs between two bootstraps of the same packages (as debuerreotype-fixup does)."""
-    for rel in ("var/log/dpkg.log", "var/log/bootstrap.log", "var/log/alternatives.log",
-                "var/log/apt/history.log", "var/log/apt/term.log", "var/cache/ldconfig/aux-cache"):
+    for rel in (
+        "var/log/dpkg.log",
+        "var/log/bootstrap.log",
+        "var/log/alternatives.log",
+        "var/log/apt/history.log",
+        "var/log/apt/term.log",
+        "var/cache/ldconfig/aux-cache",
+    ):
         (rootfs / rel).unlink(missing_ok=True)
     for rel in ("var/lib/apt/lists", "var/cache/apt/archives"):
         d = rootfs / rel
@@ -233,14 +255,29 @@ def _fixup(rootfs: Path) -> None:
 
 
 def _labels(decl: dict[str, Any], mirror: str) -> dict[str, str]:
-    return {"io.modelmatrix.base.suite": decl["suite"], "io.modelmatrix.base.variant": decl["variant"],
-            "io.modelmatrix.base.mirror": mirror, "io.modelmatrix.base.tool": "debootstrap",
-            "org.opencontainers.image.ref.name": decl["tag"]}
+    return {
+        "io.modelmatrix.base.suite": decl["suite"],
+        "io.modelmatrix.base.variant": decl["variant"],
+        "io.modelmatrix.base.mirror": mirror,
+        "io.modelmatrix.base.tool": "debootstrap",
+        "org.opencontainers.image.ref.name": decl["tag"],
+    }
 
 
 def _import(engine: Engine, rootfs: Path, labels: dict[str, str]) -> str:
-    cmd = ["tar", "-C", str(rootfs), "--numeric-owner", "--sort=name", "--exclude=./dev/*",
-           "--exclude=./proc/*", "--exclude=./sys/*", "-cf", "-", "."]
+    cmd = [
+        "tar",
+        "-C",
+        str(rootfs),
+        "--numeric-owner",
+        "--sort=name",
+        "--exclude=./dev/*",
+        "--exclude=./proc/*",
+        "--exclude=./sys/*",
+        "-cf",
+        "-",
+        ".",
+    ]
     changes = [f'LABEL {k}="{v}"' for k, v in sorted(labels.items())] + ['CMD ["bash"]']
     _say("docker import (through the SDK)")
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as tar:
@@ -257,19 +294,32 @@ def _import(engine: Engine, rootfs: Path, labels: dict[str, str]) -> str:
 def _unmount_below(folder: Path) -> None:
     """debootstrap mounts proc/sys inside the target; an interrupted run can leave them mounted."""
     prefix = str(folder.resolve()) + "/"
-    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
-              if line.split()[1].startswith(prefix)]
+    mounts = [
+        line.split()[1]
+        for line in Path("/proc/self/mounts").read_text().splitlines()
+        if line.split()[1].startswith(prefix)
+    ]
     for point in sorted(mounts, key=len, reverse=True):
         subprocess.run(["umount", "-l", point], check=True)
 
 
-def _bootstrap_result(key: str, decl: dict[str, Any], mirror: str, image_id: str, created: bool,
-                      seconds: float) -> dict[str, Any]:
-    return {"base": key, "tag": decl["tag"], "suite": decl["suite"], "variant": decl["variant"],
-            "mirror": mirror, "image_id": image_id, "created": created, "seconds": round(seconds, 1)}
+def _bootstrap_result(
+    key: str, decl: dict[str, Any], mirror: str, image_id: str, created: bool, seconds: float
+) -> dict[str, Any]:
+    return {
+        "base": key,
+        "tag": decl["tag"],
+        "suite": decl["suite"],
+        "variant": decl["variant"],
+        "mirror": mirror,
+        "image_id": image_id,
+        "created": created,
+        "seconds": round(seconds, 1),
+    }
 
 
 # --------------------------------------------------------------------------- listing
+
 
 def list_bases(matrix: Matrix, engine: Engine | None = None) -> list[dict[str, Any]]:
     """Every declared base and every base a target asks for, with what exists locally."""
@@ -277,9 +327,16 @@ def list_bases(matrix: Matrix, engine: Engine | None = None) -> list[dict[str, A
     rows: dict[str, dict[str, Any]] = {}
     for key, decl in matrix.raw["images"]["bases"].items():
         img = engine.image(decl["tag"])
-        rows[key] = {"base": key, "tag": decl["tag"], "suite": decl["suite"], "variant": decl["variant"],
-                     "mirror": decl["mirror"], "image_id": img["Id"] if img else None,
-                     "size": img["Size"] if img else None, "used_by": []}
+        rows[key] = {
+            "base": key,
+            "tag": decl["tag"],
+            "suite": decl["suite"],
+            "variant": decl["variant"],
+            "mirror": decl["mirror"],
+            "image_id": img["Id"] if img else None,
+            "size": img["Size"] if img else None,
+            "used_by": [],
+        }
     for t in matrix.targets:
         ref = matrix.target_cfg(t)["image"]["base"]
         if not ref:
@@ -288,8 +345,19 @@ def list_bases(matrix: Matrix, engine: Engine | None = None) -> list[dict[str, A
         if found:
             rows[found[0]]["used_by"].append(t)
             continue
-        row = rows.setdefault(ref, {"base": ref, "tag": None, "suite": None, "variant": None, "mirror": None,
-                                    "image_id": None, "size": None, "used_by": []})
+        row = rows.setdefault(
+            ref,
+            {
+                "base": ref,
+                "tag": None,
+                "suite": None,
+                "variant": None,
+                "mirror": None,
+                "image_id": None,
+                "size": None,
+                "used_by": [],
+            },
+        )
         img = engine.image(ref)
         row["image_id"], row["size"] = (img["Id"], img["Size"]) if img else (None, None)
         row["used_by"].append(t)

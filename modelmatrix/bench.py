@@ -16,6 +16,7 @@ Measured, then written to a JSON file and printed; never asserted in tests:
   (int8 for *int8 targets, fp32 otherwise: this CPU has no fp16 arithmetic), and the run reports
   int8 / fp32 ONNX Runtime img/s at batch 16 (the issue's goal: >= 3x).
 """
+
 from __future__ import annotations
 
 import copy
@@ -45,8 +46,8 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZES = {"caffe": [1, 8, 16]}
 BENCH_BATCH_SIZES = [1, 8, 16, 32]
 ROOFLINE_TARGET, ROOFLINE_STAGE = "quantize", "roofline"
-ROOFLINE_SECONDS = 1.0          # per GEMM kernel
-RATIO_BATCH = 16                # int8 / fp32 img/s is compared at this batch size
+ROOFLINE_SECONDS = 1.0  # per GEMM kernel
+RATIO_BATCH = 16  # int8 / fp32 img/s is compared at this batch size
 
 
 def producers(matrix: Matrix, targets: list[str]) -> set[str]:
@@ -56,7 +57,7 @@ def producers(matrix: Matrix, targets: list[str]) -> set[str]:
     todo = list(targets)
     while todo:
         tdef = matrix.targets.get(todo.pop())
-        for stage in (tdef.stages.values() if tdef else []):
+        for stage in tdef.stages.values() if tdef else []:
             for ref in stage.inputs.values():
                 producer = ref.split("/", 1)[0].split(".", 1)[0]
                 if producer in matrix.raw["targets"] and producer not in out and producer not in targets:
@@ -83,10 +84,15 @@ def _roofline(matrix: Matrix, summary: RunSummary, runner: Runner) -> dict[str, 
     if reason:
         return {"status": "skipped", "reason": reason}
     out = Path(tempfile.mkdtemp(prefix=".bench-roofline-", dir=summary.workspace))
-    req = StageRequest(target=tdef, stage=ROOFLINE_STAGE, workspace=summary.workspace,
-                       inputs={"onnx": os.path.relpath(export.dir / "model.onnx", summary.workspace)},
-                       out_dir=os.path.relpath(out, summary.workspace),
-                       params={"seconds": ROOFLINE_SECONDS}, timeout_s=float(matrix.raw["stage_timeout_s"]))
+    req = StageRequest(
+        target=tdef,
+        stage=ROOFLINE_STAGE,
+        workspace=summary.workspace,
+        inputs={"onnx": os.path.relpath(export.dir / "model.onnx", summary.workspace)},
+        out_dir=os.path.relpath(out, summary.workspace),
+        params={"seconds": ROOFLINE_SECONDS},
+        timeout_s=float(matrix.raw["stage_timeout_s"]),
+    )
     try:
         runner.prepare(tdef)
         runner.run(req)
@@ -115,12 +121,20 @@ def against_roofline(results: dict[str, Any]) -> None:
             achieved = row["images_per_second"] * gflop
             row["gflops"] = round(achieved, 1)
             row["roofline_fraction"] = round(achieved / peak, 3) if peak > 0 else None
-    rows = {t: {row["batch_size"]: row["images_per_second"] for row in r.get("results", [])}
-            for t, r in results["targets"].items() if r.get("status") == "measured"}
+    rows = {
+        t: {row["batch_size"]: row["images_per_second"] for row in r.get("results", [])}
+        for t, r in results["targets"].items()
+        if r.get("status") == "measured"
+    }
     fp32, int8 = rows.get("onnxruntime", {}).get(RATIO_BATCH), rows.get("onnxruntime_int8", {}).get(RATIO_BATCH)
     if fp32 and int8:
-        results["int8_over_fp32"] = {"batch_size": RATIO_BATCH, "ratio": round(int8 / fp32, 3),
-                                     "onnxruntime": fp32, "onnxruntime_int8": int8, "goal": ">= 3"}
+        results["int8_over_fp32"] = {
+            "batch_size": RATIO_BATCH,
+            "ratio": round(int8 / fp32, 3),
+            "onnxruntime": fp32,
+            "onnxruntime_int8": int8,
+            "goal": ">= 3",
+        }
 
 
 def _bench_target(matrix: Matrix, summary: RunSummary, runner: Runner, target: str) -> dict[str, Any]:
@@ -140,12 +154,24 @@ def _bench_target(matrix: Matrix, summary: RunSummary, runner: Runner, target: s
         inputs[name] = os.path.relpath(up.dir / ref.file, summary.workspace)
     out = Path(tempfile.mkdtemp(prefix=f".bench-{target}-", dir=summary.workspace))
     params = dict(node.params)
-    params.update({"batch_sizes": DEFAULT_BATCH_SIZES.get(target, BENCH_BATCH_SIZES), "warmup": 2,
-                   "seconds": 3.0, "matrix_batch_size": matrix.target_cfg(target)["params"].get("batch_size", 16),
-                   "compare_repeats": 3})
-    req = StageRequest(target=tdef, stage="bench", workspace=summary.workspace, inputs=inputs,
-                       out_dir=os.path.relpath(out, summary.workspace), params=params,
-                       timeout_s=float(matrix.raw["stage_timeout_s"]))
+    params.update(
+        {
+            "batch_sizes": DEFAULT_BATCH_SIZES.get(target, BENCH_BATCH_SIZES),
+            "warmup": 2,
+            "seconds": 3.0,
+            "matrix_batch_size": matrix.target_cfg(target)["params"].get("batch_size", 16),
+            "compare_repeats": 3,
+        }
+    )
+    req = StageRequest(
+        target=tdef,
+        stage="bench",
+        workspace=summary.workspace,
+        inputs=inputs,
+        out_dir=os.path.relpath(out, summary.workspace),
+        params=params,
+        timeout_s=float(matrix.raw["stage_timeout_s"]),
+    )
     try:
         runner.prepare(tdef)
         runner.run(req)
@@ -160,23 +186,36 @@ def _bench_target(matrix: Matrix, summary: RunSummary, runner: Runner, target: s
 
 def _preprocessing(matrix: Matrix) -> dict[str, Any]:
     from . import data
+
     dataset = matrix.resolve(matrix.raw["data"]["dataset"])
     contract = matrix.contract()
     with tempfile.TemporaryDirectory(prefix=".bench-prep-", dir=matrix.workspace) as tmp:
         t0 = time.perf_counter()
-        summary = data.prepare(dataset, Path(tmp), contract, tuple(contract["input_size"]),
-                               limit=matrix.raw["data"]["limit"], ascend_bins=matrix.raw["data"]["ascend_bins"],
-                               workers=matrix.raw["data"]["workers"])
+        summary = data.prepare(
+            dataset,
+            Path(tmp),
+            contract,
+            tuple(contract["input_size"]),
+            limit=matrix.raw["data"]["limit"],
+            ascend_bins=matrix.raw["data"]["ascend_bins"],
+            workers=matrix.raw["data"]["workers"],
+        )
         seconds = time.perf_counter() - t0
     n = summary.get("images") or summary.get("count") or 0
-    return {"images": n, "seconds": round(seconds, 3), "images_per_second": round(n / seconds, 1),
-            "ascend_bins": matrix.raw["data"]["ascend_bins"], "cores": os.cpu_count(),
-            "target": ">= 300 img/s on 2 cores"}
+    return {
+        "images": n,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(n / seconds, 1),
+        "ascend_bins": matrix.raw["data"]["ascend_bins"],
+        "cores": os.cpu_count(),
+        "target": ">= 300 img/s on 2 cores",
+    }
 
 
 def _compare_runners(matrix: Matrix) -> dict[str, Any]:
     """A forced full `invoke matrix` with each runner on the same data (target: docker <= 1.3x local)."""
     from .runners.docker import engine_reason
+
     reason = engine_reason()
     if reason:
         return {"status": "skipped", "reason": reason}
@@ -186,15 +225,22 @@ def _compare_runners(matrix: Matrix) -> dict[str, Any]:
         stanza["enabled"] = name in ("torch", "onnxruntime")
     seconds = {}
     for name in ("local", "docker"):
-        run_matrix(matrix, name)            # images built, inputs prepared: not timed
+        run_matrix(matrix, name)  # images built, inputs prepared: not timed
         t0 = time.perf_counter()
         forced = run_matrix(matrix, name, force=True)
         seconds[name] = round(time.perf_counter() - t0, 2)
         if not forced.passed:
-            return {"status": "skipped", "reason": f"the forced {name} run did not pass: "
-                    + "; ".join(f"{k}: {o.reason}" for k, o in forced.outcomes.items() if not o.ok)}
-    return {"status": "measured", "seconds": seconds,
-            "docker_over_local": round(seconds["docker"] / seconds["local"], 3), "target": "<= 1.3"}
+            return {
+                "status": "skipped",
+                "reason": f"the forced {name} run did not pass: "
+                + "; ".join(f"{k}: {o.reason}" for k, o in forced.outcomes.items() if not o.ok),
+            }
+    return {
+        "status": "measured",
+        "seconds": seconds,
+        "docker_over_local": round(seconds["docker"] / seconds["local"], 3),
+        "target": "<= 1.3",
+    }
 
 
 def noop_hash_bench(tmp_root: Path, files: int = 32000, runs: int = 5) -> dict[str, Any]:
@@ -208,6 +254,7 @@ def noop_hash_bench(tmp_root: Path, files: int = 32000, runs: int = 5) -> dict[s
     """
     from . import data
     from .hashing import HashCache
+
     tmp_root = Path(tmp_root)
     dataset = tmp_root / f"market-sized-{files}"
     t0 = time.perf_counter()
@@ -241,19 +288,35 @@ def noop_hash_bench(tmp_root: Path, files: int = 32000, runs: int = 5) -> dict[s
     def stats(xs: list[float]) -> dict[str, float]:
         return {"min": round(min(xs), 4), "median": round(statistics.median(xs), 4)}
 
-    return {"files_digested": cold_cache.hashed, "dataset": str(dataset), "set": made["status"],
-            "setup_seconds": round(setup_s, 2),
-            "cache_bytes": cache_path.stat().st_size,
-            "cold": {"seconds": round(cold_s, 4), "files_read": cold_cache.hashed},
-            "warm": {**stats(warm), "runs": len(warm), "files_read": read, "cpu_seconds": stats(cpu),
-                     "cache_load": stats(load), "scan_only": stats(scan)},
-            "load_average": round(os.getloadavg()[0], 2), "cores": os.cpu_count(),
-            "target": "warm well under 1 s (a whole no-op invoke matrix < 1 s)"}
+    return {
+        "files_digested": cold_cache.hashed,
+        "dataset": str(dataset),
+        "set": made["status"],
+        "setup_seconds": round(setup_s, 2),
+        "cache_bytes": cache_path.stat().st_size,
+        "cold": {"seconds": round(cold_s, 4), "files_read": cold_cache.hashed},
+        "warm": {
+            **stats(warm),
+            "runs": len(warm),
+            "files_read": read,
+            "cpu_seconds": stats(cpu),
+            "cache_load": stats(load),
+            "scan_only": stats(scan),
+        },
+        "load_average": round(os.getloadavg()[0], 2),
+        "cores": os.cpu_count(),
+        "target": "warm well under 1 s (a whole no-op invoke matrix < 1 s)",
+    }
 
 
-def run_bench(matrix: Matrix, targets: list[str], runner_choice: str | None,
-              out_path: Path | None = None, compare_runners: bool = False,
-              market_sized: int = 0) -> Path:
+def run_bench(
+    matrix: Matrix,
+    targets: list[str],
+    runner_choice: str | None,
+    out_path: Path | None = None,
+    compare_runners: bool = False,
+    market_sized: int = 0,
+) -> Path:
     for t in targets:
         if t not in matrix.raw["targets"]:
             raise ModelMatrixError(f"--target {t}: not a target of {matrix.path}")
@@ -268,8 +331,11 @@ def run_bench(matrix: Matrix, targets: list[str], runner_choice: str | None,
     noop = time.perf_counter() - t0
     runner, _ = select_runner(matrix, runner_choice)
     results: dict[str, Any] = {
-        "machine": {"cores": os.cpu_count(), "python": platform.python_version(),
-                    "processor": platform.processor() or platform.machine()},
+        "machine": {
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "processor": platform.processor() or platform.machine(),
+        },
         "runner": runner.name,
         "noop_rerun": {"seconds": round(noop, 3), "did_work": again.did_work, "target": "< 2 s"},
         "targets": {},
@@ -286,13 +352,15 @@ def run_bench(matrix: Matrix, targets: list[str], runner_choice: str | None,
                 results["targets"][t] = _bench_target(matrix, summary, runner, t)
             if runner.name == "docker":
                 from .runners.docker import bench_container_overhead
+
                 results["container_overhead"] = bench_container_overhead(matrix)
         finally:
             runner.close()
         if market_sized:
             log.info("bench: the no-op dataset digest on a %d-file Market1501-sized set", market_sized)
-            results["noop_dataset_digest"] = noop_hash_bench(matrix.workspace / "bench" / "market-sized",
-                                                             files=market_sized)
+            results["noop_dataset_digest"] = noop_hash_bench(
+                matrix.workspace / "bench" / "market-sized", files=market_sized
+            )
     against_roofline(results)
     if compare_runners:
         log.info("bench: a forced matrix run with each runner")
@@ -303,17 +371,20 @@ def run_bench(matrix: Matrix, targets: list[str], runner_choice: str | None,
 
 
 def summary_lines(results: dict[str, Any]) -> list[str]:
-    lines = [f"runner {results['runner']}, {results['machine']['cores']} cores",
-             f"no-op re-run of invoke matrix: {results['noop_rerun']['seconds']:.2f} s (target < 2 s)",
-             f"preprocessing: {results['preprocessing']['images_per_second']} img/s "
-             f"(target >= 300)"]
+    lines = [
+        f"runner {results['runner']}, {results['machine']['cores']} cores",
+        f"no-op re-run of invoke matrix: {results['noop_rerun']['seconds']:.2f} s (target < 2 s)",
+        f"preprocessing: {results['preprocessing']['images_per_second']} img/s (target >= 300)",
+    ]
     roof = results.get("roofline") or {}
     if roof.get("status") == "measured":
         g = roof["gemm"]
         bf16 = f"{g['bf16']['gflops']} GFLOP/s" if "gflops" in g["bf16"] else g["bf16"].get("reason", "-")
-        lines.append(f"roofline: fp32 GEMM {g['fp32']['gflops']} GFLOP/s, int8 GEMM {g['int8']['gflops']} GOP/s "
-                     f"({roof['int8_over_fp32']}x), bf16 {bf16}; CPU {roof['cpu']} [{' '.join(roof['flags'])}]; "
-                     f"model {roof['model']['gflop_per_image']} GFLOP/image")
+        lines.append(
+            f"roofline: fp32 GEMM {g['fp32']['gflops']} GFLOP/s, int8 GEMM {g['int8']['gflops']} GOP/s "
+            f"({roof['int8_over_fp32']}x), bf16 {bf16}; CPU {roof['cpu']} [{' '.join(roof['flags'])}]; "
+            f"model {roof['model']['gflop_per_image']} GFLOP/image"
+        )
     elif roof:
         lines.append(f"roofline: {roof.get('status')} ({roof.get('reason')})")
     for t, r in results["targets"].items():
@@ -322,27 +393,38 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
             continue
         for row in r.get("results", []):
             frac = row.get("roofline_fraction")
-            lines.append(f"{t:<12} batch {row['batch_size']:>3}: {row['images_per_second']:7.1f} img/s  "
-                         f"p50 {row['latency_ms_p50']:8.1f} ms  p95 {row['latency_ms_p95']:8.1f} ms"
-                         + (f"  {row['gflops']:6.1f} GFLOP/s = {frac:.0%} of {r['roofline']['precision']}"
-                            if frac is not None else "")
-                         + (f"  peak RSS {r['peak_rss_mib']:.0f} MiB" if "peak_rss_mib" in r else ""))
+            lines.append(
+                f"{t:<12} batch {row['batch_size']:>3}: {row['images_per_second']:7.1f} img/s  "
+                f"p50 {row['latency_ms_p50']:8.1f} ms  p95 {row['latency_ms_p95']:8.1f} ms"
+                + (
+                    f"  {row['gflops']:6.1f} GFLOP/s = {frac:.0%} of {r['roofline']['precision']}"
+                    if frac is not None
+                    else ""
+                )
+                + (f"  peak RSS {r['peak_rss_mib']:.0f} MiB" if "peak_rss_mib" in r else "")
+            )
         cmp_ = r.get("comparison")
         if cmp_:
-            lines.append(f"{t:<12} matrix loop {cmp_['matrix_images_per_second']:.1f} img/s vs bare loop "
-                         f"{cmp_['bare_images_per_second']:.1f} img/s (ratio {cmp_['matrix_over_bare']:.3f}, "
-                         "target >= 0.9)")
+            lines.append(
+                f"{t:<12} matrix loop {cmp_['matrix_images_per_second']:.1f} img/s vs bare loop "
+                f"{cmp_['bare_images_per_second']:.1f} img/s (ratio {cmp_['matrix_over_bare']:.3f}, "
+                "target >= 0.9)"
+            )
     if "int8_over_fp32" in results:
         q = results["int8_over_fp32"]
         lines.append(f"int8 / fp32 ONNX Runtime at batch {q['batch_size']}: {q['ratio']:.2f}x (goal >= 3)")
     if results.get("runners", {}).get("status") == "measured":
         r = results["runners"]
-        lines.append(f"forced matrix run: local {r['seconds']['local']} s, docker {r['seconds']['docker']} s "
-                     f"(ratio {r['docker_over_local']}, target <= 1.3)")
+        lines.append(
+            f"forced matrix run: local {r['seconds']['local']} s, docker {r['seconds']['docker']} s "
+            f"(ratio {r['docker_over_local']}, target <= 1.3)"
+        )
     if "noop_dataset_digest" in results:
         d = results["noop_dataset_digest"]
-        lines.append(f"no-op dataset digest, {d['files_digested']} files: {d['warm']['median']:.3f} s median "
-                     f"(cold {d['cold']['seconds']:.1f} s; target well under 1 s)")
+        lines.append(
+            f"no-op dataset digest, {d['files_digested']} files: {d['warm']['median']:.3f} s median "
+            f"(cold {d['cold']['seconds']:.1f} s; target well under 1 s)"
+        )
     if "container_overhead" in results:
         lines.append(f"container overhead per stage: {json.dumps(results['container_overhead'])}")
     return lines

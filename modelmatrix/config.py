@@ -25,6 +25,7 @@ acceptable, as a string); per stage in target.yaml ``requires`` (same shape as t
 ``requires``; each of modules/commands/devices defaults to the target's); per list param in
 target.yaml ``items`` (the item type: int, float, number, str or bool).
 """
+
 from __future__ import annotations
 
 import copy
@@ -57,13 +58,23 @@ from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ARCH_CONTRACTS", "Matrix", "StageDef", "TargetDef", "TOLERANCE", "discover_targets",
-           "load_matrix", "load_target", "read_yaml", "target_stanza_model"]
+__all__ = [
+    "ARCH_CONTRACTS",
+    "Matrix",
+    "StageDef",
+    "TargetDef",
+    "TOLERANCE",
+    "discover_targets",
+    "load_matrix",
+    "load_target",
+    "read_yaml",
+    "target_stanza_model",
+]
 
 #: Bounds on what a config file may be. A matrix.yaml is a few KiB with a few hundred nodes.
 MAX_FILE_BYTES = 1 << 20
-MAX_ALIAS_EXPANSION = 10_000     # nodes that aliases may add to a document when expanded
-MAX_DEPTH = 32                   # nesting levels (matrix.yaml uses 4)
+MAX_ALIAS_EXPANSION = 10_000  # nodes that aliases may add to a document when expanded
+MAX_DEPTH = 32  # nesting levels (matrix.yaml uses 4)
 MAX_TIMEOUT_S = 7 * 24 * 3600
 MAX_SEED = 2**32 - 1
 INPUT_SIDE = (16, 4096)
@@ -75,6 +86,7 @@ REQUIRE_KINDS = ("modules", "commands", "devices")
 
 
 # --------------------------------------------------------------------------- reading YAML
+
 
 class _Refused(Exception):
     """A YAML document the strict loader will not build (the message is one line, no file)."""
@@ -96,31 +108,36 @@ class _StrictLoader(_SafeLoader):  # type: ignore[valid-type,misc]
         node = self.get_single_node()
         if node is None:
             return None
-        self._inspect(node)              # on the node graph, before any value is built
+        self._inspect(node)  # on the node graph, before any value is built
         return self.construct_document(node)
 
     def _inspect(self, root: yaml.Node) -> None:
         """One pass over the node graph: duplicate keys, and the size aliases expand to."""
-        sizes: dict[int, int] = {}       # id(node) -> expanded size
+        sizes: dict[int, int] = {}  # id(node) -> expanded size
         active: set[int] = set()
-        added = 0                        # nodes added by expanding aliases
+        added = 0  # nodes added by expanding aliases
 
         def size(node: yaml.Node, depth: int) -> int:
             nonlocal added
             if depth > MAX_DEPTH:
-                raise _Refused(f"nested more than {MAX_DEPTH} levels deep at line "
-                               f"{node.start_mark.line + 1}; a config file is a few levels deep")
+                raise _Refused(
+                    f"nested more than {MAX_DEPTH} levels deep at line "
+                    f"{node.start_mark.line + 1}; a config file is a few levels deep"
+                )
             nid = id(node)
-            if nid in sizes:             # a second way to reach a node: an alias
+            if nid in sizes:  # a second way to reach a node: an alias
                 added += sizes[nid]
                 if added > MAX_ALIAS_EXPANSION:
-                    raise _Refused(f"aliases expand past {MAX_ALIAS_EXPANSION} nodes (the anchor at line "
-                                   f"{node.start_mark.line + 1} is repeated too often); anchors and "
-                                   "aliases (&name / *name) are for small repeats: write the values out")
+                    raise _Refused(
+                        f"aliases expand past {MAX_ALIAS_EXPANSION} nodes (the anchor at line "
+                        f"{node.start_mark.line + 1} is repeated too often); anchors and "
+                        "aliases (&name / *name) are for small repeats: write the values out"
+                    )
                 return sizes[nid]
             if nid in active:
-                raise _Refused(f"recursive alias at line {node.start_mark.line + 1}: a value "
-                               "contains itself; write the values out")
+                raise _Refused(
+                    f"recursive alias at line {node.start_mark.line + 1}: a value contains itself; write the values out"
+                )
             active.add(nid)
             n = 1
             if isinstance(node, yaml.SequenceNode):
@@ -143,11 +160,10 @@ class _StrictLoader(_SafeLoader):  # type: ignore[valid-type,misc]
             line = key_node.start_mark.line + 1
             try:
                 first = seen.get(key)
-            except TypeError:            # unhashable: the constructor reports it
+            except TypeError:  # unhashable: the constructor reports it
                 continue
             if first is not None:
-                raise _Refused(f"duplicate key {key!r} at lines {first} and {line} "
-                               "(the second would silently win)")
+                raise _Refused(f"duplicate key {key!r} at lines {first} and {line} (the second would silently win)")
             seen[key] = line
 
 
@@ -159,12 +175,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         if path.is_dir():
-            raise ConfigError(f"{path}: is a directory, not a YAML file; give the file itself "
-                              f"(e.g. {path / 'matrix.yaml'})")
+            raise ConfigError(
+                f"{path}: is a directory, not a YAML file; give the file itself (e.g. {path / 'matrix.yaml'})"
+            )
         size = path.stat().st_size
         if size > MAX_FILE_BYTES:
-            raise ConfigError(f"{path}: {size} bytes is too large for a config file (at most "
-                              f"{MAX_FILE_BYTES}); is it the right file?")
+            raise ConfigError(
+                f"{path}: {size} bytes is too large for a config file (at most {MAX_FILE_BYTES}); is it the right file?"
+            )
         data_bytes = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
@@ -173,9 +191,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         text = data_bytes.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = data_bytes[:exc.start].count(b"\n") + 1
-        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data_bytes[exc.start]:02x} at line {line}); "
-                          "save the file as UTF-8") from None
+        line = data_bytes[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{data_bytes[exc.start]:02x} at line {line}); save the file as UTF-8"
+        ) from None
     try:
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except _Refused as exc:
@@ -194,10 +213,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-_read_yaml = read_yaml   # the old name
+_read_yaml = read_yaml  # the old name
 
 
 # --------------------------------------------------------------------------- scalar validators
+
 
 def _show(value: Any) -> str:
     return repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
@@ -233,11 +253,12 @@ def _range(value: float, lo: float | None, hi: float | None, hint: str | None) -
 _NUMBER_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
-def _number(lo: float | None = None, hi: float | None = None, hint: str | None = None,
-            keep_int: bool = False) -> Callable[[Any], float]:
+def _number(
+    lo: float | None = None, hi: float | None = None, hint: str | None = None, keep_int: bool = False
+) -> Callable[[Any], float]:
     def check(value: Any) -> float:
         if isinstance(value, str) and _NUMBER_TEXT.fullmatch(value.strip()):
-            value = float(value)         # a quoted number, or one from code (TOLERANCE.check)
+            value = float(value)  # a quoted number, or one from code (TOLERANCE.check)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _err(f"expected a number, got {_show(value)}")
         try:
@@ -248,17 +269,19 @@ def _number(lo: float | None = None, hi: float | None = None, hint: str | None =
             raise _err(f"expected a finite number, got {value}")
         _range(out, lo, hi, hint)
         return value if keep_int and isinstance(value, int) else out
+
     return check
 
 
 def _integer(lo: float | None = None, hi: float | None = None, hint: str | None = None) -> Callable[[Any], int]:
     def check(value: Any) -> int:
         if isinstance(value, float) and value.is_integer():
-            value = int(value)           # 3600.0 is 3600; 1.5 is not an integer
+            value = int(value)  # 3600.0 is 3600; 1.5 is not an integer
         if isinstance(value, bool) or not isinstance(value, int):
             raise _err(f"expected an integer, got {_show(value)}")
         _range(value, lo, hi, hint)
         return value
+
     return check
 
 
@@ -268,8 +291,9 @@ def _boolean(value: Any) -> bool:
     return value
 
 
-def _string(choices: Iterable[str] | None = None, pattern: str | None = None,
-            example: str | None = None) -> Callable[[Any], str]:
+def _string(
+    choices: Iterable[str] | None = None, pattern: str | None = None, example: str | None = None
+) -> Callable[[Any], str]:
     allowed = list(choices) if choices is not None else None
 
     def check(value: Any) -> str:
@@ -280,13 +304,16 @@ def _string(choices: Iterable[str] | None = None, pattern: str | None = None,
         if pattern and not re.fullmatch(pattern, value):
             raise _err(f"expected {example}, got {value!r}")
         return value
+
     return check
 
 
 def _scalar(value: Any) -> Any:
     if isinstance(value, (dict, list)) or value is None or not isinstance(value, (str, int, float, bool)):
-        raise _err(f"expected a plain value (a string, number or true/false), got {_show(value)}; "
-                   "a list parameter holds no nested structures")
+        raise _err(
+            f"expected a plain value (a string, number or true/false), got {_show(value)}; "
+            "a list parameter holds no nested structures"
+        )
     return value
 
 
@@ -294,8 +321,7 @@ def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return lambda value: None if value is None else check(value)
 
 
-def _list_of(item: Callable[[Any], Any], length: int | None = None,
-             unique: bool = False) -> Callable[[Any], list[Any]]:
+def _list_of(item: Callable[[Any], Any], length: int | None = None, unique: bool = False) -> Callable[[Any], list[Any]]:
     def check(value: Any) -> list[Any]:
         if not isinstance(value, list):
             raise _err(f"expected a list, got {_show(value)}")
@@ -310,6 +336,7 @@ def _list_of(item: Callable[[Any], Any], length: int | None = None,
             if unique and out[-1] in out[:-1]:
                 raise _err(f"{out[-1]!r} is listed twice", i)
         return out
+
     return check
 
 
@@ -322,6 +349,7 @@ def _dict_of(value_check: Callable[[Any], Any]) -> Callable[[Any], dict[str, Any
             except PydanticCustomError as exc:
                 raise _nested(exc, k) from None
         return out
+
     return check
 
 
@@ -350,8 +378,10 @@ def _skip_reason(value: Any) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not value.strip():
-        raise _err(f"give the reason as a string (e.g. allow_skip: \"no GPU on the CI runners\"), "
-                   f"got {_show(value)}; or leave allow_skip out")
+        raise _err(
+            f'give the reason as a string (e.g. allow_skip: "no GPU on the CI runners"), '
+            f"got {_show(value)}; or leave allow_skip out"
+        )
     return value
 
 
@@ -361,15 +391,14 @@ def _input_ref(value: Any) -> str:
         raise _err(f"expected a string 'producer/file', got {_show(value)}")
     text = value[:-1] if value.endswith("?") else value
     if "/" not in text:
-        raise _err(f"input {text!r} must look like 'producer/file' "
-                   "(e.g. torch.export/model.onnx or prepare/inputs.npy)")
+        raise _err(
+            f"input {text!r} must look like 'producer/file' (e.g. torch.export/model.onnx or prepare/inputs.npy)"
+        )
     producer, file = text.split("/", 1)
     if not re.fullmatch(rf"source|prepare|{_NAME}\.{_NAME}", producer):
-        raise _err(f"producer {producer!r} must be source, prepare or <target>.<stage> "
-                   "(e.g. torch.export)")
+        raise _err(f"producer {producer!r} must be source, prepare or <target>.<stage> (e.g. torch.export)")
     if not file or file.startswith("/") or ".." in file.split("/"):
-        raise _err(f"file {file!r} must be a path inside the producer's output folder "
-                   "(e.g. model.onnx)")
+        raise _err(f"file {file!r} must be a path inside the producer's output folder (e.g. model.onnx)")
     return value
 
 
@@ -391,8 +420,7 @@ def _input_decl(value: Any) -> str | dict[str, Any]:
         raise _nested(exc, "from") from None
     when = _mapping(value.get("when"))
     if not when:
-        raise _err("give the condition as {param: value} (or drop the mapping for an unconditional input)",
-                   "when")
+        raise _err("give the condition as {param: value} (or drop the mapping for an unconditional input)", "when")
     cond = {}
     for k, v in when.items():
         values = v if isinstance(v, list) else [v]
@@ -411,6 +439,7 @@ def _output_name(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------- models and messages
+
 
 class _Strict(BaseModel):
     """A closed mapping: null reads as {}, an unknown key is an error listing the allowed ones."""
@@ -448,7 +477,7 @@ def _one_line(exc: ValidationError, prefix: str) -> str:
         msg = str(ctx["msg"])
     elif first["type"] == "missing":
         msg = "required key is missing"
-    else:                                # not expected: every field has our own validator
+    else:  # not expected: every field has our own validator
         text = first["msg"]
         msg = f"{text[:1].lower()}{text[1:]}, got {_show(first.get('input'))}"
     where = _where(prefix, loc)
@@ -506,19 +535,21 @@ class ExportSection(_Strict):
 
 class ModelSection(_Strict):
     arch: Annotated[str, _v(_string(ARCH_CONTRACTS))] = "reid-strong-baseline"
-    checkpoint: Annotated[str | None, _v(_optional(_string(
-        pattern=r".*\S.*", example="a path, or null for seeded random weights")))] = None
+    checkpoint: Annotated[
+        str | None, _v(_optional(_string(pattern=r".*\S.*", example="a path, or null for seeded random weights")))
+    ] = None
     seed: Annotated[int, _v(_integer(0, MAX_SEED))] = 0
     num_classes: Annotated[int, _v(_integer(1, 1_000_000))] = 751
     last_stride: Annotated[int, _v(_integer(1, 2))] = 1
     neck_feat: Annotated[str, _v(_string(["after", "before"]))] = "after"
-    input_size: Annotated[list[int], _v(_list_of(_integer(*INPUT_SIDE, "pixels, H and W"), length=2))] = \
-        Field(default_factory=lambda: [256, 128])
+    input_size: Annotated[list[int], _v(_list_of(_integer(*INPUT_SIDE, "pixels, H and W"), length=2))] = Field(
+        default_factory=lambda: [256, 128]
+    )
     calibration_batches: Annotated[int, _v(_integer(1, 1000))] = 4
     export: ExportSection = Field(default_factory=ExportSection)
 
 
-class SyntheticSection(_Strict):          # the same ranges data.make_synthetic checks
+class SyntheticSection(_Strict):  # the same ranges data.make_synthetic checks
     identities: Annotated[int, _v(_integer(2, 3000))] = 30
     cameras: Annotated[int, _v(_integer(2, 6))] = 6
     gallery_per_camera: Annotated[int, _v(_integer(1, 50))] = 2
@@ -575,8 +606,11 @@ def _device_spec(value: Any) -> str:
     """``/dev/x`` or ``/dev/x:/dev/y[:rwm]`` (Docker's device syntax)."""
     text = _string()(value)
     parts = text.split(":")
-    if not parts[0].startswith("/dev/") or len(parts) > 3 or (len(parts) == 3 and not
-                                                                re.fullmatch(r"[rwm]+", parts[2])):
+    if (
+        not parts[0].startswith("/dev/")
+        or len(parts) > 3
+        or (len(parts) == 3 and not re.fullmatch(r"[rwm]+", parts[2]))
+    ):
         raise _err(f"expected /dev/NAME or /dev/NAME:/dev/NAME[:rwm], got {text!r}")
     return text
 
@@ -616,8 +650,9 @@ class ContainerOptions(_Strict):
     shm_size: Annotated[str | None, _SIZE] = None
     ulimits: Annotated[dict[str, dict[str, int]], _v(_dict_of(_ulimit))] = Field(default_factory=dict)
     env: Annotated[dict[str, str], _v(_dict_of(_string()))] = Field(default_factory=dict)
-    binds_ro: Annotated[list[str], _v(_list_of(_string(pattern=r"/.*", example="an absolute host path"),
-                                               unique=True))] = Field(default_factory=list)
+    binds_ro: Annotated[
+        list[str], _v(_list_of(_string(pattern=r"/.*", example="an absolute host path"), unique=True))
+    ] = Field(default_factory=list)
     gpus: GpuRequest | None = None
 
 
@@ -626,8 +661,10 @@ def _docker_host(value: Any) -> str | None:
         return None
     text = _string()(value)
     if not re.fullmatch(r"(unix|tcp|ssh|npipe)://\S+", text):
-        raise _err(f"expected an engine address such as unix:///var/run/docker.sock, tcp://host:2376 or "
-                   f"ssh://user@host, got {text!r}")
+        raise _err(
+            f"expected an engine address such as unix:///var/run/docker.sock, tcp://host:2376 or "
+            f"ssh://user@host, got {text!r}"
+        )
     return text
 
 
@@ -643,19 +680,21 @@ class _StanzaBase(_Strict):
     @model_validator(mode="after")
     def _no_contradiction(self) -> _StanzaBase:
         if self.required and self.allow_skip is not None:
-            raise _err("contradicts required: true (a required target must run; a skip fails the run): "
-                       "drop one of the two", "allow_skip")
+            raise _err(
+                "contradicts required: true (a required target must run; a skip fails the run): drop one of the two",
+                "allow_skip",
+            )
         return self
 
 
 # --------------------------------------------------------------------------- target manifests
 
-_ITEM_CHECKS: dict[str, Callable[..., Callable[[Any], Any]]] = {
-    "int": _integer, "float": _number, "number": _number}
+_ITEM_CHECKS: dict[str, Callable[..., Callable[[Any], Any]]] = {"int": _integer, "float": _number, "number": _number}
 
 
-def _value_check(kind: str, lo: float | None = None, hi: float | None = None,
-                 choices: list[Any] | None = None) -> Callable[[Any], Any]:
+def _value_check(
+    kind: str, lo: float | None = None, hi: float | None = None, choices: list[Any] | None = None
+) -> Callable[[Any], Any]:
     """The validator for one value of a param type (list items use the item type)."""
     if kind in _ITEM_CHECKS:
         base = _ITEM_CHECKS[kind](lo, hi)
@@ -673,6 +712,7 @@ def _value_check(kind: str, lo: float | None = None, hi: float | None = None,
         if value not in choices:
             raise _err(f"expected one of {', '.join(str(c) for c in choices)}, got {value!r}")
         return value
+
     return check
 
 
@@ -691,8 +731,7 @@ class ParamSpec(_Strict):
         numeric = kind in ("int", "float", "number")
         for key in ("min", "max"):
             if getattr(self, key) is not None and not numeric:
-                raise _err(f"only for int, float or number params (or lists of them); this one is "
-                           f"{self.type}", key)
+                raise _err(f"only for int, float or number params (or lists of them); this one is {self.type}", key)
         if self.min is not None and self.max is not None and self.min > self.max:
             raise _err(f"must be >= min ({self.min:g}), got {self.max:g}", "max")
         if self.items is not None and self.type != "list":
@@ -722,17 +761,22 @@ class ParamSpec(_Strict):
         return _value_check(self.type, self.min, self.max, self.choices)
 
 
-_NameList = Annotated[list[str], _v(_list_of(_string(pattern=r"[A-Za-z0-9_][A-Za-z0-9_.+-]*",
-                                                     example="a name such as numpy or nvidia-gpu"),
-                                             unique=True))]
+_NameList = Annotated[
+    list[str],
+    _v(
+        _list_of(
+            _string(pattern=r"[A-Za-z0-9_][A-Za-z0-9_.+-]*", example="a name such as numpy or nvidia-gpu"), unique=True
+        )
+    ),
+]
 
 
 class Requires(_Strict):
     """What a target (or one stage) needs where it runs."""
 
-    modules: _NameList = Field(default_factory=list)    # Python modules (probed without importing)
-    commands: _NameList = Field(default_factory=list)   # executables on PATH
-    devices: _NameList = Field(default_factory=list)    # device kinds (runners.base.DEVICE_PROBES)
+    modules: _NameList = Field(default_factory=list)  # Python modules (probed without importing)
+    commands: _NameList = Field(default_factory=list)  # executables on PATH
+    devices: _NameList = Field(default_factory=list)  # device kinds (runners.base.DEVICE_PROBES)
 
 
 class StageSpec(_Strict):
@@ -749,7 +793,7 @@ class UserFile(_Strict):
     name: Annotated[str, _v(_string(pattern=_NAME, example="a Python identifier such as toolkit"))]
     filename: Annotated[str, _v(_output_name)]
     sha256: Annotated[str, _v(_string(pattern=r"[0-9a-f]{64}", example="64 lowercase hex digits"))]
-    where: Annotated[str, _NONEMPTY]             # where the vendor publishes it (for the message)
+    where: Annotated[str, _NONEMPTY]  # where the vendor publishes it (for the message)
 
 
 class TargetImage(_Strict):
@@ -760,8 +804,8 @@ class TargetImage(_Strict):
 
 
 _PartialTolerance = create_model(
-    "PartialTolerance", __base__=_Strict,
-    **{k: (t, None) for k, (t, _) in _TOLERANCE_FIELDS.items()})  # type: ignore[call-overload]
+    "PartialTolerance", __base__=_Strict, **{k: (t, None) for k, (t, _) in _TOLERANCE_FIELDS.items()}
+)  # type: ignore[call-overload]
 
 
 class Manifest(_Strict):
@@ -780,43 +824,68 @@ class Manifest(_Strict):
     def _cross_checks(self) -> Manifest:
         for pname in self.params:
             if not re.fullmatch(_NAME, pname) or pname == "model":
-                raise _err("a param name is a Python identifier other than `model` (stages list "
-                           "`model` for the model section)", "params", pname)
+                raise _err(
+                    "a param name is a Python identifier other than `model` (stages list "
+                    "`model` for the model section)",
+                    "params",
+                    pname,
+                )
         if not self.stages:
             raise _err("no stages: declare at least one (stages: {infer: {...}})", "stages")
         for sname, stage in self.stages.items():
             if not re.fullmatch(_NAME, sname):
-                raise _err(f"stage name {sname!r} must be a Python identifier (it runs as "
-                           f"python -m targets.{self.name}.<stage>)", "stages", sname)
+                raise _err(
+                    f"stage name {sname!r} must be a Python identifier (it runs as "
+                    f"python -m targets.{self.name}.<stage>)",
+                    "stages",
+                    sname,
+                )
             if stage is None:
                 self.stages[sname] = stage = StageSpec()
             for i, pname in enumerate(stage.params):
                 if pname != "model" and pname not in self.params:
                     declared = ", ".join(self.params) or "none"
-                    raise _err(f"{pname!r} is not declared under params: (declared: {declared}; "
-                               "`model` is the model section)", "stages", sname, "params", i)
+                    raise _err(
+                        f"{pname!r} is not declared under params: (declared: {declared}; `model` is the model section)",
+                        "stages",
+                        sname,
+                        "params",
+                        i,
+                    )
             for iname, decl in stage.inputs.items():
                 ref = decl["from"] if isinstance(decl, dict) else decl
-                for pname in (decl["when"] if isinstance(decl, dict) else {}):
+                for pname in decl["when"] if isinstance(decl, dict) else {}:
                     if pname not in stage.params:
-                        raise _err(f"condition on {pname!r}, which is not one of this stage's params "
-                                   f"({', '.join(stage.params) or 'none'})", "stages", sname, "inputs", iname,
-                                   "when", pname)
+                        raise _err(
+                            f"condition on {pname!r}, which is not one of this stage's params "
+                            f"({', '.join(stage.params) or 'none'})",
+                            "stages",
+                            sname,
+                            "inputs",
+                            iname,
+                            "when",
+                            pname,
+                        )
                 producer = ref.split("/", 1)[0]
                 target, _, other = producer.partition(".")
                 if target == self.name and other not in self.stages:
-                    raise _err(f"{self.name} has no stage {other!r} (stages: {', '.join(self.stages)})",
-                               "stages", sname, "inputs", iname)
+                    raise _err(
+                        f"{self.name} has no stage {other!r} (stages: {', '.join(self.stages)})",
+                        "stages",
+                        sname,
+                        "inputs",
+                        iname,
+                    )
         return self
 
 
 @dataclass
 class StageDef:
     name: str
-    inputs: dict[str, str]        # input name -> "producer/file", optional when ending in "?"
+    inputs: dict[str, str]  # input name -> "producer/file", optional when ending in "?"
     params: list[str]
     outputs: list[str]
-    on_demand: bool = False       # e.g. bench: run by its own task, not part of `invoke matrix`
+    on_demand: bool = False  # e.g. bench: run by its own task, not part of `invoke matrix`
     #: modules/commands/devices this stage needs: the stage's own lists, else the target's
     requires: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in REQUIRE_KINDS})
     #: input name -> {param: [values]}: the input is read only when each param has one of its values
@@ -824,8 +893,11 @@ class StageDef:
 
     def inputs_for(self, params: dict[str, Any]) -> dict[str, str]:
         """The inputs this stage reads with these (resolved) parameter values."""
-        return {name: ref for name, ref in self.inputs.items()
-                if all(params.get(k) in values for k, values in self.when.get(name, {}).items())}
+        return {
+            name: ref
+            for name, ref in self.inputs.items()
+            if all(params.get(k) in values for k, values in self.when.get(name, {}).items())
+        }
 
 
 @dataclass
@@ -837,8 +909,8 @@ class TargetDef:
     image: dict[str, Any]
     params: dict[str, dict[str, Any]]
     stages: dict[str, StageDef]
-    tolerance: dict[str, Any] = field(default_factory=dict)    # the keys the manifest sets
-    container: dict[str, Any] = field(default_factory=dict)    # ContainerOptions, complete
+    tolerance: dict[str, Any] = field(default_factory=dict)  # the keys the manifest sets
+    container: dict[str, Any] = field(default_factory=dict)  # ContainerOptions, complete
 
     @property
     def matrix_stages(self) -> dict[str, StageDef]:
@@ -873,7 +945,7 @@ def load_target(folder: Path) -> TargetDef:
     requires = spec.requires.model_dump()
     stages = {}
     for sname, s in spec.stages.items():
-        assert s is not None    # _cross_checks fills empty stages
+        assert s is not None  # _cross_checks fills empty stages
         own = s.requires.model_fields_set
         merged = {k: list(getattr(s.requires, k) if k in own else requires[k]) for k in REQUIRE_KINDS}
         refs = {k: (v["from"] if isinstance(v, dict) else v) for k, v in s.inputs.items()}
@@ -881,15 +953,21 @@ def load_target(folder: Path) -> TargetDef:
         stages[sname] = StageDef(sname, refs, list(s.params), list(s.outputs), s.on_demand, merged, when)
     given: BaseModel = spec.tolerance
     tolerance = {k: copy.deepcopy(getattr(given, k)) for k in given.model_fields_set}
-    return TargetDef(name=spec.name, summary=spec.summary, folder=folder, requires=requires,
-                     image=spec.image.model_dump(),
-                     params={k: p.model_dump() for k, p in spec.params.items()},
-                     stages=stages, tolerance=tolerance, container=spec.container.model_dump())
+    return TargetDef(
+        name=spec.name,
+        summary=spec.summary,
+        folder=folder,
+        requires=requires,
+        image=spec.image.model_dump(),
+        params={k: p.model_dump() for k, p in spec.params.items()},
+        stages=stages,
+        tolerance=tolerance,
+        container=spec.container.model_dump(),
+    )
 
 
 def discover_targets(targets_dir: Path = TARGETS_DIR) -> dict[str, TargetDef]:
-    return {p.name: load_target(p) for p in sorted(Path(targets_dir).iterdir())
-            if (p / "target.yaml").is_file()}
+    return {p.name: load_target(p) for p in sorted(Path(targets_dir).iterdir()) if (p / "target.yaml").is_file()}
 
 
 _STANZA_MODELS: dict[str, type[_Strict]] = {}
@@ -907,8 +985,10 @@ def _build_stanza_model(t: TargetDef) -> type[_Strict]:
     params: dict[str, Any] = {}
     for i, (pname, raw) in enumerate(t.params.items()):
         spec: ParamSpec = _validate(ParamSpec, raw, f"params.{pname}")  # type: ignore[assignment]
-        params[f"p{i}"] = (Annotated[Any, _v(spec.value_check())],
-                           Field(default=copy.deepcopy(spec.default), alias=pname))
+        params[f"p{i}"] = (
+            Annotated[Any, _v(spec.value_check())],
+            Field(default=copy.deepcopy(spec.default), alias=pname),
+        )
     param_model = create_model(f"Params_{t.name}", __base__=_Strict, **params)
     tol_model = _tolerance_model(f"Tolerance_{t.name}", t.tolerance)
 
@@ -923,8 +1003,12 @@ def _build_stanza_model(t: TargetDef) -> type[_Strict]:
             names = [f.get("name") for f in t.image.get("files") or []]
             for name in self.files:
                 if name not in names:
-                    raise _err(f"targets/{t.name}/target.yaml declares no such file (image.files: "
-                               f"{', '.join(map(str, names)) or 'none'})", "files", name)
+                    raise _err(
+                        f"targets/{t.name}/target.yaml declares no such file (image.files: "
+                        f"{', '.join(map(str, names)) or 'none'})",
+                        "files",
+                        name,
+                    )
             return self
 
     Image.__name__ = f"Image_{t.name}"
@@ -938,11 +1022,14 @@ def _build_stanza_model(t: TargetDef) -> type[_Strict]:
             raise _err(str(exc)) from None
         return {**defaults, **{k: v for k, v in checked.model_dump().items() if k in given}}
 
-    return create_model(f"Stanza_{t.name}", __base__=_StanzaBase,
-                        params=(param_model, Field(default_factory=param_model)),
-                        tolerance=(tol_model, Field(default_factory=tol_model)),
-                        image=(Image, Field(default_factory=Image)),
-                        container=(Annotated[dict[str, Any], _v(container)], Field(default_factory=lambda: dict(defaults))))
+    return create_model(
+        f"Stanza_{t.name}",
+        __base__=_StanzaBase,
+        params=(param_model, Field(default_factory=param_model)),
+        tolerance=(tol_model, Field(default_factory=tol_model)),
+        image=(Image, Field(default_factory=Image)),
+        container=(Annotated[dict[str, Any], _v(container)], Field(default_factory=lambda: dict(defaults))),
+    )
 
 
 def target_schema(t: TargetDef) -> _Checker:
@@ -952,11 +1039,12 @@ def target_schema(t: TargetDef) -> _Checker:
 
 # --------------------------------------------------------------------------- loading
 
+
 @dataclass
 class Matrix:
     path: Path
-    root: Path                      # folder of matrix.yaml; relative paths are taken from here
-    raw: dict[str, Any]             # validated, defaults filled
+    root: Path  # folder of matrix.yaml; relative paths are taken from here
+    raw: dict[str, Any]  # validated, defaults filled
     targets: dict[str, TargetDef]
 
     @property
@@ -986,8 +1074,9 @@ class Matrix:
 _EXAMPLE = "e.g. `targets: {torch: {}, onnxruntime: {}}` (see the shipped matrix.yaml)"
 
 
-def load_matrix(path: str | Path = "matrix.yaml", overrides: dict[str, Any] | None = None,
-                targets_dir: Path = TARGETS_DIR) -> Matrix:
+def load_matrix(
+    path: str | Path = "matrix.yaml", overrides: dict[str, Any] | None = None, targets_dir: Path = TARGETS_DIR
+) -> Matrix:
     path = Path(path)
     raw = read_yaml(path)
     if not raw:
@@ -999,13 +1088,16 @@ def load_matrix(path: str | Path = "matrix.yaml", overrides: dict[str, Any] | No
         top = _validate(MatrixFile, raw, "")
         data = top.model_dump()
         if not data["targets"]:
-            raise ConfigError(f"targets: no targets; list at least the reference "
-                              f"({data['verify']['reference']!r}), {_EXAMPLE}")
+            raise ConfigError(
+                f"targets: no targets; list at least the reference ({data['verify']['reference']!r}), {_EXAMPLE}"
+            )
         out = {}
         for name, stanza in data["targets"].items():
             if name not in known:
-                raise ConfigError(f"targets.{name}: unknown target (known: {', '.join(known)}); "
-                                  "a target is a folder targets/<name>/ with a target.yaml")
+                raise ConfigError(
+                    f"targets.{name}: unknown target (known: {', '.join(known)}); "
+                    "a target is a folder targets/<name>/ with a target.yaml"
+                )
             out[name] = target_schema(known[name]).check(stanza, f"targets.{name}")
         data["targets"] = out
         if data["verify"]["reference"] not in out:
@@ -1013,8 +1105,7 @@ def load_matrix(path: str | Path = "matrix.yaml", overrides: dict[str, Any] | No
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     log.debug("%s: %d targets, %d enabled", path, len(out), sum(c["enabled"] for c in out.values()))
-    return Matrix(path=path.resolve(), root=path.resolve().parent, raw=data,
-                  targets={n: known[n] for n in out})
+    return Matrix(path=path.resolve(), root=path.resolve().parent, raw=data, targets={n: known[n] for n in out})
 
 
 def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:

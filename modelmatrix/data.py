@@ -17,6 +17,7 @@ A truncated JPEG is an error as long as ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` 
 
 This module imports numpy and Pillow only (no toolchain).
 """
+
 from __future__ import annotations
 
 import collections
@@ -60,16 +61,27 @@ _FAST_NAME = re.compile(r"(-1|\d+)_c([1-6])[ -~]*\.(?i:jpg|jpeg|png|bmp)", re.AS
 ASCEND_DIR = "ascend"
 ASCEND_INFO = "prep_bin.info"
 INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
-SYNTHETIC_RECIPE = "synthetic.json"     # how the set was made; an identical request is a no-op
-SYNTHETIC_VERSION = 1                   # bump when the generator's output changes
+SYNTHETIC_RECIPE = "synthetic.json"  # how the set was made; an identical request is a no-op
+SYNTHETIC_VERSION = 1  # bump when the generator's output changes
 NO_DATASET_FIX = "run `invoke data --synthetic` or set data.dataset in matrix.yaml"
 
 
 # =========================================================================== synthetic set
 
-def make_synthetic(out_dir: Path, identities: int = 30, cameras: int = 6, gallery_per_camera: int = 2,
-                   junk: int = 4, distractors: int = 6, seed: int = 0, *, queries_per_identity: int = 2,
-                   train_identities: int = 3, force: bool = False) -> dict[str, Any]:
+
+def make_synthetic(
+    out_dir: Path,
+    identities: int = 30,
+    cameras: int = 6,
+    gallery_per_camera: int = 2,
+    junk: int = 4,
+    distractors: int = 6,
+    seed: int = 0,
+    *,
+    queries_per_identity: int = 2,
+    train_identities: int = 3,
+    force: bool = False,
+) -> dict[str, Any]:
     """Write a small Market1501-layout set into ``out_dir`` and return a summary.
 
     Each identity has ``gallery_per_camera`` gallery crops in EVERY camera and
@@ -83,28 +95,44 @@ def make_synthetic(out_dir: Path, identities: int = 30, cameras: int = 6, galler
     place; an existing non-empty ``out_dir`` is an error unless ``force`` (then it is replaced).
     """
     out_dir = Path(out_dir)
-    _check_synthetic_args(identities, cameras, gallery_per_camera, junk, distractors,
-                          queries_per_identity, train_identities)
+    _check_synthetic_args(
+        identities, cameras, gallery_per_camera, junk, distractors, queries_per_identity, train_identities
+    )
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"{out_dir}: exists and is not a folder; choose another path for the dataset")
-    recipe = {"generator": SYNTHETIC_VERSION, "identities": identities, "cameras": cameras,
-              "gallery_per_camera": gallery_per_camera, "junk": junk, "distractors": distractors,
-              "seed": seed, "queries_per_identity": queries_per_identity,
-              "train_identities": train_identities}
+    recipe = {
+        "generator": SYNTHETIC_VERSION,
+        "identities": identities,
+        "cameras": cameras,
+        "gallery_per_camera": gallery_per_camera,
+        "junk": junk,
+        "distractors": distractors,
+        "seed": seed,
+        "queries_per_identity": queries_per_identity,
+        "train_identities": train_identities,
+    }
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         existing = _read_recipe(out_dir)
         if existing is not None and existing.get("recipe") == recipe:
             return {**existing, "path": str(out_dir), "status": "up to date"}
-        raise DataError(f"{out_dir}: folder exists and is not empty; delete it or pass --force "
-                        f"to replace it")
+        raise DataError(f"{out_dir}: folder exists and is not empty; delete it or pass --force to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     mask = os.umask(0)
     os.umask(mask)
-    tmp.chmod(0o777 & ~mask)      # mkdtemp's 0700 would hide the dataset from other users
+    tmp.chmod(0o777 & ~mask)  # mkdtemp's 0700 would hide the dataset from other users
     try:
-        counts = _write_synthetic(tmp, identities, cameras, gallery_per_camera, junk, distractors,
-                                  seed, queries_per_identity, train_identities)
+        counts = _write_synthetic(
+            tmp,
+            identities,
+            cameras,
+            gallery_per_camera,
+            junk,
+            distractors,
+            seed,
+            queries_per_identity,
+            train_identities,
+        )
         summary = {"recipe": recipe, **counts}
         atomic_write_json(tmp / SYNTHETIC_RECIPE, summary)
         _replace_dir(tmp, out_dir)
@@ -114,12 +142,11 @@ def make_synthetic(out_dir: Path, identities: int = 30, cameras: int = 6, galler
     return {**summary, "path": str(out_dir), "status": "written"}
 
 
-SIZED_VERSION = 1                       # bump when make_market_sized's output changes
+SIZED_VERSION = 1  # bump when make_market_sized's output changes
 SIZED_MTIME_NS = 1_600_000_000 * 10**9  # a fixed past mtime: the set is the same bytes and stamps each time
 
 
-def make_market_sized(out_dir: Path, images: int = 32000, seed: int = 0, *,
-                      force: bool = False) -> dict[str, Any]:
+def make_market_sized(out_dir: Path, images: int = 32000, seed: int = 0, *, force: bool = False) -> dict[str, Any]:
     """A Market1501-sized set for benchmarks: ``images`` files that prepare reads (query +
     gallery, pid != -1), plus junk, Thumbs.db and a bounding_box_train/ folder a third that size.
 
@@ -153,13 +180,14 @@ def make_market_sized(out_dir: Path, images: int = 32000, seed: int = 0, *,
 
 def _write_sized(root: Path, images: int, seed: int) -> dict[str, int]:
     import io
+
     cameras, gpc, qpi = 6, 3, 2
     distractors = min(1000, images // 32)
     identities, extra = divmod(images - distractors, qpi + cameras * gpc)
     distractors += extra
     junk = min(1000, images // 32)
     looks = [_camera_look(seed, c) for c in range(cameras)]
-    pool: list[list[bytes]] = []                          # [camera][k] -> JPEG bytes
+    pool: list[list[bytes]] = []  # [camera][k] -> JPEG bytes
     for cam in range(cameras):
         row = []
         for k in range(16):
@@ -178,7 +206,7 @@ def _write_sized(root: Path, images: int, seed: int) -> dict[str, int]:
         segment = b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment
         path = root / sub / name
         with open(path, "wb") as fh:
-            fh.write(jpeg[:2] + segment + jpeg[2:])      # SOI, COM naming the file, the rest
+            fh.write(jpeg[:2] + segment + jpeg[2:])  # SOI, COM naming the file, the rest
         os.utime(path, ns=stamp)
 
     for sub in (QUERY_DIR, GALLERY_DIR, TRAIN_DIR):
@@ -198,8 +226,13 @@ def _write_sized(root: Path, images: int, seed: int) -> dict[str, int]:
     train = images // 3
     for t in range(train):
         put(TRAIN_DIR, 2 + 3 * identities + 3 * (t // 2), t % 2)
-    return {"query": identities * qpi, "gallery": identities * cameras * gpc + distractors,
-            "junk": junk, "distractors": distractors, "train": train}
+    return {
+        "query": identities * qpi,
+        "gallery": identities * cameras * gpc + distractors,
+        "junk": junk,
+        "distractors": distractors,
+        "train": train,
+    }
 
 
 def _read_recipe(folder: Path) -> dict[str, Any] | None:
@@ -210,16 +243,23 @@ def _read_recipe(folder: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _check_synthetic_args(identities: Any, cameras: Any, gallery_per_camera: Any, junk: Any, distractors: Any,
-                          qpi: Any, train: Any) -> None:
-    checks = [("identities", identities, 2, 3000), ("cameras", cameras, 2, 6),
-              ("gallery_per_camera", gallery_per_camera, 1, 50), ("junk", junk, 0, 1000),
-              ("distractors", distractors, 0, 1000), ("queries_per_identity", qpi, 1, cameras),
-              ("train_identities", train, 0, 100)]
+def _check_synthetic_args(
+    identities: Any, cameras: Any, gallery_per_camera: Any, junk: Any, distractors: Any, qpi: Any, train: Any
+) -> None:
+    checks = [
+        ("identities", identities, 2, 3000),
+        ("cameras", cameras, 2, 6),
+        ("gallery_per_camera", gallery_per_camera, 1, 50),
+        ("junk", junk, 0, 1000),
+        ("distractors", distractors, 0, 1000),
+        ("queries_per_identity", qpi, 1, cameras),
+        ("train_identities", train, 0, 100),
+    ]
     for name, value, lo, hi in checks:
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise DataError(f"data.synthetic.{name}: expected an integer in {lo}..{hi}, got {value!r}; "
-                            f"fix it in matrix.yaml")
+            raise DataError(
+                f"data.synthetic.{name}: expected an integer in {lo}..{hi}, got {value!r}; fix it in matrix.yaml"
+            )
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
@@ -233,11 +273,20 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
     shutil.rmtree(trash)
 
 
-_THUMBS_DB = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(504)   # an OLE2 header, like Windows writes
+_THUMBS_DB = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(504)  # an OLE2 header, like Windows writes
 
 
-def _write_synthetic(root: Path, identities: int, cameras: int, gpc: int, junk: int, distractors: int, seed: int,
-                     qpi: int, train_ids: int) -> dict[str, int]:
+def _write_synthetic(
+    root: Path,
+    identities: int,
+    cameras: int,
+    gpc: int,
+    junk: int,
+    distractors: int,
+    seed: int,
+    qpi: int,
+    train_ids: int,
+) -> dict[str, int]:
     for sub in (QUERY_DIR, GALLERY_DIR, TRAIN_DIR):
         (root / sub).mkdir()
         (root / sub / "Thumbs.db").write_bytes(_THUMBS_DB)
@@ -245,7 +294,7 @@ def _write_synthetic(root: Path, identities: int, cameras: int, gpc: int, junk: 
     cam_looks = [_camera_look(seed, c) for c in range(cameras)]
     n_query = n_gallery = n_train = 0
     for i in range(identities):
-        pid = 2 + 3 * i                       # sparse ids, as in Market1501 (0002, 0005, ...)
+        pid = 2 + 3 * i  # sparse ids, as in Market1501 (0002, 0005, ...)
         person = _person(seed, 1, i)
         q_cams = [(i + k * max(1, cameras // qpi)) % cameras for k in range(qpi)]
         for k, cam in enumerate(q_cams):
@@ -253,24 +302,27 @@ def _write_synthetic(root: Path, identities: int, cameras: int, gpc: int, junk: 
             n_query += 1
         for cam in range(cameras):
             for k in range(gpc):
-                _save(root / GALLERY_DIR, namer.name(pid, cam), person, cam_looks[cam],
-                      (seed, 3, i, cam, k))
+                _save(root / GALLERY_DIR, namer.name(pid, cam), person, cam_looks[cam], (seed, 3, i, cam, k))
                 n_gallery += 1
     for d in range(distractors):
         cam = d % cameras
-        _save(root / GALLERY_DIR, namer.name(0, cam), _person(seed, 4, d), cam_looks[cam],
-              (seed, 5, d, cam, 0))
+        _save(root / GALLERY_DIR, namer.name(0, cam), _person(seed, 4, d), cam_looks[cam], (seed, 5, d, cam, 0))
     for j in range(junk):
         cam = j % cameras
         _save(root / GALLERY_DIR, namer.name(-1, cam), None, cam_looks[cam], (seed, 6, j, cam, 0))
     for t in range(train_ids):
-        pid = 2 + 3 * identities + 3 * t      # disjoint from the test identities
+        pid = 2 + 3 * identities + 3 * t  # disjoint from the test identities
         person = _person(seed, 7, t)
         for cam in (0, 1):
             _save(root / TRAIN_DIR, namer.name(pid, cam), person, cam_looks[cam], (seed, 8, t, cam, 0))
             n_train += 1
-    return {"query": n_query, "gallery": n_gallery + distractors, "junk": junk,
-            "distractors": distractors, "train": n_train}
+    return {
+        "query": n_query,
+        "gallery": n_gallery + distractors,
+        "junk": junk,
+        "distractors": distractors,
+        "train": n_train,
+    }
 
 
 class _Namer:
@@ -311,11 +363,11 @@ def _person(seed: int, kind: int, index: int) -> dict[str, Any]:
         "upper": _hsv(hue_up, r.uniform(0.55, 0.95), r.uniform(0.55, 0.98)),
         "lower": _hsv(hue_low, r.uniform(0.3, 0.9), r.uniform(0.12, 0.3) if dark_low else r.uniform(0.4, 0.9)),
         "accent": _hsv((hue_up + 0.5) % 1.0, r.uniform(0.3, 0.9), r.uniform(0.2, 1.0)),
-        "pattern": int(r.integers(0, 5)),          # solid, h-stripes, v-stripes, checks, two-tone
+        "pattern": int(r.integers(0, 5)),  # solid, h-stripes, v-stripes, checks, two-tone
         "stripe": int(r.integers(5, 12)),
         "hair": _hsv(r.uniform(0.02, 0.12), r.uniform(0.2, 0.7), r.uniform(0.05, 0.45)),
         "skin": _hsv(r.uniform(0.03, 0.1), r.uniform(0.25, 0.55), r.uniform(0.55, 0.95)),
-        "bag": int(r.integers(0, 3)),              # none, backpack, side bag
+        "bag": int(r.integers(0, 3)),  # none, backpack, side bag
         "bag_colour": _hsv(r.random(), r.uniform(0.2, 0.8), r.uniform(0.15, 0.8)),
         "width": r.uniform(0.34, 0.5),
         "waist": r.uniform(0.5, 0.6),
@@ -325,11 +377,13 @@ def _person(seed: int, kind: int, index: int) -> dict[str, Any]:
 
 def _camera_look(seed: int, cam: int) -> dict[str, Any]:
     r = _rng(seed, 9, cam)
-    return {"tint": r.uniform(0.82, 1.18, size=3).astype(np.float32),
-            "gain": float(r.uniform(0.85, 1.12)),
-            "bg_top": r.uniform(60, 200, size=3).astype(np.float32),
-            "bg_bottom": r.uniform(40, 170, size=3).astype(np.float32),
-            "noise": float(r.uniform(3.0, 8.0))}
+    return {
+        "tint": r.uniform(0.82, 1.18, size=3).astype(np.float32),
+        "gain": float(r.uniform(0.85, 1.12)),
+        "bg_top": r.uniform(60, 200, size=3).astype(np.float32),
+        "bg_bottom": r.uniform(40, 170, size=3).astype(np.float32),
+        "noise": float(r.uniform(3.0, 8.0)),
+    }
 
 
 def _save(folder: Path, name: str, person: dict | None, look: dict, key: tuple) -> None:
@@ -345,10 +399,10 @@ def _render(person: dict | None, look: dict, r: np.random.Generator) -> np.ndarr
     t = (yy / H)[..., None]
     img = look["bg_top"] * (1 - t) + look["bg_bottom"] * t
     img = img + r.normal(0, 10, size=(H // 32, W // 32, 3)).repeat(32, 0).repeat(32, 1)
-    if person is None:                      # junk: a blurred fragment of background and clothes
+    if person is None:  # junk: a blurred fragment of background and clothes
         colour = _hsv(r.random(), r.uniform(0.2, 0.8), r.uniform(0.2, 0.9))
         y0 = int(r.integers(0, H // 2))
-        img[y0:y0 + int(r.integers(30, 120)), :] = colour
+        img[y0 : y0 + int(r.integers(30, 120)), :] = colour
     else:
         _draw_person(img, person, r, yy, xx)
     img = img * look["tint"] * look["gain"] * r.uniform(0.9, 1.1)
@@ -386,14 +440,14 @@ def _draw_person(img: np.ndarray, p: dict[str, Any], r: np.random.Generator, yy:
         ax = cx + side * (half + 6)
         arm = (np.abs(xx - ax) < 6) & (yy >= neck + 4) & (yy < waist + height * 0.08)
         img[arm] = p["upper"] * 0.85
-    head = (xx - cx) ** 2 + ((yy - head_cy) / 1.2) ** 2 < head_r ** 2
+    head = (xx - cx) ** 2 + ((yy - head_cy) / 1.2) ** 2 < head_r**2
     img[head] = p["skin"]
     hair = head & (yy < head_cy - head_r * 0.2)
     img[hair] = p["hair"]
-    if p["bag"] == 1:                         # backpack: a block over the torso
+    if p["bag"] == 1:  # backpack: a block over the torso
         bag = (np.abs(xx - cx - half * 0.1) < half * 0.75) & (yy >= neck + 10) & (yy < waist - 6)
         img[bag] = p["bag_colour"]
-    elif p["bag"] == 2:                       # side bag at the hip
+    elif p["bag"] == 2:  # side bag at the hip
         bx = cx + half + 4
         bag = (np.abs(xx - bx) < 10) & (np.abs(yy - waist) < 16)
         img[bag] = p["bag_colour"]
@@ -417,6 +471,7 @@ def _pattern(p: dict[str, Any], yy: np.ndarray, xx: np.ndarray, cx: float, neck:
 
 # =========================================================================== scanning
 
+
 def scan_dataset(root: Path, limit: int | None = None) -> list[dict[str, Any]]:
     """Items of ``query/`` then ``bounding_box_test/``, each sorted by file name.
 
@@ -434,8 +489,7 @@ def scan_dataset(root: Path, limit: int | None = None) -> list[dict[str, Any]]:
     and other identities, in sorted order), so each kept query keeps all its matches and
     retrieval still has something to reject. Same inputs, same subset.
     """
-    return [{"file": f, "pid": pid, "camid": cam, "split": split}
-            for f, pid, cam, split, _ in _scan(Path(root), limit)]
+    return [{"file": f, "pid": pid, "camid": cam, "split": split} for f, pid, cam, split, _ in _scan(Path(root), limit)]
 
 
 def dataset_digest(root: Path, hashes: HashCache, limit: int | None = None) -> str:
@@ -457,7 +511,7 @@ def dataset_digest(root: Path, hashes: HashCache, limit: int | None = None) -> s
     parts = []
     for rel, _pid, _cam, _split, st in scanned:
         key = base + rel
-        hit = entries.get(key)               # the cache's hit test, inlined: 32,000 calls add up
+        hit = entries.get(key)  # the cache's hit test, inlined: 32,000 calls add up
         if hit is not None and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
             digest = hit[2]
         else:
@@ -476,10 +530,12 @@ def _scan(root: Path, limit: int | None) -> list[_Row]:
         raise DataError(f"{shown(root)}: dataset folder not found; {NO_DATASET_FIX}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise DataError(f"data.limit: expected an integer >= 1 or null, got {limit!r}; fix matrix.yaml")
-    for sub, _ in SPLITS:                   # both folders first: the layout error before any other
+    for sub, _ in SPLITS:  # both folders first: the layout error before any other
         if not (root / sub).is_dir():
-            raise DataError(f"{shown(root / sub)}: folder not found; a Market1501 dataset has {QUERY_DIR}/ and "
-                            f"{GALLERY_DIR}/ ({NO_DATASET_FIX})")
+            raise DataError(
+                f"{shown(root / sub)}: folder not found; a Market1501 dataset has {QUERY_DIR}/ and "
+                f"{GALLERY_DIR}/ ({NO_DATASET_FIX})"
+            )
     query = _scan_split(root, QUERY_DIR, "query")
     gallery = _scan_split(root, GALLERY_DIR, "gallery")
     if limit is not None:
@@ -502,7 +558,7 @@ def _scan_split(root: Path, sub: str, split: str) -> list[_Row]:
     for entry in entries:
         name = entry.name
         m = fast(name) if ".db" not in name else None
-        if m is None:                       # the general path: every check, with its message
+        if m is None:  # the general path: every check, with its message
             if ".db" in name or name.startswith("."):
                 continue
             dot = name.rfind(".")
@@ -511,10 +567,12 @@ def _scan_split(root: Path, sub: str, split: str) -> list[_Row]:
                 continue
             problem = name_problem(name)
             if problem:
-                raise DataError(f"{shown(entry.path)}: file name {problem}; rename the file (Market1501 "
-                                f"names look like {NAME_EXAMPLE}) or move it out of the folder")
+                raise DataError(
+                    f"{shown(entry.path)}: file name {problem}; rename the file (Market1501 "
+                    f"names look like {NAME_EXAMPLE}) or move it out of the folder"
+                )
         try:
-            st = entry.stat()               # follows a link; one syscall, reused by dataset_digest
+            st = entry.stat()  # follows a link; one syscall, reused by dataset_digest
         except OSError as exc:
             raise os_problem(entry.path, exc, "image") from None
         if not is_reg(st.st_mode):
@@ -533,8 +591,9 @@ def _scan_split(root: Path, sub: str, split: str) -> list[_Row]:
         items.append((f"{sub}/{name}", pid, camid, split, st))
     if not items:
         what = "only junk images (pid -1)" if found_images else "no images"
-        raise DataError(f"{shown(folder)}: {what}; expected Market1501 crops named like {NAME_EXAMPLE} "
-                        f"({NO_DATASET_FIX})")
+        raise DataError(
+            f"{shown(folder)}: {what}; expected Market1501 crops named like {NAME_EXAMPLE} ({NO_DATASET_FIX})"
+        )
     return items
 
 
@@ -561,20 +620,28 @@ def parse_name(path: Path) -> tuple[int, int]:
 def _parse(name: str, path: Any) -> tuple[int, int]:
     m = NAME_PATTERN.match(name)
     if not m:
-        raise DataError(f"{shown(path)}: file name does not match the Market1501 pattern (like "
-                        f"{NAME_EXAMPLE}: <pid>_c<camera>...); rename the file or move it out of the folder")
+        raise DataError(
+            f"{shown(path)}: file name does not match the Market1501 pattern (like "
+            f"{NAME_EXAMPLE}: <pid>_c<camera>...); rename the file or move it out of the folder"
+        )
     try:
         pid = int(m.group(1))
     except ValueError:
-        raise DataError(f"{shown(path)}: person id {m.group(1)!r} is not a number (like {NAME_EXAMPLE}); "
-                        f"rename the file or move it out of the folder") from None
+        raise DataError(
+            f"{shown(path)}: person id {m.group(1)!r} is not a number (like {NAME_EXAMPLE}); "
+            f"rename the file or move it out of the folder"
+        ) from None
     if pid < -1:
-        raise DataError(f"{shown(path)}: person id {pid} is invalid (-1 junk, 0 distractor, else >= 1); "
-                        f"rename the file or move it out of the folder")
+        raise DataError(
+            f"{shown(path)}: person id {pid} is invalid (-1 junk, 0 distractor, else >= 1); "
+            f"rename the file or move it out of the folder"
+        )
     cam = int(m.group(2))
     if not 1 <= cam <= 6:
-        raise DataError(f"{shown(path)}: camera {cam} is outside 1..6 (Market1501 has cameras c1..c6); "
-                        f"rename the file or move it out of the folder")
+        raise DataError(
+            f"{shown(path)}: camera {cam} is outside 1..6 (Market1501 has cameras c1..c6); "
+            f"rename the file or move it out of the folder"
+        )
     return pid, cam - 1
 
 
@@ -588,15 +655,21 @@ def _limit(query: list[_Row], gallery: list[_Row], limit: int) -> tuple[list[_Ro
 
 # =========================================================================== preprocessing
 
+
 def _checked_contract(contract: dict[str, Any], input_size: Sequence[int]) -> tuple:
     """(resample, (W, H), scale-op, mean, std, bgr) from a contract; DataError on a bad key."""
+
     def bad(key: str, msg: str) -> DataError:
         return DataError(f"contract.{key}: {msg}; fix the architecture contract (config.ARCH_CONTRACTS)")
 
-    if (not isinstance(input_size, (list, tuple)) or len(input_size) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_size)):
-        raise DataError(f"model.input_size: expected [height, width] positive integers, got "
-                        f"{input_size!r}; fix matrix.yaml")
+    if (
+        not isinstance(input_size, (list, tuple))
+        or len(input_size) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_size)
+    ):
+        raise DataError(
+            f"model.input_size: expected [height, width] positive integers, got {input_size!r}; fix matrix.yaml"
+        )
     interp = contract.get("interpolation")
     if interp not in INTERPOLATIONS:
         raise bad("interpolation", f"expected one of {', '.join(INTERPOLATIONS)}, got {interp!r}")
@@ -609,8 +682,11 @@ def _checked_contract(contract: dict[str, Any], input_size: Sequence[int]) -> tu
     stats = []
     for key in ("mean", "std"):
         v = contract.get(key)
-        if not isinstance(v, (list, tuple)) or len(v) != 3 or not all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        if (
+            not isinstance(v, (list, tuple))
+            or len(v) != 3
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+        ):
             raise bad(key, f"expected 3 numbers, got {v!r}")
         stats.append(tuple(float(x) for x in v))
     if any(s == 0 for s in stats[1]):
@@ -627,10 +703,10 @@ def _checked_contract(contract: dict[str, Any], input_size: Sequence[int]) -> tu
 def load_image(path: Path, params: tuple, out: np.ndarray | None = None) -> np.ndarray:
     """One image as float32 (3, H, W) per the checked contract ``params`` (written into ``out``)."""
     interp, size_wh, divisor, scale, mean, std, bgr = params
-    with open_regular(path) as fh:          # never a FIFO, socket or device; one line if unreadable
+    with open_regular(path) as fh:  # never a FIFO, socket or device; one line if unreadable
         try:
             with Image.open(fh) as im:
-                rgb = im.convert("RGB")      # decodes fully: a truncated file raises here
+                rgb = im.convert("RGB")  # decodes fully: a truncated file raises here
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             if isinstance(exc, OSError) and exc.errno is not None:
                 raise os_problem(path, exc, "image") from None
@@ -643,14 +719,14 @@ def load_image(path: Path, params: tuple, out: np.ndarray | None = None) -> np.n
         hwc = hwc[..., ::-1]
     if out is None:
         out = np.empty((3, size_wh[1], size_wh[0]), dtype=np.float32)
-    out[...] = hwc.transpose(2, 0, 1)        # uint8 -> float32, channels first
+    out[...] = hwc.transpose(2, 0, 1)  # uint8 -> float32, channels first
     # The same float32 operations as ToTensor + Normalize; a no-op step is skipped (bit-exact).
     if divisor is not None:
         if divisor != 1.0:
             out /= np.float32(divisor)
     else:
         out *= np.float32(scale)
-    m = np.asarray(mean, dtype=np.float32)[:, None, None]     # in output channel order
+    m = np.asarray(mean, dtype=np.float32)[:, None, None]  # in output channel order
     s = np.asarray(std, dtype=np.float32)[:, None, None]
     if m.any():
         out -= m
@@ -666,21 +742,26 @@ def _load_chunk(args: tuple) -> np.ndarray:
     for i, p in enumerate(paths):
         load_image(p, params, out[i])
         if bin_paths:
-            with open(bin_paths[i], "wb") as fh:     # raw float32 CHW, no header; ENOSPC raises
+            with open(bin_paths[i], "wb") as fh:  # raw float32 CHW, no header; ENOSPC raises
                 fh.write(memoryview(out[i]).cast("B"))
     return out
 
 
 def _workers(workers: int) -> int:
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise DataError(f"data.workers: expected an integer >= 0 (0 = all cores), got {workers!r}; "
-                        f"fix matrix.yaml")
+        raise DataError(f"data.workers: expected an integer >= 0 (0 = all cores), got {workers!r}; fix matrix.yaml")
     return workers or (os.cpu_count() or 1)
 
 
-def iter_preprocessed(items: Sequence[dict], root: Path, contract: dict, input_size: Sequence[int],
-                      workers: int = 0, chunk: int | None = None,
-                      bin_paths: Sequence[Path] | None = None) -> Generator[tuple[int, np.ndarray], None, None]:
+def iter_preprocessed(
+    items: Sequence[dict],
+    root: Path,
+    contract: dict,
+    input_size: Sequence[int],
+    workers: int = 0,
+    chunk: int | None = None,
+    bin_paths: Sequence[Path] | None = None,
+) -> Generator[tuple[int, np.ndarray], None, None]:
     """Yield ``(start, array[n, 3, H, W])`` in item order, decoded in chunks by ``workers`` threads.
 
     ``bin_paths`` (one per item): the workers also write each image there as raw float32 CHW.
@@ -698,8 +779,12 @@ def iter_preprocessed(items: Sequence[dict], root: Path, contract: dict, input_s
     paths = [root / it["file"] for it in items]
     if chunk is None:
         chunk = max(4, min(64, math.ceil(len(paths) / (n_workers * 4)) or 1))
-    chunks = iter([(paths[i:i + chunk], params, bin_paths[i:i + chunk] if bin_paths else None)
-                   for i in range(0, len(paths), chunk)])
+    chunks = iter(
+        [
+            (paths[i : i + chunk], params, bin_paths[i : i + chunk] if bin_paths else None)
+            for i in range(0, len(paths), chunk)
+        ]
+    )
     if n_workers == 1 or len(paths) <= chunk:
         start = 0
         for c in chunks:
@@ -722,20 +807,29 @@ def iter_preprocessed(items: Sequence[dict], root: Path, contract: dict, input_s
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def preprocess(items: Sequence[dict], root: Path, contract: dict, input_size: Sequence[int] = (256, 128),
-               workers: int = 0) -> np.ndarray:
+def preprocess(
+    items: Sequence[dict], root: Path, contract: dict, input_size: Sequence[int] = (256, 128), workers: int = 0
+) -> np.ndarray:
     """All items as one float32 array (N, 3, H, W), row i = items[i]."""
     H, W = input_size
     out = np.empty((len(items), 3, H, W), dtype=np.float32)
     for start, arr in iter_preprocessed(items, root, contract, input_size, workers):
-        out[start:start + len(arr)] = arr
+        out[start : start + len(arr)] = arr
     return out
 
 
 # =========================================================================== prepare
 
-def prepare(dataset: Path, out_dir: Path, contract: dict, input_size: Sequence[int], limit: int | None = None,
-            ascend_bins: bool = True, workers: int = 0) -> dict[str, Any]:
+
+def prepare(
+    dataset: Path,
+    out_dir: Path,
+    contract: dict,
+    input_size: Sequence[int],
+    limit: int | None = None,
+    ascend_bins: bool = True,
+    workers: int = 0,
+) -> dict[str, Any]:
     """Scan ``dataset``, preprocess every image ONCE and write the workspace inputs into ``out_dir``.
 
     Writes ``inputs.npy`` (float32 N,3,H,W), ``index.json`` and, if ``ascend_bins``,
@@ -749,7 +843,7 @@ def prepare(dataset: Path, out_dir: Path, contract: dict, input_size: Sequence[i
     dataset, out_dir = Path(dataset), Path(out_dir)
     items = scan_dataset(dataset, limit)
     H, W = input_size
-    _checked_contract(contract, tuple(input_size))       # a bad contract before any disk check
+    _checked_contract(contract, tuple(input_size))  # a bad contract before any disk check
     stems = _ascend_stems(dataset, items) if ascend_bins else []
     out_dir.mkdir(parents=True, exist_ok=True)
     needed = _bytes_needed(len(items), H, W, ascend_bins)
@@ -769,19 +863,25 @@ def prepare(dataset: Path, out_dir: Path, contract: dict, input_size: Sequence[i
         try:
             with open(tmp, "wb") as fh:
                 np.lib.format.write_array_header_1_0(
-                    fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
-                         "fortran_order": False, "shape": shape})
+                    fh,
+                    {
+                        "descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                        "fortran_order": False,
+                        "shape": shape,
+                    },
+                )
                 for _start, arr in chunks:
                     fh.write(np.ascontiguousarray(arr, dtype=np.float32).data.cast("B"))
         finally:
-            chunks.close()                  # waits for the workers: none still writing a .bin
+            chunks.close()  # waits for the workers: none still writing a .bin
         os.replace(tmp, final)
         if ascend_bins:
             lines = [f"{i} {ASCEND_DIR}/{s}.bin {W} {H}\n" for i, s in enumerate(stems)]
             atomic_write_bytes(out_dir / ASCEND_DIR / ASCEND_INFO, "".join(lines).encode())
         num_query = sum(1 for it in items if it["split"] == "query")
-        atomic_write_json(out_dir / "index.json", {"contract": contract, "input_size": [H, W],
-                                                   "items": items, "num_query": num_query})
+        atomic_write_json(
+            out_dir / "index.json", {"contract": contract, "input_size": [H, W], "items": items, "num_query": num_query}
+        )
     except BaseException as exc:
         for leftover in (tmp, final):
             if leftover.exists():
@@ -790,14 +890,23 @@ def prepare(dataset: Path, out_dir: Path, contract: dict, input_size: Sequence[i
             shutil.rmtree(out_dir / ASCEND_DIR, ignore_errors=True)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             free = _free_bytes(out_dir)
-            raise DataError(f"{shown(out_dir)}: no space left on the device while writing the prepared "
-                            f"inputs ({needed} bytes needed, {free} bytes free); nothing was kept: free "
-                            f"space there or point workspace: (matrix.yaml) at a larger disk") from None
+            raise DataError(
+                f"{shown(out_dir)}: no space left on the device while writing the prepared "
+                f"inputs ({needed} bytes needed, {free} bytes free); nothing was kept: free "
+                f"space there or point workspace: (matrix.yaml) at a larger disk"
+            ) from None
         raise
     seconds = time.perf_counter() - t0
-    return {"images": len(items), "query": num_query, "gallery": len(items) - num_query,
-            "input_size": [H, W], "ascend_bins": bool(ascend_bins), "workers": _workers(workers),
-            "seconds": round(seconds, 3), "images_per_second": round(len(items) / seconds, 1)}
+    return {
+        "images": len(items),
+        "query": num_query,
+        "gallery": len(items) - num_query,
+        "input_size": [H, W],
+        "ascend_bins": bool(ascend_bins),
+        "workers": _workers(workers),
+        "seconds": round(seconds, 3),
+        "images_per_second": round(len(items) / seconds, 1),
+    }
 
 
 # Room kept free beyond what prepare writes (file system metadata, other writers, the report).
@@ -807,9 +916,9 @@ FREE_SPACE_MARGIN = 8 << 20
 def _bytes_needed(n: int, H: int, W: int, ascend_bins: bool) -> int:
     """What prepare writes: inputs.npy, index.json and (Ascend) one .bin per image + the list."""
     image = 3 * H * W * 4
-    total = 128 + n * image + 4096 + n * 256                # npy header + data, index.json
+    total = 128 + n * image + 4096 + n * 256  # npy header + data, index.json
     if ascend_bins:
-        total += n * (image + 4096) + n * 96                 # bins (rounded up to a block), info
+        total += n * (image + 4096) + n * 96  # bins (rounded up to a block), info
     return total + FREE_SPACE_MARGIN
 
 
@@ -823,10 +932,12 @@ def _free_bytes(folder: Path) -> int:
 def _check_free_space(out_dir: Path, needed: int, n: int) -> None:
     free = _free_bytes(out_dir)
     if 0 <= free < needed:
-        raise DataError(f"{shown(out_dir)}: not enough free space to prepare {n} images: {needed} bytes "
-                        f"needed ({needed / 2**20:.1f} MiB, incl. a {FREE_SPACE_MARGIN >> 20} MiB margin), "
-                        f"{free} bytes free ({free / 2**20:.1f} MiB); free space there, point workspace: "
-                        f"(matrix.yaml) at a larger disk, or set data.limit")
+        raise DataError(
+            f"{shown(out_dir)}: not enough free space to prepare {n} images: {needed} bytes "
+            f"needed ({needed / 2**20:.1f} MiB, incl. a {FREE_SPACE_MARGIN >> 20} MiB margin), "
+            f"{free} bytes free ({free / 2**20:.1f} MiB); free space there, point workspace: "
+            f"(matrix.yaml) at a larger disk, or set data.limit"
+        )
 
 
 def _ascend_stems(dataset: Path, items: Sequence[dict]) -> list[str]:
@@ -838,18 +949,23 @@ def _ascend_stems(dataset: Path, items: Sequence[dict]) -> list[str]:
     for it in items:
         stem = Path(it["file"]).stem
         if any(ch.isspace() for ch in stem):
-            raise DataError(f"{shown(dataset / it['file'])}: file name contains whitespace, which would "
-                            f"split its line of ascend/{ASCEND_INFO} (<index> <path> <width> <height>); "
-                            f"rename the file (Market1501 names have none) or set data.ascend_bins: false")
+            raise DataError(
+                f"{shown(dataset / it['file'])}: file name contains whitespace, which would "
+                f"split its line of ascend/{ASCEND_INFO} (<index> <path> <width> <height>); "
+                f"rename the file (Market1501 names have none) or set data.ascend_bins: false"
+            )
         if stem in seen:
-            raise DataError(f"{shown(dataset / it['file'])}: same file stem as {shown(dataset / seen[stem])}; "
-                            f"Ascend inputs are named <stem>.bin, so rename one (or set data.ascend_bins: false)")
+            raise DataError(
+                f"{shown(dataset / it['file'])}: same file stem as {shown(dataset / seen[stem])}; "
+                f"Ascend inputs are named <stem>.bin, so rename one (or set data.ascend_bins: false)"
+            )
         seen[stem] = it["file"]
         stems.append(stem)
     return stems
 
 
 # =========================================================================== features
+
 
 def load_features(path: Path, expected_rows: int, expected_cols: int | None = None) -> np.ndarray:
     """A backend's features.npy: 2-D float array with one row per image; DataError otherwise."""
@@ -865,11 +981,13 @@ def load_features(path: Path, expected_rows: int, expected_cols: int | None = No
     if not isinstance(arr, np.ndarray):
         raise DataError(f"{path}: expected one .npy array, got {type(arr).__name__}; {fix}")
     if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating):
-        raise DataError(f"{path}: expected a 2-D float array (images, feature_dim), got shape "
-                        f"{arr.shape} dtype {arr.dtype}; {fix}")
+        raise DataError(
+            f"{path}: expected a 2-D float array (images, feature_dim), got shape {arr.shape} dtype {arr.dtype}; {fix}"
+        )
     if arr.shape[0] != expected_rows:
-        raise DataError(f"{path}: expected {expected_rows} rows (one per image of inputs.npy), got "
-                        f"shape {arr.shape}; {fix}")
+        raise DataError(
+            f"{path}: expected {expected_rows} rows (one per image of inputs.npy), got shape {arr.shape}; {fix}"
+        )
     if expected_cols is not None and arr.shape[1] != expected_cols:
         raise DataError(f"{path}: expected feature dimension {expected_cols}, got shape {arr.shape}; {fix}")
     return arr

@@ -16,6 +16,7 @@ or :class:`~modelmatrix.errors.ImageMissing` (404 on an image).
 Every container carries labels naming its run and its owner (:func:`owner_labels`), so that
 `invoke clean` can tell a crash's leftover from another run's live stage (:func:`owner_state`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,10 +40,10 @@ from .errors import DockerError, ImageMissing
 
 DEFAULT_TIMEOUT_S = 60
 SESSION_LABEL = "io.modelmatrix.session"
-OWNER_LABEL = "io.modelmatrix.owner"                # "hostname:pid", for people reading `docker ps`
-OWNER_HOST_LABEL = "io.modelmatrix.owner.host"      # host_identity() of the creating process
+OWNER_LABEL = "io.modelmatrix.owner"  # "hostname:pid", for people reading `docker ps`
+OWNER_HOST_LABEL = "io.modelmatrix.owner.host"  # host_identity() of the creating process
 OWNER_PID_LABEL = "io.modelmatrix.owner.pid"
-OWNER_START_LABEL = "io.modelmatrix.owner.start"    # its start time (/proc/<pid>/stat field 22)
+OWNER_START_LABEL = "io.modelmatrix.owner.start"  # its start time (/proc/<pid>/stat field 22)
 RUNNER_HINT = "start the engine, or run with `--runner local`"
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,12 @@ def engine_address() -> str:
 def _short(exc: BaseException, limit: int = 200) -> str:
     """The innermost useful line of an exception chain."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    for marker, meaning in (("FileNotFoundError", "no socket there"),
-                            ("PermissionError", "permission denied on the socket"),
-                            ("Connection refused", "connection refused"),
-                            ("Name or service not known", "unknown host")):
+    for marker, meaning in (
+        ("FileNotFoundError", "no socket there"),
+        ("PermissionError", "permission denied on the socket"),
+        ("Connection refused", "connection refused"),
+        ("Name or service not known", "unknown host"),
+    ):
         if marker in text:
             return meaning
     return text[:limit]
@@ -84,13 +87,13 @@ def _translated(what: str, image: str | None = None) -> Iterator[None]:
         raise _api_error(what, exc) from None
     except requests.exceptions.ConnectionError as exc:
         raise _unreachable(exc) from None
-    except requests.exceptions.RequestException as exc:     # read timeouts, broken chunked streams
+    except requests.exceptions.RequestException as exc:  # read timeouts, broken chunked streams
         raise DockerError(f"{what}: {_short(exc)}") from None
     except docker.errors.DockerException as exc:
         if "Error while fetching server API version" in str(exc):
             raise _unreachable(exc) from None
         raise DockerError(f"{what}: {_short(exc)}") from None
-    except OSError as exc:      # raw socket errors: docker-py reads log streams from the socket itself
+    except OSError as exc:  # raw socket errors: docker-py reads log streams from the socket itself
         raise DockerError(f"{what}: {_short(exc)}") from None
 
 
@@ -113,8 +116,10 @@ class Engine:
                 self.long = docker.from_env(timeout=None, version=version).api  # no read timeout
         except docker.errors.DockerException as exc:
             if host:
-                raise DockerError(f"Docker engine not reachable at {host} ({_short(exc)}); start it, or fix "
-                                  "the target's docker_host in matrix.yaml") from None
+                raise DockerError(
+                    f"Docker engine not reachable at {host} ({_short(exc)}); start it, or fix "
+                    "the target's docker_host in matrix.yaml"
+                ) from None
             raise _unreachable(exc) from None
         self.api = self.client.api
 
@@ -149,14 +154,23 @@ class Engine:
         with _translated("list images"):
             return self.api.images(filters={"label": label})
 
-    def build(self, context: io.BufferedIOBase, *, buildargs: dict[str, str], labels: dict[str, str],
-              nocache: bool = False) -> Iterator[dict[str, Any]]:
+    def build(
+        self, context: io.BufferedIOBase, *, buildargs: dict[str, str], labels: dict[str, str], nocache: bool = False
+    ) -> Iterator[dict[str, Any]]:
         """Stream the decoded build messages of a custom (already tarred) context."""
         with _translated("docker build"):
             yield from self.long.build(
-                fileobj=context, custom_context=True, decode=True, rm=True, forcerm=True,
-                pull=False, nocache=nocache, use_config_proxy=False, buildargs=dict(buildargs),
-                labels=dict(labels))
+                fileobj=context,
+                custom_context=True,
+                decode=True,
+                rm=True,
+                forcerm=True,
+                pull=False,
+                nocache=nocache,
+                use_config_proxy=False,
+                buildargs=dict(buildargs),
+                labels=dict(labels),
+            )
 
     def tag(self, image_id: str, repository: str, tag: str) -> None:
         with _translated(f"tag {image_id[:19]} as {repository}:{tag}", image_id):
@@ -170,8 +184,9 @@ class Engine:
     def read_file(self, image_id: str, path: str) -> bytes | None:
         """Contents of one file of an image (a created, never started, container); None if absent."""
         with _translated(f"read {path} from {image_id[:19]}", image_id):
-            cid = self.api.create_container(image_id, command=["true"], network_disabled=True,
-                                            labels=owner_labels("read-file"))["Id"]
+            cid = self.api.create_container(
+                image_id, command=["true"], network_disabled=True, labels=owner_labels("read-file")
+            )["Id"]
         try:
             with _translated(f"read {path} from {image_id[:19]}", image_id):
                 try:
@@ -256,30 +271,55 @@ class Engine:
             yield from self.long.push(repository, tag=tag, stream=True, decode=True)
 
     # ------------------------------------------------------------------ containers
-    def create_container(self, image_id: str, command: list[str], *, user: str,
-                         mounts: list[tuple[str, str, bool]], labels: dict[str, str],
-                         environment: dict[str, str], mem_limit: str | None,
-                         network_mode: str = "none", working_dir: str | None = None,
-                         device_options: dict[str, Any] | None = None, read_only: bool = False,
-                         tmpfs: dict[str, str] | None = None, cap_drop: list[str] | None = None,
-                         security_opt: list[str] | None = None, pids_limit: int | None = None,
-                         volumes: list[str] | None = None) -> str:
+    def create_container(
+        self,
+        image_id: str,
+        command: list[str],
+        *,
+        user: str,
+        mounts: list[tuple[str, str, bool]],
+        labels: dict[str, str],
+        environment: dict[str, str],
+        mem_limit: str | None,
+        network_mode: str = "none",
+        working_dir: str | None = None,
+        device_options: dict[str, Any] | None = None,
+        read_only: bool = False,
+        tmpfs: dict[str, str] | None = None,
+        cap_drop: list[str] | None = None,
+        security_opt: list[str] | None = None,
+        pids_limit: int | None = None,
+        volumes: list[str] | None = None,
+    ) -> str:
         """Create (not start) a container from an image ID. ``mounts``: (host, container, read_only);
         ``volumes``: container paths that get an anonymous volume (removed with the container: where
         files are copied in on an engine that does not share this host's filesystem); ``read_only``:
         the root filesystem; ``tmpfs``: path -> mount options."""
         with _translated("create container", image_id):
             host_config = self.api.create_host_config(
-                mounts=[docker.types.Mount(target=dst, source=src, type="bind", read_only=ro)
-                        for src, dst, ro in mounts]
+                mounts=[
+                    docker.types.Mount(target=dst, source=src, type="bind", read_only=ro) for src, dst, ro in mounts
+                ]
                 + [docker.types.Mount(target=dst, source=None, type="volume") for dst in volumes or []],
-                network_mode=network_mode, mem_limit=mem_limit, read_only=read_only or None,
-                tmpfs=dict(tmpfs) if tmpfs else None, cap_drop=list(cap_drop) if cap_drop else None,
-                security_opt=list(security_opt) if security_opt else None, pids_limit=pids_limit,
-                **_device_kwargs(device_options or {}))
+                network_mode=network_mode,
+                mem_limit=mem_limit,
+                read_only=read_only or None,
+                tmpfs=dict(tmpfs) if tmpfs else None,
+                cap_drop=list(cap_drop) if cap_drop else None,
+                security_opt=list(security_opt) if security_opt else None,
+                pids_limit=pids_limit,
+                **_device_kwargs(device_options or {}),
+            )
             return self.api.create_container(
-                image_id, command=command, user=user, labels=labels, environment=environment,
-                host_config=host_config, working_dir=working_dir, detach=True)["Id"]
+                image_id,
+                command=command,
+                user=user,
+                labels=labels,
+                environment=environment,
+                host_config=host_config,
+                working_dir=working_dir,
+                detach=True,
+            )["Id"]
 
     def start(self, cid: str) -> None:
         with _translated("start container"):
@@ -306,9 +346,14 @@ class Engine:
         """Exit code, or None when the container still runs after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         while True:
-            with _translated("wait for container"), contextlib.suppress(
-                    requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError,
-                    requests.exceptions.ChunkedEncodingError):
+            with (
+                _translated("wait for container"),
+                contextlib.suppress(
+                    requests.exceptions.ReadTimeout,
+                    requests.exceptions.ConnectionError,
+                    requests.exceptions.ChunkedEncodingError,
+                ),
+            ):
                 result = self.api.wait(cid, timeout=max(deadline - time.monotonic(), 1.0))
                 return int(result.get("StatusCode", -1))
             # The limit, or a dropped connection: ask the engine which (raises when it is gone too).
@@ -317,7 +362,7 @@ class Engine:
                 return int(state.get("ExitCode", -1))
             if deadline - time.monotonic() < 1.0:
                 return None
-            time.sleep(0.1)     # dropped early: wait again for the rest of the limit
+            time.sleep(0.1)  # dropped early: wait again for the rest of the limit
 
     def container_state(self, cid: str) -> dict[str, Any]:
         with _translated("inspect container"):
@@ -349,6 +394,7 @@ class Engine:
 
 
 # --------------------------------------------------------------------------- container owners
+
 
 def _read(path: str) -> str:
     try:
@@ -385,10 +431,10 @@ def process_start(pid: int) -> str | None:
         fields = text.rpartition(")")[2].split()
         return fields[19] if len(fields) > 19 else ""
     try:
-        os.kill(pid, 0)     # /proc hidden (hidepid) or absent: at least whether the pid exists
+        os.kill(pid, 0)  # /proc hidden (hidepid) or absent: at least whether the pid exists
     except ProcessLookupError:
         return None
-    except OSError:         # EPERM: it exists, another user's
+    except OSError:  # EPERM: it exists, another user's
         pass
     return ""
 
@@ -398,9 +444,13 @@ def owner_labels(session: str) -> dict[str, str]:
     process that created it, on which host, since when - so `invoke clean` finds leftovers and
     never mistakes another run's live stage, nor a later process that got the same pid, for one."""
     pid = os.getpid()
-    return {SESSION_LABEL: session, OWNER_LABEL: f"{socket.gethostname()}:{pid}",
-            OWNER_HOST_LABEL: host_identity(), OWNER_PID_LABEL: str(pid),
-            OWNER_START_LABEL: process_start(pid) or ""}
+    return {
+        SESSION_LABEL: session,
+        OWNER_LABEL: f"{socket.gethostname()}:{pid}",
+        OWNER_HOST_LABEL: host_identity(),
+        OWNER_PID_LABEL: str(pid),
+        OWNER_START_LABEL: process_start(pid) or "",
+    }
 
 
 def owner_state(labels: dict[str, str]) -> tuple[bool, str]:
@@ -445,19 +495,23 @@ def _device_kwargs(options: dict[str, Any]) -> dict[str, Any]:
         ids = list(gpus.get("device_ids") or []) if isinstance(gpus, dict) else []
         count = gpus.get("count") if isinstance(gpus, dict) else None
         out["device_requests"] = [
-            docker.types.DeviceRequest(device_ids=ids, capabilities=[["gpu"]]) if ids else
-            docker.types.DeviceRequest(count=-1 if count is None else int(count), capabilities=[["gpu"]])]
+            docker.types.DeviceRequest(device_ids=ids, capabilities=[["gpu"]])
+            if ids
+            else docker.types.DeviceRequest(count=-1 if count is None else int(count), capabilities=[["gpu"]])
+        ]
     if options.get("shm_size"):
         out["shm_size"] = options["shm_size"]
     if options.get("ulimits"):
-        out["ulimits"] = [docker.types.Ulimit(name=name, soft=int(v["soft"]), hard=int(v["hard"]))
-                          for name, v in sorted(options["ulimits"].items())]
+        out["ulimits"] = [
+            docker.types.Ulimit(name=name, soft=int(v["soft"]), hard=int(v["hard"]))
+            for name, v in sorted(options["ulimits"].items())
+        ]
     if options.get("devices"):
         out["devices"] = list(options["devices"])
     if options.get("binds"):
         out["binds"] = list(options["binds"])
     if options.get("group_add"):
-        out["group_add"] = [str(g) for g in options["group_add"]]     # e.g. the group owning /dev/davinci*
+        out["group_add"] = [str(g) for g in options["group_add"]]  # e.g. the group owning /dev/davinci*
     return out
 
 

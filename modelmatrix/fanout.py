@@ -24,6 +24,7 @@ An export folder::
     torch.export/meta.json            the model facts the report states
     <target>.infer/features.npy       the reference's and the target's features
 """
+
 from __future__ import annotations
 
 import copy
@@ -59,6 +60,7 @@ NODE_FILES = ("stamp.json", "result.json")
 
 # --------------------------------------------------------------------------- selection
 
+
 def select_targets(matrix: Matrix, targets: list[str]) -> Matrix:
     """A copy of ``matrix`` with only ``targets`` (and the reference) enabled: what
     ``invoke matrix --target T`` runs (tasks._load does the same to the loaded matrix)."""
@@ -78,13 +80,16 @@ def runner_labels(matrix: Matrix, target: str) -> list[str]:
     labels = []
     for kind in tdef.requires.get("devices", []):
         if kind not in DEVICE_LABELS:
-            raise ConfigError(f"targets/{target}/target.yaml: requires.devices: no CI runner label for {kind!r} "
-                              f"(known: {', '.join(DEVICE_LABELS)})")
+            raise ConfigError(
+                f"targets/{target}/target.yaml: requires.devices: no CI runner label for {kind!r} "
+                f"(known: {', '.join(DEVICE_LABELS)})"
+            )
         labels.append(DEVICE_LABELS[kind])
     return labels
 
 
 # --------------------------------------------------------------------------- ci-plan
+
 
 def ci_plan(matrix: Matrix, runner: str = "docker") -> list[dict[str, Any]]:
     """One job per enabled target: what ``invoke matrix --target T`` runs there and where.
@@ -96,17 +101,25 @@ def ci_plan(matrix: Matrix, runner: str = "docker") -> list[dict[str, Any]]:
         labels = runner_labels(matrix, target)
         plan, broken = build_plan(select_targets(matrix, [target]), per_target_errors=True)
         cfg = matrix.target_cfg(target)
-        jobs.append({
-            "target": target, "stages": [n.id for n in plan], "labels": labels,
-            "runs_on": ["self-hosted", "linux", *labels] if labels else "ubuntu-latest",
-            "runner": runner, "reference": target == matrix.raw["verify"]["reference"],
-            "required": bool(cfg.get("required")), "allow_skip": cfg.get("allow_skip"),
-            "artifact": f"modelmatrix-{target}", **({"broken": broken[target]} if target in broken else {}),
-        })
+        jobs.append(
+            {
+                "target": target,
+                "stages": [n.id for n in plan],
+                "labels": labels,
+                "runs_on": ["self-hosted", "linux", *labels] if labels else "ubuntu-latest",
+                "runner": runner,
+                "reference": target == matrix.raw["verify"]["reference"],
+                "required": bool(cfg.get("required")),
+                "allow_skip": cfg.get("allow_skip"),
+                "artifact": f"modelmatrix-{target}",
+                **({"broken": broken[target]} if target in broken else {}),
+            }
+        )
     return jobs
 
 
 # --------------------------------------------------------------------------- export
+
 
 def _read_json(path: Path, what: str) -> Any:
     try:
@@ -139,15 +152,21 @@ def export_results(matrix: Matrix, target: str, out: Path) -> Path:
     ws = matrix.workspace.resolve()
     ref = matrix.raw["verify"]["reference"]
     if target not in matrix.raw["targets"]:
-        raise ConfigError(f"--target {target}: not in {matrix.path} targets (known: {', '.join(matrix.raw['targets'])})")
+        raise ConfigError(
+            f"--target {target}: not in {matrix.path} targets (known: {', '.join(matrix.raw['targets'])})"
+        )
     report_path = ws / "report.json"
     if not report_path.is_file():
-        raise ModelMatrixError(f"{report_path}: no report in the workspace; run `invoke matrix --target {target}` "
-                               "first (a run that does not reach verify leaves none)")
+        raise ModelMatrixError(
+            f"{report_path}: no report in the workspace; run `invoke matrix --target {target}` "
+            "first (a run that does not reach verify leaves none)"
+        )
     report = _read_json(report_path, "the workspace's last report")
     if target not in report.get("targets", {}):
-        raise ModelMatrixError(f"{report_path}: the last run did not include {target} (it has "
-                               f"{', '.join(report.get('targets', {}))}); run `invoke matrix --target {target}`")
+        raise ModelMatrixError(
+            f"{report_path}: the last run did not include {target} (it has "
+            f"{', '.join(report.get('targets', {}))}); run `invoke matrix --target {target}`"
+        )
     stages = report.get("stages") or {}
     out = Path(out).resolve()
     if out.exists() and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir())):
@@ -170,8 +189,9 @@ def export_results(matrix: Matrix, target: str, out: Path) -> Path:
     return out / MANIFEST
 
 
-def _pack(matrix: Matrix, ws: Path, report: dict[str, Any], stages: dict[str, Any], target: str, ref: str,
-          tmp: Path) -> dict[str, Any]:
+def _pack(
+    matrix: Matrix, ws: Path, report: dict[str, Any], stages: dict[str, Any], target: str, ref: str, tmp: Path
+) -> dict[str, Any]:
     files: dict[str, str] = {}
     nodes: dict[str, dict[str, Any]] = {}
 
@@ -186,8 +206,12 @@ def _pack(matrix: Matrix, ws: Path, report: dict[str, Any], stages: dict[str, An
         for name in NODE_FILES + extra:
             if (folder / name).is_file():
                 copy_in(folder / name, f"{node}/{name}")
-        nodes[node] = {"key": stamp.get("key"), "outputs": stamp.get("outputs", {}),
-                       "runner": stamp.get("runner"), "status": "ok"}
+        nodes[node] = {
+            "key": stamp.get("key"),
+            "outputs": stamp.get("outputs", {}),
+            "runner": stamp.get("runner"),
+            "status": "ok",
+        }
         return stamp
 
     wanted = [ref] + ([target] if target != ref else [])
@@ -200,8 +224,10 @@ def _pack(matrix: Matrix, ws: Path, report: dict[str, Any], stages: dict[str, An
                 continue
             folder = _current(ws, node)
             if folder is None:
-                raise ModelMatrixError(f"{ws}/targets/{t}/{stage}: missing, though the last report says {node} "
-                                       f"ran; run `invoke matrix --target {target}` again")
+                raise ModelMatrixError(
+                    f"{ws}/targets/{t}/{stage}: missing, though the last report says {node} "
+                    f"ran; run `invoke matrix --target {target}` again"
+                )
             take(node, folder, ("features.npy", "meta.json") if stage in ("infer", "export") else ())
             spec = _read_json(folder / "spec.json", f"the stored stage {node}")
             for producer in ("prepare", "source", "torch.export"):
@@ -209,9 +235,11 @@ def _pack(matrix: Matrix, ws: Path, report: dict[str, Any], stages: dict[str, An
                 if found is None:
                     continue
                 if producer in upstream and upstream[producer] != found:
-                    raise ModelMatrixError(f"{ws}: {node} read another {producer} ({found.name}) than "
-                                           f"{ref}'s ({upstream[producer].name}); run `invoke matrix --target "
-                                           f"{target}` again")
+                    raise ModelMatrixError(
+                        f"{ws}: {node} read another {producer} ({found.name}) than "
+                        f"{ref}'s ({upstream[producer].name}); run `invoke matrix --target "
+                        f"{target}` again"
+                    )
                 upstream[producer] = found
     if "prepare" in upstream:
         take("prepare", upstream["prepare"], ("index.json",))
@@ -224,17 +252,32 @@ def _pack(matrix: Matrix, ws: Path, report: dict[str, Any], stages: dict[str, An
     order = [f"{t}.{s}" for t in wanted for s in matrix.targets[t].matrix_stages]
     own = {n: stages[n] for n in ["source", "prepare", *order] if n in stages}
     return {
-        "schema": EXPORT_SCHEMA, "kind": EXPORT_KIND, "target": target, "reference": ref,
-        "job": {"host": socket.gethostname(), "workspace": str(ws), "exit_code": report.get("exit_code"),
-                "passed": report.get("passed"), "runner": report.get("runner")},
-        "targets": {t: {k: report["targets"][t].get(k) for k in ("status", "reason", "kind", "stage")}
-                    for t in wanted if t in report.get("targets", {})},
+        "schema": EXPORT_SCHEMA,
+        "kind": EXPORT_KIND,
+        "target": target,
+        "reference": ref,
+        "job": {
+            "host": socket.gethostname(),
+            "workspace": str(ws),
+            "exit_code": report.get("exit_code"),
+            "passed": report.get("passed"),
+            "runner": report.get("runner"),
+        },
+        "targets": {
+            t: {k: report["targets"][t].get(k) for k in ("status", "reason", "kind", "stage")}
+            for t in wanted
+            if t in report.get("targets", {})
+        },
         "stage_order": [n for n in ["source", "prepare", *order] if n in stages],
-        "stages": own, "nodes": nodes, "digests": digests, "files": files,
+        "stages": own,
+        "nodes": nodes,
+        "digests": digests,
+        "files": files,
     }
 
 
 # --------------------------------------------------------------------------- gather
+
 
 class Export:
     """One export folder, checked against its manifest."""
@@ -243,20 +286,24 @@ class Export:
         self.dir = Path(folder).resolve()
         path = self.dir / MANIFEST
         if not path.is_file():
-            raise ModelMatrixError(f"{self.dir}: not an export (no {MANIFEST}); make one with "
-                                   "`invoke export-results --target T --out DIR`")
+            raise ModelMatrixError(
+                f"{self.dir}: not an export (no {MANIFEST}); make one with `invoke export-results --target T --out DIR`"
+            )
         m = _read_json(path, "the export's manifest; export it again")
         if not isinstance(m, dict) or m.get("kind") != EXPORT_KIND or m.get("schema") != EXPORT_SCHEMA:
-            raise ModelMatrixError(f"{path}: not a modelmatrix export of schema {EXPORT_SCHEMA} "
-                                   f"(kind {m.get('kind') if isinstance(m, dict) else '?'!r}); export it again "
-                                   "with this version")
+            raise ModelMatrixError(
+                f"{path}: not a modelmatrix export of schema {EXPORT_SCHEMA} "
+                f"(kind {m.get('kind') if isinstance(m, dict) else '?'!r}); export it again "
+                "with this version"
+            )
         for rel, digest in m["files"].items():
             f = self.dir / rel
             if not f.is_file():
                 raise ModelMatrixError(f"{f}: missing from the export (its manifest lists it); export it again")
             if sha256_file(f) != digest:
-                raise ModelMatrixError(f"{f}: does not match the sha256 in {MANIFEST} (damaged in transfer?); "
-                                       "export it again")
+                raise ModelMatrixError(
+                    f"{f}: does not match the sha256 in {MANIFEST} (damaged in transfer?); export it again"
+                )
         self.m = m
         self.target: str = m["target"]
         self.reference: str = m["reference"]
@@ -273,15 +320,21 @@ class Export:
         entry = self.m["targets"].get(target) or {}
         st = entry.get("status")
         if st == "error" and entry.get("kind") != "required but skipped":
-            return "failed", {"stage": entry.get("stage") or target, "reason": entry.get("reason") or "",
-                              "kind": entry.get("kind") or "failed"}
+            return "failed", {
+                "stage": entry.get("stage") or target,
+                "reason": entry.get("reason") or "",
+                "kind": entry.get("kind") or "failed",
+            }
         for node in self.m["stage_order"]:
             s = self.m["stages"][node]
             if node.split(".")[0] == target and s.get("status") != "ok":
                 if s.get("status") == "skipped":
                     return "skipped", f"{node}: {s.get('reason', '')}"
-                return "failed", {"stage": node, "reason": f"{node}: {s.get('reason', '')}",
-                                  "kind": entry.get("kind") or "failed"}
+                return "failed", {
+                    "stage": node,
+                    "reason": f"{node}: {s.get('reason', '')}",
+                    "kind": entry.get("kind") or "failed",
+                }
         if st == "skipped":
             return "skipped", entry.get("reason") or "skipped"
         return "none", None
@@ -302,13 +355,15 @@ def _check_shared(exports: list[Export]) -> None:
                 raise ModelMatrixError(
                     f"{first.dir} and {e.dir} were not computed from {what}: {key} sha256 "
                     f"{first.m['digests'][key][:12]} vs {d[:12]}; run every job on the same commit, "
-                    "matrix.yaml and dataset")
+                    "matrix.yaml and dataset"
+                )
 
 
 def gather(matrix: Matrix, folders: list[Path], force: bool = False, html: bool = True) -> Any:
     """Check the exports against each other, then run verify once over them in ``matrix``'s
     workspace; the RunSummary (its report is the gathered one)."""
     from .pipeline import required_targets, run_verify
+
     if not folders:
         raise ModelMatrixError("verify: give at least one --from DIR (written by `invoke export-results`)")
     exports = [Export(Path(f)) for f in folders]
@@ -316,11 +371,14 @@ def gather(matrix: Matrix, folders: list[Path], force: bool = False, html: bool 
     by_target: dict[str, Export] = {}
     for e in exports:
         if e.reference != ref:
-            raise ModelMatrixError(f"{e.dir}: its reference is {e.reference!r}, {matrix.path} says verify.reference "
-                                   f"{ref!r}; gather exports of the same matrix.yaml")
+            raise ModelMatrixError(
+                f"{e.dir}: its reference is {e.reference!r}, {matrix.path} says verify.reference "
+                f"{ref!r}; gather exports of the same matrix.yaml"
+            )
         if e.target in by_target and e.target != ref:
-            raise ModelMatrixError(f"{by_target[e.target].dir} and {e.dir} are both exports of {e.target}; "
-                                   "give one export per target")
+            raise ModelMatrixError(
+                f"{by_target[e.target].dir} and {e.dir} are both exports of {e.target}; give one export per target"
+            )
         if e.target not in matrix.raw["targets"]:
             raise ModelMatrixError(f"{e.dir}: target {e.target!r} is not in {matrix.path} targets")
         by_target.setdefault(e.target, e)
@@ -360,7 +418,8 @@ def gather(matrix: Matrix, folders: list[Path], force: bool = False, html: bool 
             if not (other.shape == base.shape and np.allclose(other, base, rtol=tol["rtol"], atol=tol["atol"])):
                 raise ModelMatrixError(
                     f"{chosen.dir} and {e.dir} computed different reference features (max |diff| {diff:.3g}, "
-                    f"beyond targets.{e.target}.tolerance); the jobs' {ref} runs disagree: use the same image/runner")
+                    f"beyond targets.{e.target}.tolerance); the jobs' {ref} runs disagree: use the same image/runner"
+                )
     stages: dict[str, Any] = {}
     for e in [chosen, *[x for x in exports if x is not chosen]]:
         for node in e.m["stage_order"]:
@@ -372,14 +431,37 @@ def gather(matrix: Matrix, folders: list[Path], force: bool = False, html: bool 
             stages[node] = e.m["stages"][node]
     index = chosen.dir / "prepare" / "index.json"
     if not index.is_file():
-        raise ModelMatrixError(f"{chosen.dir}: the export has no prepare/index.json (its job did not prepare "
-                               "the dataset); export a job that ran")
+        raise ModelMatrixError(
+            f"{chosen.dir}: the export has no prepare/index.json (its job did not prepare "
+            "the dataset); export a job that ran"
+        )
     meta = chosen.dir / "torch.export" / "meta.json"
     runners = sorted({str(e.m["job"].get("runner")) for e in exports})
-    gathered = {"exports": [{"dir": str(e.dir), "target": e.target, "host": e.m["job"].get("host"),
-                             "job_exit_code": e.m["job"].get("exit_code")} for e in exports],
-                "digests": {k: chosen.m["digests"].get(k) for k in SHARED_DIGESTS if chosen.m["digests"].get(k)},
-                "reference_from": str(chosen.dir), "reference_max_abs_spread": spread}
-    return run_verify(selected, features=features, index=index, meta=meta if meta.is_file() else None,
-                      skipped=skipped, failed=failed, stages=stages, runner=",".join(runners),
-                      required=required_targets(selected), gathered=gathered, html=html, force=force)
+    gathered = {
+        "exports": [
+            {
+                "dir": str(e.dir),
+                "target": e.target,
+                "host": e.m["job"].get("host"),
+                "job_exit_code": e.m["job"].get("exit_code"),
+            }
+            for e in exports
+        ],
+        "digests": {k: chosen.m["digests"].get(k) for k in SHARED_DIGESTS if chosen.m["digests"].get(k)},
+        "reference_from": str(chosen.dir),
+        "reference_max_abs_spread": spread,
+    }
+    return run_verify(
+        selected,
+        features=features,
+        index=index,
+        meta=meta if meta.is_file() else None,
+        skipped=skipped,
+        failed=failed,
+        stages=stages,
+        runner=",".join(runners),
+        required=required_targets(selected),
+        gathered=gathered,
+        html=html,
+        force=force,
+    )

@@ -11,6 +11,7 @@ Three steps, each keyed like a matrix stage (an unchanged request is a no-op):
 The checkpoint is a plain state dict that ``model.checkpoint`` accepts. Rank-1/mAP on the synthetic
 query/gallery are reported for the random weights and for the trained ones.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,12 +37,14 @@ from .workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-TRAINSET_VERSION = 1        # bump when write_synthetic_train's output changes
+TRAINSET_VERSION = 1  # bump when write_synthetic_train's output changes
 TRAINSET_NODE = "finetune.trainset"
-TRAIN_PID0 = 5000           # training pids: disjoint from the test set's (2 + 3i, 0 and -1)
+TRAIN_PID0 = 5000  # training pids: disjoint from the test set's (2 + 3i, 0 and -1)
 
 
-def write_synthetic_train(root: Path, identities: int, per_identity: int, cameras: int, seed: int) -> list[dict[str, Any]]:
+def write_synthetic_train(
+    root: Path, identities: int, per_identity: int, cameras: int, seed: int
+) -> list[dict[str, Any]]:
     """``root/bounding_box_train/``: ``identities`` people (the generator's training kind, never a
     test identity), ``per_identity`` crops each, cycling through the cameras. Returns the items."""
     folder = root / data.TRAIN_DIR
@@ -68,26 +71,34 @@ def _trainset(matrix: Matrix, ws: Workspace, cfg: dict[str, Any]) -> tuple[Path,
     with ws.stage(TRAINSET_NODE, key, outputs) as slot:
         if not slot.cached:
             assert slot.tmp is not None
-            log.info("  writing    %-22s %d identities x %d images", TRAINSET_NODE, cfg["identities"],
-                     cfg["images_per_identity"])
+            log.info(
+                "  writing    %-22s %d identities x %d images",
+                TRAINSET_NODE,
+                cfg["identities"],
+                cfg["images_per_identity"],
+            )
             with tempfile.TemporaryDirectory(prefix=".trainset-", dir=ws.root) as tmp:
-                items = write_synthetic_train(Path(tmp), cfg["identities"], cfg["images_per_identity"],
-                                              cfg["cameras"], cfg["seed"])
+                items = write_synthetic_train(
+                    Path(tmp), cfg["identities"], cfg["images_per_identity"], cfg["cameras"], cfg["seed"]
+                )
                 arr = data.preprocess(items, Path(tmp), contract, tuple(contract["input_size"]))
             atomic_write_bytes(slot.tmp / "train.npy", _npy_bytes(arr))
-            atomic_write_json(slot.tmp / "labels.json", {"pids": [it["pid"] for it in items],
-                                                         "camids": [it["camid"] for it in items]})
+            atomic_write_json(
+                slot.tmp / "labels.json", {"pids": [it["pid"] for it in items], "camids": [it["camid"] for it in items]}
+            )
     assert slot.stamp is not None
     return slot.dir, {n: slot.stamp["outputs"][n] for n in outputs}
 
 
 def code_hash_host() -> str:
     from .plan import Node
+
     return code_hash(Node("host", None, "host"))
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
     import io
+
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(arr, dtype=np.float32))
     return buf.getvalue()
@@ -95,24 +106,36 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
 
 def _retrieval(features: np.ndarray, index: dict[str, Any], max_rank: int) -> dict[str, Any]:
     from .verify import retrieval_or_error
+
     ret, err = retrieval_or_error(features, index, max_rank)
     if ret is None:
         raise ModelMatrixError(f"finetune: cannot score the features: {err}")
     return ret
 
 
-def run_finetune(matrix: Matrix, runner_choice: str | None = None, out: Path | None = None,
-                 identities: int = 32, images_per_identity: int = 8, force: bool = False) -> dict[str, Any]:
+def run_finetune(
+    matrix: Matrix,
+    runner_choice: str | None = None,
+    out: Path | None = None,
+    identities: int = 32,
+    images_per_identity: int = 8,
+    force: bool = False,
+) -> dict[str, Any]:
     """Train (or reuse) the checkpoint; copy it to ``out`` (default workspace/finetune/checkpoint.pth);
     return a summary with Rank-1/mAP before and after."""
     if matrix.model["arch"] != "reid-strong-baseline":
-        raise ModelMatrixError(f"{matrix.path}: model.arch: finetune trains reid-strong-baseline only, "
-                               f"got {matrix.model['arch']!r}")
+        raise ModelMatrixError(
+            f"{matrix.path}: model.arch: finetune trains reid-strong-baseline only, got {matrix.model['arch']!r}"
+        )
     if identities < 8 or images_per_identity < 2:
         raise ModelMatrixError("finetune: --identities must be >= 8 and --images-per-identity >= 2")
     synthetic = matrix.raw["data"]["synthetic"]
-    cfg = {"identities": identities, "images_per_identity": images_per_identity,
-           "cameras": synthetic["cameras"], "seed": synthetic["seed"]}
+    cfg = {
+        "identities": identities,
+        "images_per_identity": images_per_identity,
+        "cameras": synthetic["cameras"],
+        "seed": synthetic["seed"],
+    }
     ws = Workspace(matrix.workspace)
     runner, _ = select_runner(matrix, runner_choice)
     tdef = matrix.targets["torch"]
@@ -131,8 +154,10 @@ def run_finetune(matrix: Matrix, runner_choice: str | None = None, out: Path | N
             runner.prepare(tdef)
             node = stage_node(matrix, "torch", "finetune")
             paths = {"train": tdir / "train.npy", "labels": tdir / "labels.json", "eval": prep.dir / "inputs.npy"}
-            digests = {**{k: tdigests[Path(v).name] for k, v in paths.items() if k != "eval"},
-                       "eval": prep.stamp["outputs"]["inputs.npy"]}
+            digests = {
+                **{k: tdigests[Path(v).name] for k, v in paths.items() if k != "eval"},
+                "eval": prep.stamp["outputs"]["inputs.npy"],
+            }
             paths = {k: v for k, v in paths.items() if k in node.inputs}
             fingerprint = runner.fingerprint(tdef)
             key = node_key(node, fingerprint, {k: digests[k] for k in paths}, tdef.folder)
@@ -140,10 +165,15 @@ def run_finetune(matrix: Matrix, runner_choice: str | None = None, out: Path | N
                 if not slot.cached:
                     assert slot.tmp is not None
                     log.info("  training   %-22s (seeded; a few minutes at most)", node.id)
-                    req = StageRequest(target=tdef, stage="finetune", workspace=ws.root,
-                                       inputs={k: ws.rel(v) for k, v in paths.items()},
-                                       out_dir=ws.rel(slot.tmp), params=node.params,
-                                       timeout_s=float(matrix.raw["stage_timeout_s"]))
+                    req = StageRequest(
+                        target=tdef,
+                        stage="finetune",
+                        workspace=ws.root,
+                        inputs={k: ws.rel(v) for k, v in paths.items()},
+                        out_dir=ws.rel(slot.tmp),
+                        params=node.params,
+                        timeout_s=float(matrix.raw["stage_timeout_s"]),
+                    )
                     runner.run(req)
                 else:
                     log.info("  up to date %-22s", node.id)
@@ -153,8 +183,10 @@ def run_finetune(matrix: Matrix, runner_choice: str | None = None, out: Path | N
             index = json.loads((prep.dir / "index.json").read_text())
             max_rank = matrix.raw["verify"]["max_rank"]
             n = len(index["items"])
-            scores = {name: _retrieval(data.load_features(slot.dir / f"{stem}.npy", n), index, max_rank)
-                      for name, stem in (("random", "eval_features_random"), ("trained", "eval_features"))}
+            scores = {
+                name: _retrieval(data.load_features(slot.dir / f"{stem}.npy", n), index, max_rank)
+                for name, stem in (("random", "eval_features_random"), ("trained", "eval_features"))
+            }
             dest = Path(out) if out else ws.root / "finetune" / "checkpoint.pth"
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
@@ -162,10 +194,17 @@ def run_finetune(matrix: Matrix, runner_choice: str | None = None, out: Path | N
             os.replace(tmp, dest)
     finally:
         runner.close()
-    summary = {"checkpoint": str(dest), "stage_dir": str(slot.dir), "key": key,
-               "checkpoint_sha256": result["checkpoint_sha256"], "train_seconds": result["train_seconds"],
-               "identities": result["identities"], "images": result["images"],
-               "input_size": result["input_size"], "params": result["params"],
-               "retrieval": {k: {"rank1": v["rank1"], "mAP": v["mAP"]} for k, v in scores.items()}}
+    summary = {
+        "checkpoint": str(dest),
+        "stage_dir": str(slot.dir),
+        "key": key,
+        "checkpoint_sha256": result["checkpoint_sha256"],
+        "train_seconds": result["train_seconds"],
+        "identities": result["identities"],
+        "images": result["images"],
+        "input_size": result["input_size"],
+        "params": result["params"],
+        "retrieval": {k: {"rank1": v["rank1"], "mAP": v["mAP"]} for k, v in scores.items()},
+    }
     atomic_write_json(ws.root / "finetune" / "finetune.json", summary)
     return summary

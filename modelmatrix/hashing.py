@@ -7,6 +7,7 @@ with ``fstat`` before a byte is read, so a FIFO, socket or device file named lik
 a one-line :class:`~modelmatrix.errors.DataError` instead of hanging (a FIFO) or reading forever
 (``/dev/zero``). Broken or looping symbolic links and unreadable files are one-line errors too.
 """
+
 from __future__ import annotations
 
 import errno
@@ -41,6 +42,7 @@ StrPath = str | os.PathLike
 
 # --------------------------------------------------------------------------- paths shown to people
 
+
 def shown(path: StrPath) -> str:
     """``path`` as one printable line: control characters and undecodable bytes escaped.
 
@@ -54,7 +56,7 @@ def shown(path: StrPath) -> str:
     out = []
     for ch in s:
         o = ord(ch)
-        if 0xDC80 <= o <= 0xDCFF:                      # surrogateescape: the original byte
+        if 0xDC80 <= o <= 0xDCFF:  # surrogateescape: the original byte
             out.append(f"\\x{o - 0xDC00:02x}")
         elif ch.isprintable() or ch == " ":
             out.append(ch)
@@ -105,25 +107,30 @@ def os_problem(path: StrPath, exc: OSError, what: str = "file") -> DataError:
     code = exc.errno
     if code == errno.ENOENT and os.path.islink(path):
         target = shown(os.readlink(os.fspath(path)))
-        return DataError(f"{p}: broken symbolic link (points to {target}, which does not exist); "
-                         f"fix or delete the link")
+        return DataError(
+            f"{p}: broken symbolic link (points to {target}, which does not exist); fix or delete the link"
+        )
     if code == errno.ENOENT:
         return DataError(f"{p}: {what} not found (deleted while the run was reading?); check the path")
     if code == errno.ELOOP:
         return DataError(f"{p}: symbolic link loop (the link points back at itself); fix or delete the link")
     if code in (errno.EACCES, errno.EPERM):
-        return DataError(f"{p}: permission denied reading this {what}; make it readable "
-                         f"(chmod a+r) or move it out of the folder")
+        return DataError(
+            f"{p}: permission denied reading this {what}; make it readable (chmod a+r) or move it out of the folder"
+        )
     reason = exc.strerror or type(exc).__name__
     return DataError(f"{p}: cannot read this {what} ({reason}); fix or replace it")
 
 
 def not_regular(path: StrPath, mode: int) -> DataError:
-    return DataError(f"{shown(path)}: is {kind_of(mode)}, not a regular file, so it is never opened; "
-                     f"delete it or move it out of the folder")
+    return DataError(
+        f"{shown(path)}: is {kind_of(mode)}, not a regular file, so it is never opened; "
+        f"delete it or move it out of the folder"
+    )
 
 
 # --------------------------------------------------------------------------- reading regular files
+
 
 def open_regular(path: StrPath) -> BinaryIO:
     """Open ``path`` for reading only if it is a regular file (checked on the open descriptor).
@@ -170,6 +177,7 @@ def sha256_json(obj: Any) -> str:
 
 # --------------------------------------------------------------------------- walking trees
 
+
 def _walk(root: str, rel: str = "") -> Iterator[tuple[str, os.DirEntry]]:
     """(relative path, entry) under ``root`` in the order os.walk gave: a folder's files sorted by
     name, then its sub-folders (sorted), depth first. Symbolic links to folders are yielded, not
@@ -214,12 +222,19 @@ def iter_files(root: Path) -> Iterator[Path]:
 
 # --------------------------------------------------------------------------- the cache
 
+
 def _valid_entries(obj: Any) -> bool:
     if not isinstance(obj, dict):
         return False
     for v in obj.values():
-        if (type(v) is not list or len(v) != 3 or type(v[0]) is not int or type(v[1]) is not int
-                or type(v[2]) is not str or len(v[2]) != 64):
+        if (
+            type(v) is not list
+            or len(v) != 3
+            or type(v[0]) is not int
+            or type(v[1]) is not int
+            or type(v[2]) is not str
+            or len(v[2]) != 64
+        ):
             return False
     return True
 
@@ -256,9 +271,10 @@ class HashCache:
         return obj
 
     def _discard(self, reason: str) -> dict[str, list]:
-        log.warning("%s: hash cache discarded (%s); it is rebuilt, so files are read again once",
-                    shown(self.path), reason)
-        self.dirty = True               # rewrite it on save even if nothing is hashed
+        log.warning(
+            "%s: hash cache discarded (%s); it is rebuilt, so files are read again once", shown(self.path), reason
+        )
+        self.dirty = True  # rewrite it on save even if nothing is hashed
         return {}
 
     # -- lookups
@@ -304,7 +320,7 @@ class HashCache:
             except OSError as exc:
                 raise os_problem(e.path, exc) from None
             name = os.fsencode(rel)
-            if stat.S_ISDIR(st.st_mode):                # a symlink to a folder (not followed)
+            if stat.S_ISDIR(st.st_mode):  # a symlink to a folder (not followed)
                 h.update(name + b"\0-> " + os.fsencode(os.readlink(e.path)) + b"\n")
                 continue
             d = self.digest(e.path, f"{base}/{rel}", st, external)
@@ -315,7 +331,7 @@ class HashCache:
         """A folder was renamed: carry its files' entries over instead of re-reading them."""
         old_prefix, new_prefix = str(Path(old).resolve()) + os.sep, str(Path(new).resolve()) + os.sep
         for key in [k for k in self.entries if k.startswith(old_prefix)]:
-            self.entries[new_prefix + key[len(old_prefix):]] = self.entries.pop(key)
+            self.entries[new_prefix + key[len(old_prefix) :]] = self.entries.pop(key)
             self.dirty = True
 
     def any(self, path: Path, external: bool = False) -> str:

@@ -7,6 +7,7 @@ bench`; per compared target the histogram of absolute errors against its toleran
 cosine distribution against ``cosine_min``, and its worst images (lowest cosine) shown beside their
 nearest neighbour under the reference's features and under the target's.
 """
+
 from __future__ import annotations
 
 import base64
@@ -24,8 +25,14 @@ log = logging.getLogger(__name__)
 WORST_IMAGES = 3
 THUMB_HEIGHT = 96
 DPI = 80
-STATUS_COLOURS = {"reference": "#4a6fa5", "passed": "#2e7d32", "failed": "#c62828", "error": "#c62828",
-                  "skipped": "#757575", "unchecked": "#ef6c00"}
+STATUS_COLOURS = {
+    "reference": "#4a6fa5",
+    "passed": "#2e7d32",
+    "failed": "#c62828",
+    "error": "#c62828",
+    "skipped": "#757575",
+    "unchecked": "#ef6c00",
+}
 
 
 @dataclass
@@ -42,13 +49,16 @@ class HtmlInputs:
 
 # --------------------------------------------------------------------------- pieces
 
+
 def _figure(w: float = 6.0, h: float = 3.0) -> Any:
     from matplotlib.figure import Figure
+
     return Figure(figsize=(w, h), dpi=DPI, layout="constrained")
 
 
 def _png(fig: Any, alt: str) -> str:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -63,6 +73,7 @@ def _thumb(dataset: Path | None, rel: str | None) -> str:
         return f'<span class="noimg">{name}</span>'
     try:
         from PIL import Image
+
         with Image.open(dataset / rel) as src:
             im = src.convert("RGB")
             im.thumbnail((THUMB_HEIGHT, THUMB_HEIGHT))
@@ -97,6 +108,7 @@ def _nearest(feats: np.ndarray, row: int, candidates: np.ndarray) -> int | None:
 
 # --------------------------------------------------------------------------- plots
 
+
 def cmc_plot(report: dict[str, Any]) -> str | None:
     curves = []
     for name, r in report.get("targets", {}).items():
@@ -110,8 +122,13 @@ def cmc_plot(report: dict[str, Any]) -> str | None:
     max_rank = int(report.get("max_rank") or 50)
     for i, (name, cmc) in enumerate(curves):
         ranks = np.arange(1, min(len(cmc), max_rank) + 1)
-        ax.plot(ranks, np.asarray(cmc[:len(ranks)]) * 100, label=name, linewidth=2.4 - 0.5 * min(i, 3),
-                linestyle=["-", "--", ":", "-."][i % 4])
+        ax.plot(
+            ranks,
+            np.asarray(cmc[: len(ranks)]) * 100,
+            label=name,
+            linewidth=2.4 - 0.5 * min(i, 3),
+            linestyle=["-", "--", ":", "-."][i % 4],
+        )
     ax.set_xlabel("rank")
     ax.set_ylabel("matching rate (%)")
     ax.set_title(f"CMC, Rank-1..{max_rank}")
@@ -122,7 +139,9 @@ def cmc_plot(report: dict[str, Any]) -> str | None:
 
 
 def bench_plot(bench: dict[str, dict[str, float]]) -> str | None:
-    rows = [(t, bs, ips) for t, by in sorted(bench.items()) for bs, ips in sorted(by.items(), key=lambda kv: int(kv[0]))]
+    rows = [
+        (t, bs, ips) for t, by in sorted(bench.items()) for bs, ips in sorted(by.items(), key=lambda kv: int(kv[0]))
+    ]
     if not rows:
         return None
     fig = _figure(6.0, 0.4 * len(rows) + 1.2)
@@ -161,7 +180,7 @@ def error_plot(target: str, diff: np.ndarray, tol: dict[str, Any], ref_abs: np.n
 def cosine_plot(target: str, cos: np.ndarray, cosine_min: float) -> str:
     fig = _figure(4.6, 2.8)
     ax = fig.add_subplot()
-    gap = np.clip(1.0 - cos, 1e-12, None)          # 1 - cosine on a log axis: 0.9999999 is readable
+    gap = np.clip(1.0 - cos, 1e-12, None)  # 1 - cosine on a log axis: 0.9999999 is readable
     lo, hi = float(gap.min()), max(float(gap.max()), (1.0 - cosine_min) * 2)
     bins = np.logspace(np.log10(lo), np.log10(max(hi, lo * 10)), 30)
     ax.hist(gap, bins=bins, color="#2e7d32")
@@ -190,24 +209,45 @@ td:first-child,th:first-child,td.reason{text-align:left} .status{font-weight:bol
 
 def _status_cell(status: str) -> str:
     from .report import label
-    return (f'<td class="status" style="background:{STATUS_COLOURS.get(status, "#555")}">'
-            f"{html.escape(label(status))}</td>")
+
+    return (
+        f'<td class="status" style="background:{STATUS_COLOURS.get(status, "#555")}">{html.escape(label(status))}</td>'
+    )
 
 
 def _table(report: dict[str, Any]) -> str:
     from .report import targets_in_order
-    head = ["target", "status", "max abs err", "min cosine", "mean cosine", "Rank-1", "mAP", "Δ Rank-1",
-            "Δ mAP", "reason"]
+
+    head = [
+        "target",
+        "status",
+        "max abs err",
+        "min cosine",
+        "mean cosine",
+        "Rank-1",
+        "mAP",
+        "Δ Rank-1",
+        "Δ mAP",
+        "reason",
+    ]
     rows = ["<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
     for name, r in targets_in_order(report):
         m = r.get("metrics") or {}
         cos, ret, d = m.get("cosine") or {}, m.get("retrieval") or {}, m.get("deltas") or {}
-        cells = [_f(m.get("max_abs_error"), ".3g"), _f(cos.get("min"), ".6f"), _f(cos.get("mean"), ".6f"),
-                 _f(ret.get("rank1"), ".4f"), _f(ret.get("mAP"), ".4f"), _f(d.get("rank1"), "+.4f"),
-                 _f(d.get("mAP"), "+.4f")]
-        rows.append(f"<tr><td>{html.escape(name)}</td>{_status_cell(r['status'])}"
-                    + "".join(f"<td>{c}</td>" for c in cells)
-                    + f'<td class="reason">{html.escape(str(r.get("reason") or ""))}</td></tr>')
+        cells = [
+            _f(m.get("max_abs_error"), ".3g"),
+            _f(cos.get("min"), ".6f"),
+            _f(cos.get("mean"), ".6f"),
+            _f(ret.get("rank1"), ".4f"),
+            _f(ret.get("mAP"), ".4f"),
+            _f(d.get("rank1"), "+.4f"),
+            _f(d.get("mAP"), "+.4f"),
+        ]
+        rows.append(
+            f"<tr><td>{html.escape(name)}</td>{_status_cell(r['status'])}"
+            + "".join(f"<td>{c}</td>" for c in cells)
+            + f'<td class="reason">{html.escape(str(r.get("reason") or ""))}</td></tr>'
+        )
     return "<table>" + "".join(rows) + "</table>"
 
 
@@ -223,14 +263,19 @@ def _target_section(name: str, r: dict[str, Any], data: HtmlInputs, ref_name: st
         out.append(f"<p>{html.escape(str(r.get('reason') or 'non-finite features'))}</p>")
         return "".join(out)
     cos = _cosines(a, b)
-    out.append('<div class="plots">' + error_plot(name, np.abs(a - b), tol, np.abs(b))
-               + cosine_plot(name, cos, tol["cosine_min"]) + "</div>")
+    out.append(
+        '<div class="plots">'
+        + error_plot(name, np.abs(a - b), tol, np.abs(b))
+        + cosine_plot(name, cos, tol["cosine_min"])
+        + "</div>"
+    )
     items = data.index.get("items") or []
     gallery = np.array([i for i, it in enumerate(items) if it.get("split") == "gallery"], dtype=np.int64)
     if gallery.size == 0:
         gallery = np.arange(len(items), dtype=np.int64)
-    rows = ["<tr><th>image</th><th>cosine</th><th>nearest under the reference</th>"
-            "<th>nearest under this target</th></tr>"]
+    rows = [
+        "<tr><th>image</th><th>cosine</th><th>nearest under the reference</th><th>nearest under this target</th></tr>"
+    ]
     for row in np.argsort(cos)[:WORST_IMAGES]:
         row = int(row)
         nn_ref, nn_t = _nearest(b, row, gallery), _nearest(a, row, gallery)
@@ -240,10 +285,14 @@ def _target_section(name: str, r: dict[str, Any], data: HtmlInputs, ref_name: st
             f = items[i]["file"] if i is not None and i < len(items) else None
             return f"{_thumb(data.dataset, f)}<div class='noimg'>{html.escape(f or '-')}</div>"
 
-        rows.append(f"<tr><td>{cell(row)}</td><td>{cos[row]:.9f}<br>1 - cos {1.0 - cos[row]:.2e}</td>"
-                    f"<td>{cell(nn_ref)}</td><td{same}>{cell(nn_t)}</td></tr>")
-    out.append("<p>Worst images (lowest cosine), each beside its nearest gallery image under the reference's "
-               "features and under this target's (outlined when they differ):</p>")
+        rows.append(
+            f"<tr><td>{cell(row)}</td><td>{cos[row]:.9f}<br>1 - cos {1.0 - cos[row]:.2e}</td>"
+            f"<td>{cell(nn_ref)}</td><td{same}>{cell(nn_t)}</td></tr>"
+        )
+    out.append(
+        "<p>Worst images (lowest cosine), each beside its nearest gallery image under the reference's "
+        "features and under this target's (outlined when they differ):</p>"
+    )
     out.append('<table class="worst">' + "".join(rows) + "</table>")
     return "".join(out)
 
@@ -251,29 +300,37 @@ def _target_section(name: str, r: dict[str, Any], data: HtmlInputs, ref_name: st
 def to_html(report: dict[str, Any], data: HtmlInputs | None = None) -> str:
     """The whole page as a string (UTF-8, self-contained)."""
     from .report import RANDOM_BANNER, targets_in_order
+
     data = data or HtmlInputs()
     passed = bool(report.get("passed"))
     verdict = "PASSED" if passed else f"FAILED (exit {report.get('exit_code', 1)})"
-    parts = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
-             '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data:; '
-             'style-src \'unsafe-inline\'">',
-             "<title>modelmatrix report</title>", f"<style>{CSS}</style></head><body>",
-             "<h1>modelmatrix report</h1>",
-             f'<p class="verdict {"pass" if passed else "fail"}">{verdict}: '
-             f"{html.escape(str(report.get('reason', '')))}</p>"]
+    parts = [
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
+        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data:; '
+        "style-src 'unsafe-inline'\">",
+        "<title>modelmatrix report</title>",
+        f"<style>{CSS}</style></head><body>",
+        "<h1>modelmatrix report</h1>",
+        f'<p class="verdict {"pass" if passed else "fail"}">{verdict}: '
+        f"{html.escape(str(report.get('reason', '')))}</p>",
+    ]
     model = report.get("model") or {}
     if model.get("random_weights"):
         parts.append(f'<p class="banner">{html.escape(RANDOM_BANNER.lstrip("> ").replace("**", ""))}</p>')
-    facts = [f"reference: {report.get('reference')}",
-             f"images: {report.get('num_images')} ({report.get('num_query')} query, {report.get('num_gallery')} gallery)"]
+    facts = [
+        f"reference: {report.get('reference')}",
+        f"images: {report.get('num_images')} ({report.get('num_query')} query, {report.get('num_gallery')} gallery)",
+    ]
     if model:
         facts.append("model: " + ", ".join(f"{k}={v}" for k, v in model.items() if k != "random_weights"))
     if report.get("runner"):
         facts.append(f"runner: {report['runner']}")
     if report.get("gathered"):
         g = report["gathered"]
-        facts.append(f"gathered from {len(g.get('exports', []))} exports: "
-                     + ", ".join(f"{e['target']} ({e.get('host')})" for e in g.get("exports", [])))
+        facts.append(
+            f"gathered from {len(g.get('exports', []))} exports: "
+            + ", ".join(f"{e['target']} ({e.get('host')})" for e in g.get("exports", []))
+        )
     parts.append("<ul>" + "".join(f"<li>{html.escape(str(f))}</li>" for f in facts) + "</ul>")
     parts += ["<h2>Targets</h2>", _table(report)]
     not_run = [(n, r) for n, r in targets_in_order(report) if r["status"] in ("skipped", "error")]
@@ -281,8 +338,10 @@ def to_html(report: dict[str, Any], data: HtmlInputs | None = None) -> str:
         parts.append("<h2>Skipped and not run</h2><ul>")
         for n, r in not_run:
             allowed = f" (skip allowed: {r['allowed']})" if r.get("allowed") else ""
-            parts.append(f"<li><b>{html.escape(n)}</b> {html.escape(r['status'])}: "
-                         f"{html.escape(str(r.get('reason') or ''))}{html.escape(allowed)}</li>")
+            parts.append(
+                f"<li><b>{html.escape(n)}</b> {html.escape(r['status'])}: "
+                f"{html.escape(str(r.get('reason') or ''))}{html.escape(allowed)}</li>"
+            )
         parts.append("</ul>")
     plots = [p for p in (cmc_plot(report), bench_plot(data.bench)) if p]
     if plots:

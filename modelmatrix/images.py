@@ -20,6 +20,7 @@ Build: the context is built untagged (streaming the log with a step display), th
 versions are read from /opt/modelmatrix/versions.json inside that image, a label-only build adds
 the labels, and only then is the result tagged: a failed build leaves no tag.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -38,7 +39,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from targets.common.contract import atomic_write, atomic_write_bytes
 
@@ -50,7 +51,7 @@ from .errors import BuildFailed, ConfigError, DataError, DockerError, ImageMissi
 
 IMAGE_NAMESPACE = "modelmatrix"
 RECIPE_SCHEMA = "modelmatrix-recipe-1"
-CONTEXT_MTIME = 315532800                # 1980-01-01T00:00:00Z: fixed mtime of every context entry
+CONTEXT_MTIME = 315532800  # 1980-01-01T00:00:00Z: fixed mtime of every context entry
 VERSIONS_PATH = "/opt/modelmatrix/versions.json"
 CA_ARCNAME = ".mm/ca/extra-ca.pem"
 WHEELS_DIR = ".mm/wheels"
@@ -74,6 +75,7 @@ def _say(target: str, msg: str, level: int = logging.INFO) -> None:
 
 # --------------------------------------------------------------------------- inputs
 
+
 def ca_bundle(matrix: Matrix) -> Path | None:
     """images.ca_bundle: "auto" = first of $PIP_CERT/$SSL_CERT_FILE/$REQUESTS_CA_BUNDLE naming a file,
     null = none, else a path (relative to matrix.yaml)."""
@@ -82,14 +84,15 @@ def ca_bundle(matrix: Matrix) -> Path | None:
         return None
     if value == "auto":
         for var in CA_ENV_VARS:
-            path = os.environ.get(var)
-            if path and Path(path).is_file():
-                return Path(path)
+            found = os.environ.get(var)
+            if found and Path(found).is_file():
+                return Path(found)
         return None
     path = matrix.resolve(value)
     if not path.is_file():
-        raise ConfigError(f"{matrix.path.name}: images.ca_bundle: {path} is not a file; "
-                          "give a PEM bundle, 'auto' or null")
+        raise ConfigError(
+            f"{matrix.path.name}: images.ca_bundle: {path} is not a file; give a PEM bundle, 'auto' or null"
+        )
     return path
 
 
@@ -106,7 +109,12 @@ def wheelhouses(matrix: Matrix) -> list[Path]:
         if "://" not in entry and Path(entry).is_dir():
             out.append(Path(entry))
     seen: set[Path] = set()
-    return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
+    unique = []
+    for p in out:
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            unique.append(p)
+    return unique
 
 
 def _norm(name: str) -> str:
@@ -151,15 +159,20 @@ def user_build_args(matrix: Matrix, target: str) -> dict[str, str]:
     args = dict(matrix.target_cfg(target)["image"]["build_args"])
     for key in args:
         if key.lower() in PROXY_ARGS:
-            raise ConfigError(f"{matrix.path.name}: targets.{target}.image.build_args.{key}: proxy settings "
-                              "are not recipe inputs; configure the Docker daemon's proxy instead")
+            raise ConfigError(
+                f"{matrix.path.name}: targets.{target}.image.build_args.{key}: proxy settings "
+                "are not recipe inputs; configure the Docker daemon's proxy instead"
+            )
         if key == "BASE_IMAGE":
-            raise ConfigError(f"{matrix.path.name}: targets.{target}.image.build_args.BASE_IMAGE: set "
-                              f"targets.{target}.image.base instead")
+            raise ConfigError(
+                f"{matrix.path.name}: targets.{target}.image.build_args.BASE_IMAGE: set "
+                f"targets.{target}.image.base instead"
+            )
     return args
 
 
 # --------------------------------------------------------------------------- image.use
+
 
 def image_owner(matrix: Matrix, target: str) -> TargetDef:
     """The target whose image ``target`` runs in: itself, or the one its ``image.use`` names (one
@@ -171,18 +184,20 @@ def image_owner(matrix: Matrix, target: str) -> TargetDef:
     where = f"targets/{target}/target.yaml: image.use"
     owner = matrix.targets.get(use) or discover_targets(tdef.folder.parent).get(use)
     if owner is None or use == target:
-        raise ConfigError(f"{where}: {use!r} is not another target (a folder targets/<name>/ with a "
-                          "target.yaml); name the target whose image this one runs in")
+        raise ConfigError(
+            f"{where}: {use!r} is not another target (a folder targets/<name>/ with a "
+            "target.yaml); name the target whose image this one runs in"
+        )
     if owner.image.get("use"):
-        raise ConfigError(f"{where}: {use!r} itself uses {owner.image['use']!r}'s image; name "
-                          f"{owner.image['use']!r} directly")
+        raise ConfigError(
+            f"{where}: {use!r} itself uses {owner.image['use']!r}'s image; name {owner.image['use']!r} directly"
+        )
     return owner
 
 
 def image_users(owner: TargetDef) -> list[TargetDef]:
     """Every target on disk (not only the matrix's) that runs in ``owner``'s image, by name."""
-    return [t for _, t in sorted(discover_targets(owner.folder.parent).items())
-            if t.image.get("use") == owner.name]
+    return [t for _, t in sorted(discover_targets(owner.folder.parent).items()) if t.image.get("use") == owner.name]
 
 
 def _owner_base(matrix: Matrix, owner: TargetDef) -> str:
@@ -195,6 +210,7 @@ def _owner_base(matrix: Matrix, owner: TargetDef) -> str:
 
 
 # --------------------------------------------------------------------------- context and hash
+
 
 def _skipped(name: str) -> bool:
     return any(fnmatch.fnmatch(name, pat) for pat in SKIP_NAMES)
@@ -219,8 +235,9 @@ def _snapshot(files: dict[str, Path]) -> dict[str, Path | bytes]:
     return {arc: src if os.access(src, os.X_OK) else src.read_bytes() for arc, src in files.items()}
 
 
-def context_files(target: TargetDef, ca: Path | None, wheels: list[Path],
-                  users: Iterable[TargetDef] = ()) -> dict[str, Path | bytes]:
+def context_files(
+    target: TargetDef, ca: Path | None, wheels: list[Path], users: Iterable[TargetDef] = ()
+) -> dict[str, Path | bytes]:
     """The build context of a target, arcname -> source file (or bytes); ``users``: the targets
     that run in its image (their code is copied beside its own)."""
     image_dir = target.dockerfile.parent
@@ -232,8 +249,10 @@ def context_files(target: TargetDef, ca: Path | None, wheels: list[Path],
         if arc == "Dockerfile":
             continue
         if arc.split("/")[0] in ("targets", ".mm"):
-            raise ConfigError(f"{image_dir / arc}: images/{target.name}/{arc.split('/')[0]} clashes with "
-                              "the assembled context; rename it")
+            raise ConfigError(
+                f"{image_dir / arc}: images/{target.name}/{arc.split('/')[0]} clashes with "
+                "the assembled context; rename it"
+            )
         files[arc] = src
     if (targets_dir / "__init__.py").is_file():
         files["targets/__init__.py"] = (targets_dir / "__init__.py").read_bytes()
@@ -268,8 +287,9 @@ def _mode(src: Path | bytes) -> int:
     return 0o755 if isinstance(src, Path) and os.access(src, os.X_OK) else 0o644
 
 
-def recipe_hash(files: dict[str, Path | bytes], build_args: dict[str, str], base_id: str,
-                declared: dict[str, str] | None = None) -> str:
+def recipe_hash(
+    files: dict[str, Path | bytes], build_args: dict[str, str], base_id: str, declared: dict[str, str] | None = None
+) -> str:
     """``declared``: arcname -> sha256 of the user-supplied files (image.files): hashed by their
     declared digest, so the tag is known without the files (only a build needs them)."""
     h = hashlib.sha256(RECIPE_SCHEMA.encode() + b"\n")
@@ -291,7 +311,7 @@ def _dirs_of(arcnames: Iterable[str]) -> list[str]:
     return sorted(dirs)
 
 
-def write_context(files: dict[str, Path | bytes], fileobj) -> None:
+def write_context(files: dict[str, Path | bytes], fileobj: IO[bytes]) -> None:
     """A normalised tar of the context: sorted, fixed mtime, owner 0, modes 644/755."""
     entries = [(d, None) for d in _dirs_of(files)] + sorted(files.items())
     entries.sort(key=lambda e: e[0])
@@ -313,17 +333,18 @@ def write_context(files: dict[str, Path | bytes], fileobj) -> None:
 
 # --------------------------------------------------------------------------- the recipe
 
+
 @dataclass
 class Recipe:
     target: str
     dockerfile: Path
     files: dict[str, Path | bytes]
-    build_args: dict[str, str]          # the user's (hashed); the builder also gets BASE_IMAGE
+    build_args: dict[str, str]  # the user's (hashed); the builder also gets BASE_IMAGE
     base: BaseInfo
     ca: Path | None
     wheels: list[Path] = field(default_factory=list)
     hash: str = ""
-    declared: dict[str, str] = field(default_factory=dict)     # user files: arcname -> sha256
+    declared: dict[str, str] = field(default_factory=dict)  # user files: arcname -> sha256
 
     @property
     def repository(self) -> str:
@@ -356,8 +377,17 @@ def plan(matrix: Matrix, target: str, base: BaseInfo) -> Recipe:
     files = context_files(tdef, ca, wheels, image_users(tdef))
     args = user_build_args(matrix, tdef.name) if tdef.name in matrix.raw["targets"] else {}
     declared = {f"{USER_FILES_DIR}/{f['filename']}": f["sha256"] for f in tdef.image.get("files") or []}
-    return Recipe(tdef.name, tdef.dockerfile, files, args, base, ca, wheels,
-                  recipe_hash(files, args, base.image_id, declared), declared)
+    return Recipe(
+        tdef.name,
+        tdef.dockerfile,
+        files,
+        args,
+        base,
+        ca,
+        wheels,
+        recipe_hash(files, args, base.image_id, declared),
+        declared,
+    )
 
 
 def user_files(matrix: Matrix, target: str, given: dict[str, str] | None = None) -> dict[str, Path]:
@@ -367,40 +397,54 @@ def user_files(matrix: Matrix, target: str, given: dict[str, str] | None = None)
     cache keyed by path, size and mtime, workspace/.cache/user-files.json). Anything else is one
     line naming the file, the expected sha256 and where to get it."""
     from .hashing import HashCache
+
     tdef = image_owner(matrix, target)
     declared = list(tdef.image.get("files") or [])
     given = dict(given or {})
     names = [f["name"] for f in declared]
     for name in given:
         if name not in names:
-            raise ConfigError(f"--file {name}=...: targets/{tdef.name}/target.yaml declares no such file "
-                              f"(image.files: {', '.join(names) or 'none'})")
+            raise ConfigError(
+                f"--file {name}=...: targets/{tdef.name}/target.yaml declares no such file "
+                f"(image.files: {', '.join(names) or 'none'})"
+            )
     if not declared:
         return {}
-    stanza = (matrix.target_cfg(tdef.name).get("image") or {}).get("files") or {} \
-        if tdef.name in matrix.raw["targets"] else {}
+    stanza = (
+        (matrix.target_cfg(tdef.name).get("image") or {}).get("files") or {}
+        if tdef.name in matrix.raw["targets"]
+        else {}
+    )
     cache = HashCache(matrix.workspace / ".cache" / "user-files.json")
     out: dict[str, Path] = {}
     for f in declared:
-        what = (f"{f['filename']} (targets/{tdef.name}/target.yaml image.files {f['name']}, sha256 "
-                f"{f['sha256']}; get it from {f['where']})")
+        what = (
+            f"{f['filename']} (targets/{tdef.name}/target.yaml image.files {f['name']}, sha256 "
+            f"{f['sha256']}; get it from {f['where']})"
+        )
         raw = given.get(f["name"]) or stanza.get(f["name"])
         if not raw:
-            raise UserFileMissing(f"{tdef.name}: the build needs {what}: pass --file {f['name']}=PATH "
-                                  f"(or targets.{tdef.name}.image.files.{f['name']} in matrix.yaml)")
+            raise UserFileMissing(
+                f"{tdef.name}: the build needs {what}: pass --file {f['name']}=PATH "
+                f"(or targets.{tdef.name}.image.files.{f['name']} in matrix.yaml)"
+            )
         path = Path(raw).expanduser()
         path = path if path.is_absolute() else (Path.cwd() / path if f["name"] in given else matrix.resolve(path))
         if f["sha256"] == UNRECORDED_SHA256:
-            raise ConfigError(f"targets/{tdef.name}/target.yaml: image.files {f['name']}: no sha256 recorded "
-                              f"for {f['filename']} (64 zeros); put the sha256 of your verified download "
-                              f"(`sha256sum {path}`) there; it comes from {f['where']}")
+            raise ConfigError(
+                f"targets/{tdef.name}/target.yaml: image.files {f['name']}: no sha256 recorded "
+                f"for {f['filename']} (64 zeros); put the sha256 of your verified download "
+                f"(`sha256sum {path}`) there; it comes from {f['where']}"
+            )
         if not path.is_file():
             raise ConfigError(f"{path}: not found; the build needs {what}")
         digest = cache.file(path)
         if digest != f["sha256"]:
-            raise ConfigError(f"{path}: sha256 {digest} is not the expected {f['sha256']} of {f['filename']} "
-                              f"(targets/{tdef.name}/target.yaml image.files {f['name']}); get the right file "
-                              f"from {f['where']}")
+            raise ConfigError(
+                f"{path}: sha256 {digest} is not the expected {f['sha256']} of {f['filename']} "
+                f"(targets/{tdef.name}/target.yaml image.files {f['name']}); get the right file "
+                f"from {f['where']}"
+            )
         out[f"{USER_FILES_DIR}/{f['filename']}"] = path
     try:
         cache.save()
@@ -433,8 +477,9 @@ def image_labels(recipe: Recipe, versions: dict[str, Any]) -> dict[str, str]:
         LABEL_PREFIX + "versions": json.dumps(versions, sort_keys=True, separators=(",", ":")),
     }
     if recipe.declared:
-        labels[LABEL_PREFIX + "user-files"] = ",".join(f"{arc.rsplit('/', 1)[-1]}=sha256:{d}"
-                                                       for arc, d in sorted(recipe.declared.items()))
+        labels[LABEL_PREFIX + "user-files"] = ",".join(
+            f"{arc.rsplit('/', 1)[-1]}=sha256:{d}" for arc, d in sorted(recipe.declared.items())
+        )
     revision = _git("rev-parse", "HEAD")
     if revision:
         labels["org.opencontainers.image.revision"] = revision
@@ -443,14 +488,25 @@ def image_labels(recipe: Recipe, versions: dict[str, Any]) -> dict[str, str]:
 
 # --------------------------------------------------------------------------- status
 
+
 def _engine(engine: Engine | None) -> Engine:
     return engine or Engine()
 
 
 def _empty_row(target: str) -> dict[str, Any]:
-    return {"target": target, "tag": None, "recipe_hash": None, "image_id": None, "size": None,
-            "up_to_date": False, "base": None, "base_source": None, "versions": {}, "other_tags": [],
-            "problem": None}
+    return {
+        "target": target,
+        "tag": None,
+        "recipe_hash": None,
+        "image_id": None,
+        "size": None,
+        "up_to_date": False,
+        "base": None,
+        "base_source": None,
+        "versions": {},
+        "other_tags": [],
+        "problem": None,
+    }
 
 
 def _recipe_row(recipe: Recipe, engine: Engine) -> dict[str, Any]:
@@ -459,8 +515,12 @@ def _recipe_row(recipe: Recipe, engine: Engine) -> dict[str, Any]:
     img = engine.image(recipe.tag)
     if img:
         labels = img["Config"].get("Labels") or {}
-        row.update(image_id=img["Id"], size=img["Size"], up_to_date=True,
-                   versions=json.loads(labels.get(LABEL_PREFIX + "versions", "{}")))
+        row.update(
+            image_id=img["Id"],
+            size=img["Size"],
+            up_to_date=True,
+            versions=json.loads(labels.get(LABEL_PREFIX + "versions", "{}")),
+        )
     else:
         row["problem"] = f"{recipe.tag} is not built; run `invoke build --target {recipe.target}`"
     return _with_other_tags(row, engine)
@@ -505,6 +565,7 @@ def list_images(matrix: Matrix, engine: Engine | None = None) -> list[dict[str, 
 
 # --------------------------------------------------------------------------- building
 
+
 class BuildStream:
     """Consumes the engine's decoded build messages: a step display, a tail, the image ID."""
 
@@ -543,7 +604,7 @@ class BuildStream:
             self._partial = ""
 
     def _line(self, line: str) -> None:
-        line = ANSI_ESCAPE.sub("", line)          # the classic builder colours stderr red
+        line = ANSI_ESCAPE.sub("", line)  # the classic builder colours stderr red
         m = re.match(r"^Step (\d+/\d+) : (.*)$", line)
         if m:
             self.step = f"step {m.group(1)} ({_shorten(m.group(2), 100)})"
@@ -582,8 +643,15 @@ def _rel(path: Path) -> str:
         return str(path)
 
 
-def _build_context(engine: Engine, files: dict[str, Path | bytes], *, buildargs: dict[str, str],
-                   labels: dict[str, str], stream: BuildStream, nocache: bool = False) -> str:
+def _build_context(
+    engine: Engine,
+    files: dict[str, Path | bytes],
+    *,
+    buildargs: dict[str, str],
+    labels: dict[str, str],
+    stream: BuildStream,
+    nocache: bool = False,
+) -> str:
     with tempfile.TemporaryFile(prefix="mm-context-") as ctx:
         write_context(files, ctx)
         ctx.seek(0)
@@ -594,8 +662,10 @@ def _versions(engine: Engine, image_id: str, recipe: Recipe) -> dict[str, Any]:
     raw = engine.read_file(image_id, VERSIONS_PATH)
     where = _rel(recipe.dockerfile)
     if raw is None:
-        raise BuildFailed(f"{where}: the image has no {VERSIONS_PATH}; its last stage must write the "
-                          "toolchain versions there (images/README.md)")
+        raise BuildFailed(
+            f"{where}: the image has no {VERSIONS_PATH}; its last stage must write the "
+            "toolchain versions there (images/README.md)"
+        )
     try:
         versions = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -605,9 +675,15 @@ def _versions(engine: Engine, image_id: str, recipe: Recipe) -> dict[str, Any]:
     return versions
 
 
-def build(matrix: Matrix, target_name: str, *, force: bool = False,
-          engine: Engine | None = None, allow_pull: bool = True,
-          files: dict[str, str] | None = None) -> dict[str, Any]:
+def build(
+    matrix: Matrix,
+    target_name: str,
+    *,
+    force: bool = False,
+    engine: Engine | None = None,
+    allow_pull: bool = True,
+    files: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Build a target's image unless its tag exists (``force``: rebuild without the layer cache).
 
     ``allow_pull``: try the registry once for a base that is not local (`invoke build`); the matrix
@@ -615,32 +691,45 @@ def build(matrix: Matrix, target_name: str, *, force: bool = False,
     engine = _engine(engine)
     t0 = time.monotonic()
     ref = _owner_base(matrix, image_owner(matrix, target_name))
-    base = resolve(matrix, ref, engine, allow_pull=allow_pull,
-                   where=f"targets.{image_owner(matrix, target_name).name}.image.base")
+    base = resolve(
+        matrix, ref, engine, allow_pull=allow_pull, where=f"targets.{image_owner(matrix, target_name).name}.image.base"
+    )
     _say(target_name, f"base {base.ref} ({base.image_id[7:19]}): {base.why}")
     recipe = plan(matrix, target_name, base)
-    _say(target_name, f"recipe {recipe.hash[:16]}: {len(recipe.files)} context files, CA bundle "
-         f"{recipe.ca or 'none'}, wheels {', '.join(w.name for w in recipe.wheels) or 'none'}")
+    _say(
+        target_name,
+        f"recipe {recipe.hash[:16]}: {len(recipe.files)} context files, CA bundle "
+        f"{recipe.ca or 'none'}, wheels {', '.join(w.name for w in recipe.wheels) or 'none'}",
+    )
     existing = engine.image(recipe.tag)
     if existing and not force:
         _say(target_name, f"{recipe.tag} is up to date (recipe unchanged); not rebuilding")
         return _used_by(_result(recipe, engine, built=False, seconds=time.monotonic() - t0), target_name)
     where = _rel(recipe.dockerfile)
-    supplied = user_files(matrix, target_name, files)     # checked before the engine sees anything
+    supplied = user_files(matrix, target_name, files)  # checked before the engine sees anything
     stream = BuildStream(target_name, where)
-    image_id = _build_context(engine, {**recipe.files, **supplied}, buildargs=recipe.builder_args(), labels={},
-                              stream=stream, nocache=force)
+    image_id = _build_context(
+        engine, {**recipe.files, **supplied}, buildargs=recipe.builder_args(), labels={}, stream=stream, nocache=force
+    )
     versions = _versions(engine, image_id, recipe)
     labels = image_labels(recipe, versions)
-    final_id = _build_context(engine, {"Dockerfile": f"FROM {image_id}\n".encode()}, buildargs={},
-                              labels=labels, stream=BuildStream(target_name, f"{where} (labels)", False))
+    final_id = _build_context(
+        engine,
+        {"Dockerfile": f"FROM {image_id}\n".encode()},
+        buildargs={},
+        labels=labels,
+        stream=BuildStream(target_name, f"{where} (labels)", False),
+    )
     engine.tag(final_id, recipe.repository, recipe.tag_name)
     if existing and existing["Id"] != final_id:
         _drop_untagged(engine, existing["Id"], target_name)
     seconds = time.monotonic() - t0
     out = _used_by(_result(recipe, engine, built=True, seconds=seconds), target_name)
-    _say(target_name, f"built {recipe.tag} ({final_id[7:19]}, {out['size'] / 1e6:.0f} MB) in {seconds:.0f}s; "
-         f"versions: {', '.join(f'{k} {v}' for k, v in sorted(versions.items()))}")
+    _say(
+        target_name,
+        f"built {recipe.tag} ({final_id[7:19]}, {out['size'] / 1e6:.0f} MB) in {seconds:.0f}s; "
+        f"versions: {', '.join(f'{k} {v}' for k, v in sorted(versions.items()))}",
+    )
     return out
 
 
@@ -661,6 +750,7 @@ def _result(recipe: Recipe, engine: Engine, *, built: bool, seconds: float) -> d
 
 # --------------------------------------------------------------------------- ship / load / push
 
+
 def _current(matrix: Matrix, target: str, engine: Engine) -> dict[str, Any]:
     row = image_status(matrix, target, engine)
     if not row["up_to_date"]:
@@ -668,22 +758,36 @@ def _current(matrix: Matrix, target: str, engine: Engine) -> dict[str, Any]:
     return row
 
 
-def ship(matrix: Matrix, target_name: str, out_dir: str | Path, engine: Engine | None = None,
-         compresslevel: int = 3) -> Path:
+def ship(
+    matrix: Matrix, target_name: str, out_dir: str | Path, engine: Engine | None = None, compresslevel: int = 3
+) -> Path:
     """``docker save`` of the current image, gzipped, plus a manifest JSON next to it."""
     engine = _engine(engine)
     row = _current(matrix, target_name, engine)
     img = engine.image(row["image_id"])
+    if img is None:
+        raise ImageMissing(
+            f"{target_name}: image {row['image_id'][7:19]} vanished from the engine; "
+            f"run `invoke build --target {target_name}`"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{IMAGE_NAMESPACE}-{target_name}-{row['recipe_hash'][:16]}"
     archive = out_dir / f"{stem}.tar.gz"
     digest, size = _write_gzip(archive, engine.save(row["tag"]), compresslevel)
     manifest = {
-        "schema": 1, "target": target_name, "tag": row["tag"], "image_id": row["image_id"],
-        "diff_ids": list(img["RootFS"].get("Layers") or []), "labels": img["Config"].get("Labels") or {},
-        "size": img["Size"], "recipe_hash": row["recipe_hash"], "versions": row["versions"],
-        "archive": archive.name, "archive_sha256": digest, "archive_bytes": size,
+        "schema": 1,
+        "target": target_name,
+        "tag": row["tag"],
+        "image_id": row["image_id"],
+        "diff_ids": list(img["RootFS"].get("Layers") or []),
+        "labels": img["Config"].get("Labels") or {},
+        "size": img["Size"],
+        "recipe_hash": row["recipe_hash"],
+        "versions": row["versions"],
+        "archive": archive.name,
+        "archive_sha256": digest,
+        "archive_bytes": size,
         "modelmatrix_version": __version__,
     }
     _atomic_text(out_dir / f"{stem}.manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -694,7 +798,7 @@ def _write_gzip(path: Path, chunks: Iterable[bytes], level: int) -> tuple[str, i
     """Stream into ``path`` through a temporary name; returns (sha256, bytes) of the archive."""
     hashing: list[_HashingWriter] = []
 
-    def write(raw) -> None:
+    def write(raw: IO[bytes]) -> None:
         with _HashingWriter(raw) as hw:
             hashing.append(hw)
             with gzip.GzipFile(filename="", mode="wb", fileobj=hw, mtime=0, compresslevel=level) as gz:
@@ -706,13 +810,13 @@ def _write_gzip(path: Path, chunks: Iterable[bytes], level: int) -> tuple[str, i
 
 
 class _HashingWriter(io.RawIOBase):
-    def __init__(self, raw):
+    def __init__(self, raw: IO[bytes]) -> None:
         self.raw, self.sha, self.size = raw, hashlib.sha256(), 0
 
     def writable(self) -> bool:
         return True
 
-    def write(self, data) -> int:
+    def write(self, data: Any) -> int:
         self.sha.update(data)
         self.size += len(data)
         return self.raw.write(data)
@@ -747,16 +851,24 @@ def load(archive_path: str | Path, engine: Engine | None = None) -> dict[str, An
     img = engine.image(manifest["tag"])
     if not img or img["Id"] != manifest["image_id"]:
         raise DockerError(f"{archive}: loaded, but {manifest['tag']} is not image {manifest['image_id'][:19]}")
-    return {"archive": str(archive), "target": manifest["target"], "tag": manifest["tag"],
-            "image_id": img["Id"], "recipe_hash": manifest["recipe_hash"], "loaded": lines}
+    return {
+        "archive": str(archive),
+        "target": manifest["target"],
+        "tag": manifest["tag"],
+        "image_id": img["Id"],
+        "recipe_hash": manifest["recipe_hash"],
+        "loaded": lines,
+    }
 
 
 def push(matrix: Matrix, target_name: str, engine: Engine | None = None) -> dict[str, Any]:
     """Push the current image to images.registry (tagged <registry>/modelmatrix/<t>:<hash16>)."""
     registry = matrix.raw["images"]["registry"]
     if not registry:
-        raise ConfigError(f"{matrix.path.name}: images.registry: not set; give a registry "
-                          "(e.g. registry.example.com:5000) to push, or use `invoke ship`")
+        raise ConfigError(
+            f"{matrix.path.name}: images.registry: not set; give a registry "
+            "(e.g. registry.example.com:5000) to push, or use `invoke ship`"
+        )
     engine = _engine(engine)
     row = _current(matrix, target_name, engine)
     repo = f"{registry.rstrip('/')}/{IMAGE_NAMESPACE}/{target_name}"

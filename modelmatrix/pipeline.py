@@ -13,6 +13,7 @@ Truthfulness rules kept here:
   the run (exit 3);
 - a run that ends before verify leaves no report behind that could be mistaken for its own.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,9 +26,10 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import PIL
@@ -55,8 +57,8 @@ class Outcome:
     stamp: dict[str, Any] | None = None
     seconds: float = 0.0
     log_tail: str = ""
-    kind: str = ""            # for FAILED: "bad input", "timed out" or "failed"
-    rebuilt: str = ""         # why a stored result was refused and rebuilt ("" when it was not)
+    kind: str = ""  # for FAILED: "bad input", "timed out" or "failed"
+    rebuilt: str = ""  # why a stored result was refused and rebuilt ("" when it was not)
 
     @property
     def ok(self) -> bool:
@@ -91,7 +93,9 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
-def required_targets(matrix: Matrix, require: tuple[str, ...] | list[str] = (), ci: bool | None = None) -> dict[str, str]:
+def required_targets(
+    matrix: Matrix, require: tuple[str, ...] | list[str] = (), ci: bool | None = None
+) -> dict[str, str]:
     """target -> why it must not be skipped."""
     ci = in_ci() if ci is None else ci
     out: dict[str, str] = {}
@@ -108,12 +112,15 @@ def required_targets(matrix: Matrix, require: tuple[str, ...] | list[str] = (), 
 
 # --------------------------------------------------------------------------- runners
 
+
 def select_runner(matrix: Matrix, choice: str | None) -> tuple[Runner, list[str]]:
     from .runners.local import LocalRunner
+
     choice = choice or matrix.raw["runner"]
     notices: list[str] = []
     if choice in ("auto", "docker"):
         from .runners import docker as docker_runner
+
         reason = docker_runner.engine_reason()
         if reason is None:
             return docker_runner.DockerRunner(matrix), notices
@@ -128,6 +135,7 @@ def select_runner(matrix: Matrix, choice: str | None) -> tuple[Runner, list[str]
 
 # --------------------------------------------------------------------------- host nodes
 
+
 def _host_source(matrix: Matrix, ws: Workspace, node: Node, tmp: Path, inputs: dict[str, Path]) -> dict:
     src = Path(node.params["path"])
     shutil.copyfile(src, tmp / "checkpoint")
@@ -136,13 +144,22 @@ def _host_source(matrix: Matrix, ws: Workspace, node: Node, tmp: Path, inputs: d
 
 def _host_prepare(matrix: Matrix, ws: Workspace, node: Node, tmp: Path, inputs: dict[str, Path]) -> dict:
     from . import data
+
     p = node.params
-    return data.prepare(Path(p["dataset"]), tmp, p["contract"], tuple(p["contract"]["input_size"]),
-                        limit=p["limit"], ascend_bins=p["ascend_bins"], workers=matrix.raw["data"]["workers"])
+    return data.prepare(
+        Path(p["dataset"]),
+        tmp,
+        p["contract"],
+        tuple(p["contract"]["input_size"]),
+        limit=p["limit"],
+        ascend_bins=p["ascend_bins"],
+        workers=matrix.raw["data"]["workers"],
+    )
 
 
 def _host_verify(matrix: Matrix, ws: Workspace, node: Node, tmp: Path, inputs: dict[str, Path]) -> dict:
     from . import data, report, verify
+
     p = node.params
     index = json.loads(inputs["index"].read_text())
     n = len(index["items"])
@@ -154,9 +171,17 @@ def _host_verify(matrix: Matrix, ws: Workspace, node: Node, tmp: Path, inputs: d
                 features[target] = data.load_features(path, n)
             except ModelMatrixError as exc:
                 failed[target] = {"stage": f"{target}.infer", "reason": str(exc), "kind": "failed"}
-    rep = verify.verify_all(features, p["reference"], p["tolerances"], index, skipped=p["skipped"],
-                            failed=failed, max_rank=p["max_rank"], required=p["required"],
-                            allow_skip=p["allow_skip"])
+    rep = verify.verify_all(
+        features,
+        p["reference"],
+        p["tolerances"],
+        index,
+        skipped=p["skipped"],
+        failed=failed,
+        max_rank=p["max_rank"],
+        required=p["required"],
+        allow_skip=p["allow_skip"],
+    )
     meta = json.loads(inputs["meta"].read_text()) if "meta" in inputs else {}
     rep["model"] = report.model_facts(p["model"], meta)
     rep["runner"] = p["runner"]
@@ -166,18 +191,24 @@ def _host_verify(matrix: Matrix, ws: Workspace, node: Node, tmp: Path, inputs: d
     html = None
     if p.get("html", False):
         from .html_report import HtmlInputs
-        html = HtmlInputs(features=features, index=index, dataset=Path(p["dataset"]) if p.get("dataset") else None,
-                          bench=p.get("bench") or {})
+
+        html = HtmlInputs(
+            features=features,
+            index=index,
+            dataset=Path(p["dataset"]) if p.get("dataset") else None,
+            bench=p.get("bench") or {},
+        )
     report.write_reports(rep, tmp, html=html)
     return {"passed": rep["passed"], "exit_code": rep["exit_code"]}
 
 
 #: What host stages' outputs depend on besides their code: the decoder and the arithmetic.
-HOST_FINGERPRINT = (f"host:python={platform.python_version()},numpy={np.__version__},"
-                    f"pillow={PIL.__version__}")
+HOST_FINGERPRINT = f"host:python={platform.python_version()},numpy={np.__version__},pillow={PIL.__version__}"
 
 HOST_NODES: dict[str, Callable[..., dict]] = {
-    "source": _host_source, "prepare": _host_prepare, "verify": _host_verify,
+    "source": _host_source,
+    "prepare": _host_prepare,
+    "verify": _host_verify,
 }
 
 
@@ -199,6 +230,7 @@ def _failure_kind(exc: ModelMatrixError) -> str:
 
 
 # --------------------------------------------------------------------------- what would run (shared with doctor)
+
 
 def upstream_problem(node: Node, status_of: Callable[[str], str | None]) -> str | None:
     """Why ``node`` cannot run because of its inputs, or None. ``status_of(producer)``: None when the
@@ -223,17 +255,23 @@ def target_probe(tdef: TargetDef, unavailable: str | None) -> tuple[str | None, 
     missing = [s for s in stages if not (tdef.folder / f"{s}.py").is_file()]
     if missing and len(missing) < len(stages):
         files = ", ".join(f"targets/{tdef.name}/{s}.py" for s in missing)
-        return FAILED, (f"stage module {files} is missing, while the target has its other stages' "
-                        "code: restore it, or remove the stage from target.yaml"), "failed"
+        return (
+            FAILED,
+            (
+                f"stage module {files} is missing, while the target has its other stages' "
+                "code: restore it, or remove the stage from target.yaml"
+            ),
+            "failed",
+        )
     reasons = [unavailable]
     if missing:
-        reasons.append(f"stage code {', '.join(f'targets/{tdef.name}/{s}.py' for s in missing)} "
-                       "not written yet")
+        reasons.append(f"stage code {', '.join(f'targets/{tdef.name}/{s}.py' for s in missing)} not written yet")
     reason = "; ".join(r for r in reasons if r)
     return (SKIPPED, reason, "") if reason else (None, "", "")
 
 
 # --------------------------------------------------------------------------- progress
+
 
 class StageProgress:
     """What is shown while a stage runs. This plain one (CI logs, pipes) says only that a stage
@@ -261,14 +299,15 @@ class RichProgress(StageProgress):
     def __init__(self, console: Any = None):
         from rich.console import Console
         from rich.live import Live
+
         self.console = console or _rich_console() or Console(stderr=True)
-        self.live = Live("", console=self.console, transient=True, refresh_per_second=4,
-                         get_renderable=self._render)
-        self.running: dict[str, list[Any]] = {}       # node -> [t0, done, total]
+        self.live = Live("", console=self.console, transient=True, refresh_per_second=4, get_renderable=self._render)
+        self.running: dict[str, list[Any]] = {}  # node -> [t0, done, total]
         self.started = False
 
     def _render(self) -> Any:
         from rich.text import Text
+
         now = time.perf_counter()
         lines = []
         for node_id, (t0, done, total) in list(self.running.items()):
@@ -300,6 +339,7 @@ def _rich_console() -> Any:
     """The console of the RichHandler on the modelmatrix logger (tasks.py's), so that log lines and
     the live line share one console and do not tear each other."""
     from rich.logging import RichHandler
+
     for h in logging.getLogger("modelmatrix").handlers:
         if isinstance(h, RichHandler):
             return h.console
@@ -309,6 +349,7 @@ def _rich_console() -> Any:
 def without_progress(text: str) -> str:
     """A stage's log tail without its ``::progress`` lines (they are not the stage's log)."""
     from targets.common.contract import PROGRESS_PREFIX
+
     return "\n".join(ln for ln in text.splitlines() if not ln.startswith(PROGRESS_PREFIX))
 
 
@@ -323,11 +364,12 @@ class _ProgressRelay(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         from targets.common.contract import parse_progress
+
         args = record.args
         if isinstance(args, tuple) and len(args) == 2:
             seen = parse_progress(str(args[1]))
             if seen is not None:
-                with contextlib.suppress(Exception):   # a display problem must never fail a stage
+                with contextlib.suppress(Exception):  # a display problem must never fail a stage
                     self.shown.update(str(args[0]), *seen)
                 return False
         return record.levelno >= self.level
@@ -340,7 +382,7 @@ def relay_progress(shown: StageProgress) -> Iterator[StageProgress]:
     saved = stage_logger.level
     relay = _ProgressRelay(shown, stage_logger.getEffectiveLevel())
     stage_logger.addFilter(relay)
-    stage_logger.setLevel(logging.DEBUG)     # so that progress lines reach the filter at all
+    stage_logger.setLevel(logging.DEBUG)  # so that progress lines reach the filter at all
     try:
         yield shown
     finally:
@@ -359,33 +401,43 @@ def bench_throughput(ws_root: Path) -> dict[str, dict[str, float]]:
     """target -> {batch size: img/s} from the last `invoke bench` (workspace/bench/bench.json), or {}."""
     try:
         bench = json.loads((ws_root / "bench" / "bench.json").read_text())
-        return {t: {str(row["batch_size"]): float(row["images_per_second"]) for row in r.get("results", [])}
-                for t, r in bench.get("targets", {}).items() if r.get("status") == "measured"}
+        return {
+            t: {str(row["batch_size"]): float(row["images_per_second"]) for row in r.get("results", [])}
+            for t, r in bench.get("targets", {}).items()
+            if r.get("status") == "measured"
+        }
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
 
 
-def verify_params(m: Matrix, required: dict[str, str], runner: str, skipped: dict[str, str],
-                  failed: dict[str, dict[str, str]], stages: dict[str, Any], html: bool = True,
-                  gathered: dict[str, Any] | None = None) -> dict[str, Any]:
+def verify_params(
+    m: Matrix,
+    required: dict[str, str],
+    runner: str,
+    skipped: dict[str, str],
+    failed: dict[str, dict[str, str]],
+    stages: dict[str, Any],
+    html: bool = True,
+    gathered: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """What verify is keyed on and reads besides its inputs (one place for `invoke matrix` and the
     gather of `invoke verify --from`)."""
     enabled = m.enabled_targets()
     params = {
-        "reference": m.raw["verify"]["reference"], "max_rank": m.raw["verify"]["max_rank"],
+        "reference": m.raw["verify"]["reference"],
+        "max_rank": m.raw["verify"]["max_rank"],
         "tolerances": {t: m.target_cfg(t)["tolerance"] for t in enabled},
-        "skipped": skipped, "failed": failed,
+        "skipped": skipped,
+        "failed": failed,
         "required": {t: why for t, why in required.items() if t in enabled},
         "allow_skip": {t: m.target_cfg(t)["allow_skip"] for t in enabled if m.target_cfg(t).get("allow_skip")},
-        "model": {k: m.model[k] for k in ("arch", "checkpoint", "neck_feat", "last_stride", "input_size",
-                                          "seed")},
+        "model": {k: m.model[k] for k in ("arch", "checkpoint", "neck_feat", "last_stride", "input_size", "seed")},
         "runner": runner,
         "stages": stages,
     }
     if html:
         # report.html: thumbnails of the worst images come from the dataset, throughput from the last bench
-        params.update(html=True, dataset=str(m.resolve(m.raw["data"]["dataset"])),
-                      bench=bench_throughput(m.workspace))
+        params.update(html=True, dataset=str(m.resolve(m.raw["data"]["dataset"])), bench=bench_throughput(m.workspace))
     if gathered:
         params["gathered"] = gathered
     return params
@@ -393,15 +445,23 @@ def verify_params(m: Matrix, required: dict[str, str], runner: str, skipped: dic
 
 # --------------------------------------------------------------------------- the run
 
+
 class MatrixRun:
-    def __init__(self, matrix: Matrix, runner: Runner, force: bool = False,
-                 required: dict[str, str] | None = None, broken: dict[str, str] | None = None,
-                 ws: Workspace | None = None, html: bool = True):
+    def __init__(
+        self,
+        matrix: Matrix,
+        runner: Runner,
+        force: bool = False,
+        required: dict[str, str] | None = None,
+        broken: dict[str, str] | None = None,
+        ws: Workspace | None = None,
+        html: bool = True,
+    ):
         self.matrix, self.runner, self.force = matrix, runner, force
         self.html = html
         self.progress = StageProgress()
         self.required = dict(required or {})
-        self.broken = dict(broken or {})       # target -> its manifest problem (found while planning)
+        self.broken = dict(broken or {})  # target -> its manifest problem (found while planning)
         self.ws = ws or Workspace(matrix.workspace)
         self.outcomes: dict[str, Outcome] = {}
         self._target_reason: dict[str, tuple[str | None, str, str]] = {}
@@ -409,9 +469,11 @@ class MatrixRun:
     # -- helpers
     def _upstream_problem(self, node: Node) -> str | None:
         if node.id == "verify":
-            return None           # verify runs whatever happened upstream: it reports it
-        return upstream_problem(node, lambda p: None if p not in self.outcomes else
-                                ("ok" if self.outcomes[p].ok else self.outcomes[p].status))
+            return None  # verify runs whatever happened upstream: it reports it
+        return upstream_problem(
+            node,
+            lambda p: None if p not in self.outcomes else ("ok" if self.outcomes[p].ok else self.outcomes[p].status),
+        )
 
     def _target_state(self, target: str) -> tuple[str | None, str, str]:
         """(SKIPPED, why, "") when this host or runner cannot run the target (toolchain, device, no
@@ -428,7 +490,7 @@ class MatrixRun:
             return state
         try:
             self.runner.prepare(tdef)
-        except TargetUnavailable as exc:        # e.g. its image's base or a vendor file is not here
+        except TargetUnavailable as exc:  # e.g. its image's base or a vendor file is not here
             return SKIPPED, str(exc), ""
         except ModelMatrixError as exc:
             return FAILED, str(exc), _failure_kind(exc)
@@ -487,7 +549,7 @@ class MatrixRun:
             stage_reason = self.runner.stage_unavailable_reason(tdef, node.stage)
             if stage_reason:
                 return Outcome(node, SKIPPED, stage_reason)
-            device = self.runner.device_fingerprint(tdef)     # GPU name, compute capability, driver
+            device = self.runner.device_fingerprint(tdef)  # GPU name, compute capability, driver
             return self._run(node, self.runner.fingerprint(tdef) + (f";{device}" if device else ""))
         except ModelMatrixError as exc:
             tail = without_progress(getattr(exc, "log_tail", ""))
@@ -498,13 +560,14 @@ class MatrixRun:
         paths, digests = self._resolved_inputs(node)
         if node.id == "source":
             # external: a checkpoint re-saved within the same mtime tick with the same size is re-read
-            digests["file"] = self.ws.hashes.file(_existing(Path(node.params["path"]), "model.checkpoint"),
-                                                  external=True)
+            digests["file"] = self.ws.hashes.file(
+                _existing(Path(node.params["path"]), "model.checkpoint"), external=True
+            )
         elif node.id == "prepare":
             from . import data
+
             # exactly the files prepare reads (one line for a missing folder or a hostile file)
-            digests["dataset"] = data.dataset_digest(Path(node.params["dataset"]), self.ws.hashes,
-                                                     node.params["limit"])
+            digests["dataset"] = data.dataset_digest(Path(node.params["dataset"]), self.ws.hashes, node.params["limit"])
         return paths, digests
 
     def _run(self, node: Node, fingerprint: str) -> Outcome:
@@ -516,11 +579,18 @@ class MatrixRun:
             return self._produce(node, key, fingerprint, paths, t0)
         except ModelMatrixError as exc:
             if node.target is None:
-                raise                      # a host node's error (dataset, checkpoint) stops the run
+                raise  # a host node's error (dataset, checkpoint) stops the run
             tail = without_progress(getattr(exc, "log_tail", ""))
             self._save_failure_log(node, str(exc), tail)
-            return Outcome(node, FAILED, _own(str(exc), node.id), key=key, seconds=time.perf_counter() - t0,
-                           log_tail=tail, kind=_failure_kind(exc))
+            return Outcome(
+                node,
+                FAILED,
+                _own(str(exc), node.id),
+                key=key,
+                seconds=time.perf_counter() - t0,
+                log_tail=tail,
+                kind=_failure_kind(exc),
+            )
 
     def _produce(self, node: Node, key: str, fingerprint: str, paths: dict[str, Path], t0: float) -> Outcome:
         with self.ws.stage(node.id, key, node.outputs, force=self.force) as slot:
@@ -536,25 +606,39 @@ class MatrixRun:
                 atomic_write_json(slot.tmp / "result.json", result or {})
             else:
                 assert node.target is not None
-                req = StageRequest(target=self.matrix.targets[node.target], stage=node.stage,
-                                   workspace=self.ws.root,
-                                   inputs={k: self.ws.rel(v) for k, v in paths.items()},
-                                   out_dir=self.ws.rel(slot.tmp), params=node.params,
-                                   timeout_s=float(self.matrix.raw["stage_timeout_s"]),
-                                   origins=self._origins(node))
+                req = StageRequest(
+                    target=self.matrix.targets[node.target],
+                    stage=node.stage,
+                    workspace=self.ws.root,
+                    inputs={k: self.ws.rel(v) for k, v in paths.items()},
+                    out_dir=self.ws.rel(slot.tmp),
+                    params=node.params,
+                    timeout_s=float(self.matrix.raw["stage_timeout_s"]),
+                    origins=self._origins(node),
+                )
                 try:
                     self.runner.run(req)
                 finally:
                     self.progress.finish(node.id)
             slot.extra = {"seconds": round(time.perf_counter() - t0, 3), "runner": fingerprint}
-        return Outcome(node, DONE, key=key, dir=slot.dir, stamp=slot.stamp,
-                       seconds=time.perf_counter() - t0, rebuilt=slot.damaged or "")
+        return Outcome(
+            node,
+            DONE,
+            key=key,
+            dir=slot.dir,
+            stamp=slot.stamp,
+            seconds=time.perf_counter() - t0,
+            rebuilt=slot.damaged or "",
+        )
 
     def _origins(self, node: Node) -> dict[str, str]:
         """Inputs imported from the user's files are named by the user's path in messages."""
         src = self.outcomes.get("source")
-        return {name: src.node.params["path"] for name, ref in node.inputs.items()
-                if ref.producer == "source" and src is not None and src.ok}
+        return {
+            name: src.node.params["path"]
+            for name, ref in node.inputs.items()
+            if ref.producer == "source" and src is not None and src.ok
+        }
 
     def _save_failure_log(self, node: Node, message: str, tail: str) -> None:
         path = self.ws.node_dir(node.id) / "last-failure.log"
@@ -602,7 +686,7 @@ WOULD_RUN = "would run"
 @dataclass
 class DryLine:
     node: str
-    status: str                 # "up to date", "would run", "skipped", "FAILED"
+    status: str  # "up to date", "would run", "skipped", "FAILED"
     reason: str = ""
     commands: list[list[str]] = field(default_factory=list)
 
@@ -623,6 +707,7 @@ class DryRun(MatrixRun):
         if state[0] or self.runner.name != "docker":
             return state
         from . import images
+
         row = images.image_status(self.matrix, tdef.name, getattr(self.runner, "engine", None))
         if not row["up_to_date"]:
             if not row.get("tag"):
@@ -633,13 +718,21 @@ class DryRun(MatrixRun):
     def _upstream_problem(self, node: Node) -> str | None:
         if node.id == "verify":
             return None
-        return upstream_problem(node, lambda p: None if p not in self.outcomes else
-                                ("ok" if self.outcomes[p].ok or self.outcomes[p].status == WOULD_RUN
-                                 else self.outcomes[p].status))
+        return upstream_problem(
+            node,
+            lambda p: (
+                None
+                if p not in self.outcomes
+                else ("ok" if self.outcomes[p].ok or self.outcomes[p].status == WOULD_RUN else self.outcomes[p].status)
+            ),
+        )
 
     def run_node(self, node: Node) -> Outcome:
-        after = [r.producer for r in node.inputs.values()
-                 if r.producer in self.outcomes and self.outcomes[r.producer].status == WOULD_RUN]
+        after = [
+            r.producer
+            for r in node.inputs.values()
+            if r.producer in self.outcomes and self.outcomes[r.producer].status == WOULD_RUN
+        ]
         if node.id == "verify" and any(o.status == WOULD_RUN for o in self.outcomes.values()):
             return Outcome(node, WOULD_RUN, "after the stages that would run")
         if after and node.id != "verify":
@@ -673,7 +766,7 @@ class DryRun(MatrixRun):
         pass
 
     def _save_failure_log(self, node: Node, message: str, tail: str) -> None:
-        pass                                  # a dry run writes nothing
+        pass  # a dry run writes nothing
 
     def run(self, plan: list[Node], on_node: Callable[[Node], None] | None = None) -> dict[str, Outcome]:
         for node in plan:
@@ -685,6 +778,7 @@ class DryRun(MatrixRun):
         if node.target is None:
             return []
         import importlib
+
         try:
             module = importlib.import_module(f"targets.{node.target}.commands")
         except ModuleNotFoundError:
@@ -692,21 +786,34 @@ class DryRun(MatrixRun):
         inputs = {}
         for name, ref in node.inputs.items():
             up = self.outcomes.get(ref.producer)
-            inputs[name] = str(up.dir / ref.file) if up is not None and up.ok and up.dir is not None \
+            inputs[name] = (
+                str(up.dir / ref.file)
+                if up is not None and up.ok and up.dir is not None
                 else f"<{ref.producer}>/{ref.file}"
+            )
         o = self.outcomes.get(node.id)
-        out_dir = str(self.ws.stage_dir(node.id, o.key)) if o is not None and o.key else \
-            f"<{self.ws.node_dir(node.id)}/KEY>"
-        facts = {"input_name": self.matrix.model["export"]["input_name"],
-                 "input_size": self.matrix.model["input_size"], "inputs": inputs, "out_dir": out_dir}
+        out_dir = (
+            str(self.ws.stage_dir(node.id, o.key)) if o is not None and o.key else f"<{self.ws.node_dir(node.id)}/KEY>"
+        )
+        facts = {
+            "input_name": self.matrix.model["export"]["input_name"],
+            "input_size": self.matrix.model["input_size"],
+            "inputs": inputs,
+            "out_dir": out_dir,
+        }
         try:
             return [list(map(str, c)) for c in module.commands(node.stage, node.params, facts)]
-        except Exception as exc:                # a stage's own check (e.g. batch > max): said, not raised
+        except Exception as exc:  # a stage's own check (e.g. batch > max): said, not raised
             return [[f"(cannot list the command: {exc})"]]
 
 
-def dry_run(matrix: Matrix, runner_choice: str | None = None, force: bool = False,
-            require: tuple[str, ...] | list[str] = (), ci: bool | None = None) -> list[DryLine]:
+def dry_run(
+    matrix: Matrix,
+    runner_choice: str | None = None,
+    force: bool = False,
+    require: tuple[str, ...] | list[str] = (),
+    ci: bool | None = None,
+) -> list[DryLine]:
     """What `invoke matrix` would do, stage by stage, without running, building or writing anything."""
     plan, broken = build_plan(matrix, per_target_errors=True)
     runner, _ = select_runner(matrix, runner_choice)
@@ -717,7 +824,8 @@ def dry_run(matrix: Matrix, runner_choice: str | None = None, force: bool = Fals
         for node in plan:
             o = outcomes[node.id]
             status = {CACHED: "up to date", DONE: "up to date", SKIPPED: "skipped", FAILED: "FAILED"}.get(
-                o.status, o.status)
+                o.status, o.status
+            )
             lines.append(DryLine(node.id, status, o.reason, run.commands(node)))
         return lines
     finally:
@@ -726,8 +834,10 @@ def dry_run(matrix: Matrix, runner_choice: str | None = None, force: bool = Fals
 
 def _existing(path: Path, key: str) -> Path:
     if not path.is_file():
-        raise ModelMatrixError(f"{path}: checkpoint not found (matrix.yaml {key}); fix the path "
-                               "or set it to null for seeded random weights")
+        raise ModelMatrixError(
+            f"{path}: checkpoint not found (matrix.yaml {key}); fix the path "
+            "or set it to null for seeded random weights"
+        )
     return path
 
 
@@ -749,9 +859,15 @@ def _sigterm_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_matrix(matrix: Matrix, runner_choice: str | None = None, force: bool = False,
-               require: tuple[str, ...] | list[str] = (), ci: bool | None = None, html: bool = True,
-               progress: StageProgress | None = None) -> RunSummary:
+def run_matrix(
+    matrix: Matrix,
+    runner_choice: str | None = None,
+    force: bool = False,
+    require: tuple[str, ...] | list[str] = (),
+    ci: bool | None = None,
+    html: bool = True,
+    progress: StageProgress | None = None,
+) -> RunSummary:
     """Run what is out of date, verify, publish the reports. Raises a ModelMatrixError for what stops
     the whole run (bad config or dataset, a full disk, no engine for --runner docker)."""
     t0 = time.perf_counter()
@@ -765,8 +881,15 @@ def run_matrix(matrix: Matrix, runner_choice: str | None = None, force: bool = F
             log.info("modelmatrix: %d stages, runner %s, workspace %s", len(plan), runner.name, ws.root)
             try:
                 # One Workspace (and so one hash cache) for the whole run: the one saved below.
-                run = MatrixRun(matrix, runner, force=force, required=required_targets(matrix, require, ci),
-                                broken=broken, ws=ws, html=html)
+                run = MatrixRun(
+                    matrix,
+                    runner,
+                    force=force,
+                    required=required_targets(matrix, require, ci),
+                    broken=broken,
+                    ws=ws,
+                    html=html,
+                )
                 with relay_progress(progress or StageProgress()) as run.progress:
                     outcomes = run.run(plan)
             finally:
@@ -787,8 +910,11 @@ def run_matrix(matrix: Matrix, runner_choice: str | None = None, force: bool = F
                         log.info("removed the previous %s: this run did not reach verify", ", ".join(stale))
     summary = RunSummary(outcomes, report, ws.root, runner.name, time.perf_counter() - t0, notices)
     if not summary.did_work and not any(o.status == FAILED for o in outcomes.values()):
-        log.info("nothing to do: all %d runnable stages are up to date (%.2f s)",
-                 sum(o.ok for o in outcomes.values()), summary.seconds)
+        log.info(
+            "nothing to do: all %d runnable stages are up to date (%.2f s)",
+            sum(o.ok for o in outcomes.values()),
+            summary.seconds,
+        )
     return summary
 
 
@@ -804,18 +930,34 @@ def _publish_reports(ws: Workspace, folder: Path) -> dict[str, Any]:
     return json.loads((folder / "report.json").read_text())
 
 
-def run_verify(matrix: Matrix, *, features: dict[str, Path], index: Path, meta: Path | None,
-               skipped: dict[str, str], failed: dict[str, dict[str, str]], stages: dict[str, Any],
-               runner: str, required: dict[str, str], gathered: dict[str, Any] | None = None,
-               html: bool = True, force: bool = False) -> RunSummary:
+def run_verify(
+    matrix: Matrix,
+    *,
+    features: dict[str, Path],
+    index: Path,
+    meta: Path | None,
+    skipped: dict[str, str],
+    failed: dict[str, dict[str, str]],
+    stages: dict[str, Any],
+    runner: str,
+    required: dict[str, str],
+    gathered: dict[str, Any] | None = None,
+    html: bool = True,
+    force: bool = False,
+) -> RunSummary:
     """Verify alone, on inputs that other runs computed (`invoke verify --from`: fanout.gather): the
     same host node as in `invoke matrix`, keyed and stored in ``matrix``'s workspace, its reports
     published there."""
     t0 = time.perf_counter()
     ws = Workspace(matrix.workspace)
     ref = matrix.raw["verify"]["reference"]
-    node = Node("verify", None, "verify", inputs={f"features:{t}": Ref(f"{t}.infer", "features.npy") for t in features},
-                outputs=list(REPORT_FILES) + ([HTML_REPORT] if html else []))
+    node = Node(
+        "verify",
+        None,
+        "verify",
+        inputs={f"features:{t}": Ref(f"{t}.infer", "features.npy") for t in features},
+        outputs=list(REPORT_FILES) + ([HTML_REPORT] if html else []),
+    )
     node.inputs["index"] = Ref("prepare", "index.json")
     paths: dict[str, Path] = {**{f"features:{t}": p for t, p in features.items()}, "index": index}
     if meta is not None:
@@ -831,8 +973,14 @@ def run_verify(matrix: Matrix, *, features: dict[str, Path], index: Path, meta: 
                     assert slot.tmp is not None
                     atomic_write_json(slot.tmp / "result.json", _host_verify(matrix, ws, node, slot.tmp, paths))
                     slot.extra = {"seconds": round(time.perf_counter() - t0, 3), "runner": HOST_FINGERPRINT}
-            outcome = Outcome(node, CACHED if slot.cached else DONE, key=key, dir=slot.dir, stamp=slot.stamp,
-                              seconds=time.perf_counter() - t0)
+            outcome = Outcome(
+                node,
+                CACHED if slot.cached else DONE,
+                key=key,
+                dir=slot.dir,
+                stamp=slot.stamp,
+                seconds=time.perf_counter() - t0,
+            )
             report = _publish_reports(ws, slot.dir)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM):
@@ -849,4 +997,3 @@ def _announce_verify(o: Outcome) -> None:
         log.info("  built      %-22s %7.2f s [%s]", o.node.id, o.seconds, short(o.key or ""))
     else:
         log.info("  up to date %-22s [%s]", o.node.id, short(o.key or ""))
-

@@ -6,6 +6,7 @@ A node's key is sha256 over its id, its code version, its runner fingerprint, it
 parameters and the digests of the exact files it reads. Upstream digests come from the
 upstream stamps, so a re-run that reproduces identical bytes stops the cascade there.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,15 +26,15 @@ HOST_CODE_DIRS = ("modelmatrix", "targets/common")
 
 @dataclass
 class Ref:
-    producer: str        # node id
-    file: str            # output of that node (file or folder)
+    producer: str  # node id
+    file: str  # output of that node (file or folder)
     optional: bool = False
 
 
 @dataclass
 class Node:
     id: str
-    target: str | None            # None for host nodes
+    target: str | None  # None for host nodes
     stage: str
     inputs: dict[str, Ref] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
@@ -48,8 +49,10 @@ def parse_ref(text: str, where: str) -> Ref:
     optional = text.endswith("?")
     text = text.rstrip("?")
     if "/" not in text:
-        raise ConfigError(f"{where}: input {text!r} must look like 'producer/file' "
-                          "(e.g. torch.export/model.onnx or prepare/inputs.npy)")
+        raise ConfigError(
+            f"{where}: input {text!r} must look like 'producer/file' "
+            "(e.g. torch.export/model.onnx or prepare/inputs.npy)"
+        )
     producer, file = text.split("/", 1)
     return Ref(producer, file, optional)
 
@@ -68,12 +71,15 @@ def code_hash(node: Node, folder: Path | None = None) -> str:
         paths = [(f.relative_to(REPO_ROOT).as_posix(), f) for d in HOST_CODE_DIRS for f in iter_files(REPO_ROOT / d)]
     else:
         common = REPO_ROOT / "targets"
-        paths = [(f"targets/{f.relative_to(common).as_posix()}", f)
-                 for f in [common / "__init__.py", *iter_files(common / "common")]]
+        paths = [
+            (f"targets/{f.relative_to(common).as_posix()}", f)
+            for f in [common / "__init__.py", *iter_files(common / "common")]
+        ]
         paths += [(f"target/{f.relative_to(folder).as_posix()}", f) for f in iter_files(folder)]
         # A target that runs in another's image (image.use) runs that target's code too (e.g.
         # onnxruntime_int8 imports targets.onnxruntime): its folder is part of the key as well.
         from .config import load_target
+
         used = load_target(folder).image.get("use")
         if used:
             other = folder.parent / used
@@ -92,21 +98,23 @@ def stage_params(matrix: Matrix, target: str, names: list[str]) -> dict[str, Any
     for name in names:
         if name == "model":
             # The checkpoint enters through its content digest (the `source` node), not its path.
-            out["model"] = {**{k: v for k, v in matrix.model.items() if k != "checkpoint"},
-                            "contract": matrix.contract()}
+            out["model"] = {
+                **{k: v for k, v in matrix.model.items() if k != "checkpoint"},
+                "contract": matrix.contract(),
+            }
         elif name in stanza:
             out[name] = stanza[name]
         else:
-            raise ConfigError(f"targets/{target}/target.yaml: stage parameter {name!r} is not declared "
-                              "under params:")
+            raise ConfigError(f"targets/{target}/target.yaml: stage parameter {name!r} is not declared under params:")
     return out
 
 
 def stage_node(matrix: Matrix, target: str, stage: str) -> Node:
     sdef = matrix.targets[target].stages[stage]
     where = f"targets/{target}/target.yaml: stages.{stage}"
-    node = Node(f"{target}.{stage}", target, stage, outputs=list(sdef.outputs),
-                params=stage_params(matrix, target, sdef.params))
+    node = Node(
+        f"{target}.{stage}", target, stage, outputs=list(sdef.outputs), params=stage_params(matrix, target, sdef.params)
+    )
     for iname, text in sdef.inputs_for(node.params).items():
         node.inputs[iname] = parse_ref(text, f"{where}.inputs.{iname}")
     return node
@@ -124,18 +132,27 @@ def build_plan(matrix: Matrix, per_target_errors: bool = False) -> Any:
     nodes: dict[str, Node] = {}
     broken: dict[str, str] = {}
     if model["checkpoint"]:
-        nodes["source"] = Node("source", None, "source", outputs=["checkpoint"],
-                               params={"path": str(matrix.resolve(model["checkpoint"]))})
-    nodes["prepare"] = Node("prepare", None, "prepare",
-                            params={"dataset": str(matrix.resolve(data["dataset"])),
-                                    "contract": matrix.contract(), "limit": data["limit"],
-                                    "ascend_bins": data["ascend_bins"]},
-                            outputs=["inputs.npy", "index.json"] + (["ascend"] if data["ascend_bins"] else []))
+        nodes["source"] = Node(
+            "source", None, "source", outputs=["checkpoint"], params={"path": str(matrix.resolve(model["checkpoint"]))}
+        )
+    nodes["prepare"] = Node(
+        "prepare",
+        None,
+        "prepare",
+        params={
+            "dataset": str(matrix.resolve(data["dataset"])),
+            "contract": matrix.contract(),
+            "limit": data["limit"],
+            "ascend_bins": data["ascend_bins"],
+        },
+        outputs=["inputs.npy", "index.json"] + (["ascend"] if data["ascend_bins"] else []),
+    )
     per_target: dict[str, dict[str, Node]] = {}
     for tname in matrix.enabled_targets():
         try:
-            per_target[tname] = {f"{tname}.{s}": stage_node(matrix, tname, s)
-                                 for s in matrix.targets[tname].matrix_stages}
+            per_target[tname] = {
+                f"{tname}.{s}": stage_node(matrix, tname, s) for s in matrix.targets[tname].matrix_stages
+            }
         except ConfigError as exc:
             if not per_target_errors or tname == matrix.raw["verify"]["reference"]:
                 raise
@@ -151,12 +168,18 @@ def build_plan(matrix: Matrix, per_target_errors: bool = False) -> Any:
             broken[tname] = str(exc)
             for nid in mine:
                 del nodes[nid]
-    features = {t: Ref(f"{t}.infer", "features.npy") for t in matrix.enabled_targets()
-                if t not in broken and "infer" in matrix.targets[t].matrix_stages}
-    nodes["verify"] = Node("verify", None, "verify",
-                           inputs={**{f"features:{t}": r for t, r in features.items()},
-                                   "index": Ref("prepare", "index.json")},
-                           outputs=["report.json", "report.md", "junit.xml"])
+    features = {
+        t: Ref(f"{t}.infer", "features.npy")
+        for t in matrix.enabled_targets()
+        if t not in broken and "infer" in matrix.targets[t].matrix_stages
+    }
+    nodes["verify"] = Node(
+        "verify",
+        None,
+        "verify",
+        inputs={**{f"features:{t}": r for t, r in features.items()}, "index": Ref("prepare", "index.json")},
+        outputs=["report.json", "report.md", "junit.xml"],
+    )
     _check_refs(nodes)
     while True:
         try:
@@ -187,8 +210,10 @@ def _check_refs(nodes: dict[str, Node], only: dict[str, Node] | None = None) -> 
             if producer is not None and ref.file not in producer.outputs:
                 where = f"targets/{node.target}/target.yaml: stages.{node.stage}" if node.target else node.id
                 hint = " (set data.ascend_bins: true in matrix.yaml)" if ref.producer == "prepare" else ""
-                raise ConfigError(f"{where}.inputs.{name}: {ref.producer} has no output {ref.file!r} "
-                                  f"(it declares {', '.join(producer.outputs)}){hint}")
+                raise ConfigError(
+                    f"{where}.inputs.{name}: {ref.producer} has no output {ref.file!r} "
+                    f"(it declares {', '.join(producer.outputs)}){hint}"
+                )
 
 
 def _toposort(nodes: dict[str, Node]) -> list[Node]:
@@ -206,9 +231,12 @@ def _toposort(nodes: dict[str, Node]) -> list[Node]:
                 visit(ref.producer, chain + (nid,))
             elif not ref.optional:
                 owner = ref.producer.partition(".")[0]
-                raise _Unplannable(nid, f"{nid}: input {name} needs {ref.producer}/{ref.file}, and {ref.producer} "
-                                   f"is not a stage of this plan (is its target enabled in matrix.yaml?): "
-                                   f"enable targets.{owner} so that {ref.producer} runs first")
+                raise _Unplannable(
+                    nid,
+                    f"{nid}: input {name} needs {ref.producer}/{ref.file}, and {ref.producer} "
+                    f"is not a stage of this plan (is its target enabled in matrix.yaml?): "
+                    f"enable targets.{owner} so that {ref.producer} runs first",
+                )
         state[nid] = 2
         order.append(nodes[nid])
 
@@ -218,11 +246,16 @@ def _toposort(nodes: dict[str, Node]) -> list[Node]:
 
 
 def node_key(node: Node, fingerprint: str, input_digests: dict[str, str], folder: Path | None = None) -> str:
-    return sha256_json({"node": node.id, "code": code_hash(node, folder), "env": fingerprint,
-                        "params": node.params, "inputs": input_digests})
+    return sha256_json(
+        {
+            "node": node.id,
+            "code": code_hash(node, folder),
+            "env": fingerprint,
+            "params": node.params,
+            "inputs": input_digests,
+        }
+    )
 
 
 def short(key: str) -> str:
     return key[:12]
-
-

@@ -4,6 +4,7 @@ The report dict comes from ``verify.verify_all``; the orchestrator fills ``repor
 (``random_weights``, ``arch``, ...) before writing. Every file is written to a temporary name
 and renamed, so a reader never sees half a report.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,11 +18,19 @@ from targets.common.contract import atomic_write_bytes
 
 from .verify import TOLERANCE_SEMANTICS
 
-LABELS = {"reference": "REFERENCE", "passed": "PASS", "failed": "FAIL", "unchecked": "UNCHECKED",
-          "skipped": "SKIPPED", "error": "ERROR"}
+LABELS = {
+    "reference": "REFERENCE",
+    "passed": "PASS",
+    "failed": "FAIL",
+    "unchecked": "UNCHECKED",
+    "skipped": "SKIPPED",
+    "error": "ERROR",
+}
 
-RANDOM_BANNER = ("> **Random weights** - no checkpoint was given, the model has seeded random "
-                 "weights: parity between backends is meaningful, absolute Rank-1/mAP are not.")
+RANDOM_BANNER = (
+    "> **Random weights** - no checkpoint was given, the model has seeded random "
+    "weights: parity between backends is meaningful, absolute Rank-1/mAP are not."
+)
 
 
 def model_facts(model: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
@@ -45,10 +54,14 @@ def write_reports(report: dict[str, Any], out_dir: Path, html: Any = None) -> li
     given; their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = [(out_dir / "report.json", to_json(report)), (out_dir / "report.md", to_markdown(report)),
-             (out_dir / "junit.xml", to_junit(report))]
+    files = [
+        (out_dir / "report.json", to_json(report)),
+        (out_dir / "report.md", to_markdown(report)),
+        (out_dir / "junit.xml", to_junit(report)),
+    ]
     if html is not None:
         from .html_report import to_html
+
         files.append((out_dir / "report.html", to_html(report, html)))
     for path, text in files:
         atomic_write_bytes(path, text.encode("utf-8", "backslashreplace"))
@@ -69,13 +82,14 @@ def label(status: str) -> str:
 
 # --------------------------------------------------------------------------- json
 
+
 def _clean(obj: Any) -> Any:
     """JSON-safe: NaN/inf -> None, numpy scalars and arrays -> Python values, tuples -> lists."""
     if isinstance(obj, dict):
         return {str(k): _clean(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_clean(v) for v in obj]
-    if hasattr(obj, "tolist"):            # numpy scalar or array
+    if hasattr(obj, "tolist"):  # numpy scalar or array
         return _clean(obj.tolist())
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
@@ -90,6 +104,7 @@ def to_json(report: dict[str, Any]) -> str:
 
 # --------------------------------------------------------------------------- markdown
 
+
 def _f(x: Any, fmt: str = ".4f") -> str:
     return "-" if x is None else format(x, fmt)
 
@@ -103,9 +118,17 @@ def _row(name: str, r: dict[str, Any]) -> list[str]:
     ret = m.get("retrieval") or {}
     cos = m.get("cosine") or {}
     d = m.get("deltas") or {}
-    return [name, label(r["status"]), _f(m.get("max_abs_error"), ".3g"), _f(cos.get("min"), ".6f"),
-            _f(cos.get("mean"), ".6f"), _f(ret.get("rank1")), _f(ret.get("mAP")),
-            _delta(d.get("rank1")), _delta(d.get("mAP"))]
+    return [
+        name,
+        label(r["status"]),
+        _f(m.get("max_abs_error"), ".3g"),
+        _f(cos.get("min"), ".6f"),
+        _f(cos.get("mean"), ".6f"),
+        _f(ret.get("rank1")),
+        _f(ret.get("mAP")),
+        _delta(d.get("rank1")),
+        _delta(d.get("mAP")),
+    ]
 
 
 def _md_escape(text: str) -> str:
@@ -119,9 +142,10 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines += [RANDOM_BANNER, ""]
     verdict = "PASSED" if report.get("passed") else "FAILED"
     lines += [f"**{verdict}**: {_md_escape(report.get('reason', ''))}", ""]
-    facts = [f"reference: `{report.get('reference')}`",
-             f"images: {report.get('num_images')} ({report.get('num_query')} query, "
-             f"{report.get('num_gallery')} gallery)"]
+    facts = [
+        f"reference: `{report.get('reference')}`",
+        f"images: {report.get('num_images')} ({report.get('num_query')} query, {report.get('num_gallery')} gallery)",
+    ]
     if model:
         shown = {k: v for k, v in model.items() if k not in ("weights", "random_weights", "checkpoint_sha256")}
         facts.insert(0, "model: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
@@ -131,13 +155,14 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines += [f"- {f}" for f in facts]
     rr = report.get("reference_retrieval")
     if rr:
-        lines.append(f"- reference retrieval: Rank-1 {rr['rank1']:.4f}, Rank-5 {rr['rank5']:.4f}, "
-                     f"mAP {rr['mAP']:.4f} ({rr['num_valid_queries']} valid queries)")
+        lines.append(
+            f"- reference retrieval: Rank-1 {rr['rank1']:.4f}, Rank-5 {rr['rank5']:.4f}, "
+            f"mAP {rr['mAP']:.4f} ({rr['num_valid_queries']} valid queries)"
+        )
     elif report.get("reference_retrieval_error"):
         lines.append(f"- reference retrieval: unavailable ({_md_escape(report['reference_retrieval_error'])})")
     lines += [f"- tolerance semantics: {TOLERANCE_SEMANTICS}", ""]
-    head = ["target", "status", "max abs err", "min cosine", "mean cosine", "Rank-1", "mAP",
-            "Δ Rank-1", "Δ mAP"]
+    head = ["target", "status", "max abs err", "min cosine", "mean cosine", "Rank-1", "mAP", "Δ Rank-1", "Δ mAP"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in targets_in_order(report):
         lines.append("| " + " | ".join(_md_escape(c) for c in _row(name, r)) + " |")
@@ -149,15 +174,20 @@ def to_markdown(report: dict[str, Any]) -> str:
         if r.get("allowed"):
             lines.append(f"- skip allowed by matrix.yaml: {_md_escape(r['allowed'])}")
         for c in r.get("checks", []):
-            state = ("pass" if c["passed"] else "FAIL") if c["enabled"] else \
-                f"not enforced ({'would pass' if c['passed'] else 'would fail'})"
+            state = (
+                ("pass" if c["passed"] else "FAIL")
+                if c["enabled"]
+                else f"not enforced ({'would pass' if c['passed'] else 'would fail'})"
+            )
             text = "see above" if c["message"] == r.get("reason") else c["message"]
             lines.append(f"- `{c['name']}` {state}: {_md_escape(text)}")
         tol = r.get("tolerance")
         if tol:
-            lines.append(f"- tolerance: rtol {tol['rtol']:g}, atol {tol['atol']:g}, cosine_min "
-                         f"{tol['cosine_min']:g}, rank1_delta {tol['rank1_delta']:g}, map_delta "
-                         f"{tol['map_delta']:g}, checks {', '.join(tol['checks']) or 'none'}")
+            lines.append(
+                f"- tolerance: rtol {tol['rtol']:g}, atol {tol['atol']:g}, cosine_min "
+                f"{tol['cosine_min']:g}, rank1_delta {tol['rank1_delta']:g}, map_delta "
+                f"{tol['map_delta']:g}, checks {', '.join(tol['checks']) or 'none'}"
+            )
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
@@ -170,8 +200,9 @@ _XML_BAD = re.compile("[^\u0009\u000a\u000d\u0020-\ud7ff\ue000-\ufffd\U00010000-
 def xml_safe(text: Any) -> str:
     """Text XML 1.0 can carry: characters it forbids (control characters in a dataset's file names,
     lone surrogates from undecodable names) are written as ``\\xNN`` / ``\\uNNNN``."""
-    return _XML_BAD.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
-                        else f"\\u{ord(m.group()):04x}", str(text))
+    return _XML_BAD.sub(
+        lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", str(text)
+    )
 
 
 def to_junit(report: dict[str, Any]) -> str:
@@ -226,6 +257,7 @@ def to_junit(report: dict[str, Any]) -> str:
 
 # --------------------------------------------------------------------------- terminal
 
+
 def summary_lines(report: dict[str, Any]) -> list[str]:
     """A few lines for the terminal: one per target, the counts, then the verdict and its cause."""
     out = []
@@ -242,19 +274,24 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             m = r["metrics"]
             cos = (m.get("cosine") or {}).get("min")
             d = m.get("deltas") or {}
-            detail = (f"max|d| {_f(m.get('max_abs_error'), '.2e')}  cos>= {_f(cos, '.6f')}  "
-                      f"dR1 {_delta(d.get('rank1'))}  dmAP {_delta(d.get('mAP'))}")
+            detail = (
+                f"max|d| {_f(m.get('max_abs_error'), '.2e')}  cos>= {_f(cos, '.6f')}  "
+                f"dR1 {_delta(d.get('rank1'))}  dmAP {_delta(d.get('mAP'))}"
+            )
             if r.get("failed_checks"):
-                detail += "  failed: " + "; ".join(c["message"] for c in r.get("checks", [])
-                                                   if c["enabled"] and not c["passed"])
+                detail += "  failed: " + "; ".join(
+                    c["message"] for c in r.get("checks", []) if c["enabled"] and not c["passed"]
+                )
         elif status == "failed" and r.get("failed_checks"):
             detail = r.get("reason") or ""
         if r.get("allowed"):
             detail += f"  (skip allowed: {r['allowed']})"
         out.append(f"{name:<{width}}  {label(status):<9}  {detail}")
     c = report.get("counts") or {}
-    out.append(f"summary: {c.get('passed', 0)} passed, {c.get('failed', 0)} failed, "
-               f"{c.get('error', 0)} could not run, {c.get('skipped', 0)} skipped")
+    out.append(
+        f"summary: {c.get('passed', 0)} passed, {c.get('failed', 0)} failed, "
+        f"{c.get('error', 0)} could not run, {c.get('skipped', 0)} skipped"
+    )
     verdict = "PASSED" if report.get("passed") else f"FAILED (exit {report.get('exit_code', 1)})"
     cause = report.get("cause")
     out.append(f"{verdict}: " + (cause if cause and not report.get("passed") else str(report.get("reason", ""))))

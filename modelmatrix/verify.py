@@ -16,6 +16,7 @@ which is why the pass/fail rule is the allclose one), the mean absolute error, t
 and the worst image. A target whose features have another shape than the reference's fails its
 enabled checks with a message; it does not crash the run.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,8 +44,14 @@ def _num(x: Any) -> float | None:
 
 
 def _check(name: str, enabled: bool, passed: bool, threshold: Any, value: Any, message: str) -> dict:
-    return {"name": name, "enabled": bool(enabled), "passed": bool(passed), "threshold": threshold,
-            "value": value, "message": message}
+    return {
+        "name": name,
+        "enabled": bool(enabled),
+        "passed": bool(passed),
+        "threshold": threshold,
+        "value": value,
+        "message": message,
+    }
 
 
 def _file(index: Mapping, row: int) -> str | None:
@@ -54,26 +61,37 @@ def _file(index: Mapping, row: int) -> str | None:
 
 # --------------------------------------------------------------------------- element-wise
 
+
 def elementwise(a: np.ndarray, b: np.ndarray, rtol: float, atol: float, index: Mapping) -> dict[str, Any]:
     """Errors of ``a`` (target) against ``b`` (reference), same shape, float64."""
     diff = np.abs(a - b)
     allowed = atol + rtol * np.abs(b)
-    bad = ~(diff <= allowed)                       # NaN compares False: a violation
+    bad = ~(diff <= allowed)  # NaN compares False: a violation
     nonfinite = int((~np.isfinite(a)).sum())
-    out: dict[str, Any] = {"max_abs_error": _num(np.max(diff)) if diff.size else 0.0,
-           "mean_abs_error": _num(np.mean(diff)) if diff.size else 0.0,
-           "max_rel_error": _num(np.max(diff / (np.abs(b) + REL_EPS))) if diff.size else 0.0,
-           "violations": int(bad.sum()), "elements": int(diff.size),
-           "violation_fraction": float(bad.sum() / diff.size) if diff.size else 0.0,
-           "nonfinite": nonfinite, "worst": None,
-           "reference_abs_max": _num(np.max(np.abs(b))) if b.size else 0.0,   # the scale atol meets
-           "reference_rms": _num(np.sqrt(np.mean(b * b))) if b.size else 0.0}
+    out: dict[str, Any] = {
+        "max_abs_error": _num(np.max(diff)) if diff.size else 0.0,
+        "mean_abs_error": _num(np.mean(diff)) if diff.size else 0.0,
+        "max_rel_error": _num(np.max(diff / (np.abs(b) + REL_EPS))) if diff.size else 0.0,
+        "violations": int(bad.sum()),
+        "elements": int(diff.size),
+        "violation_fraction": float(bad.sum() / diff.size) if diff.size else 0.0,
+        "nonfinite": nonfinite,
+        "worst": None,
+        "reference_abs_max": _num(np.max(np.abs(b))) if b.size else 0.0,  # the scale atol meets
+        "reference_rms": _num(np.sqrt(np.mean(b * b))) if b.size else 0.0,
+    }
     if bad.any():
         excess = np.where(np.isnan(diff), np.inf, diff - allowed)
         r, c = np.unravel_index(int(np.argmax(excess)), diff.shape)
-        out["worst"] = {"row": int(r), "col": int(c), "file": _file(index, int(r)),
-                        "value": _num(a[r, c]), "reference": _num(b[r, c]),
-                        "abs_error": _num(diff[r, c]), "allowed": _num(allowed[r, c])}
+        out["worst"] = {
+            "row": int(r),
+            "col": int(c),
+            "file": _file(index, int(r)),
+            "value": _num(a[r, c]),
+            "reference": _num(b[r, c]),
+            "abs_error": _num(diff[r, c]),
+            "allowed": _num(allowed[r, c]),
+        }
     return out
 
 
@@ -86,9 +104,17 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- one target
 
-def compare(target: str, feats: np.ndarray, ref: np.ndarray, tol: Mapping[str, Any], index: Mapping,
-            max_rank: int = 50, ref_retrieval: dict | None = None,
-            ref_retrieval_error: str | None = None) -> dict[str, Any]:
+
+def compare(
+    target: str,
+    feats: np.ndarray,
+    ref: np.ndarray,
+    tol: Mapping[str, Any],
+    index: Mapping,
+    max_rank: int = 50,
+    ref_retrieval: dict | None = None,
+    ref_retrieval_error: str | None = None,
+) -> dict[str, Any]:
     """Compare one target's features with the reference's; returns the target's result dict.
 
     ``ref_retrieval`` / ``ref_retrieval_error``: the reference's retrieval metrics (or why there
@@ -97,11 +123,19 @@ def compare(target: str, feats: np.ndarray, ref: np.ndarray, tol: Mapping[str, A
     tol = TOLERANCE.check(dict(tol), f"targets.{target}.tolerance")
     enabled = set(tol["checks"])
     a, b = np.asarray(feats), np.asarray(ref)
-    result: dict[str, Any] = {"target": target, "shape": list(a.shape), "reference_shape": list(b.shape),
-                              "tolerance": tol, "metrics": {}, "checks": []}
+    result: dict[str, Any] = {
+        "target": target,
+        "shape": list(a.shape),
+        "reference_shape": list(b.shape),
+        "tolerance": tol,
+        "metrics": {},
+        "checks": [],
+    }
     if a.ndim != 2 or a.shape != b.shape:
-        msg = (f"features shape {tuple(a.shape)} differs from the reference's {tuple(b.shape)}; "
-               f"the target computed something else (check its output name and batch handling)")
+        msg = (
+            f"features shape {tuple(a.shape)} differs from the reference's {tuple(b.shape)}; "
+            f"the target computed something else (check its output name and batch handling)"
+        )
         result["checks"] = [_check(n, n in enabled, False, None, None, msg) for n in CHECKS]
         result["reason"] = msg
         return _finish(result)
@@ -109,8 +143,10 @@ def compare(target: str, feats: np.ndarray, ref: np.ndarray, tol: Mapping[str, A
     if bad:
         result["checks"] = [_check(n, n in enabled, False, None, None, bad) for n in CHECKS]
         result["reason"] = bad
-        result["metrics"]["nonfinite"] = {"target": int((~np.isfinite(a)).sum()),
-                                          "reference": int((~np.isfinite(b)).sum())}
+        result["metrics"]["nonfinite"] = {
+            "target": int((~np.isfinite(a)).sum()),
+            "reference": int((~np.isfinite(b)).sum()),
+        }
         return _finish(result)
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     el = elementwise(a64, b64, tol["rtol"], tol["atol"], index)
@@ -121,8 +157,11 @@ def compare(target: str, feats: np.ndarray, ref: np.ndarray, tol: Mapping[str, A
     result["checks"].append(_cosine_check(result["metrics"]["cosine"], tol, "cosine" in enabled))
     if ref_retrieval is None and ref_retrieval_error is None:
         ref_retrieval, ref_retrieval_error = retrieval_or_error(b, index, max_rank)
-    ret, ret_err = retrieval_or_error(a, index, max_rank) if ref_retrieval_error is None \
+    ret, ret_err = (
+        retrieval_or_error(a, index, max_rank)
+        if ref_retrieval_error is None
         else (None, f"reference: {ref_retrieval_error}")
+    )
     result["metrics"]["retrieval"] = ret
     result["metrics"]["reference_retrieval"] = ref_retrieval
     result["checks"].append(_retrieval_check(ret, ref_retrieval, ret_err, tol, "retrieval" in enabled))
@@ -138,8 +177,10 @@ def nonfinite(features: np.ndarray, index: Mapping, whose: str) -> str | None:
         return None
     rows = np.flatnonzero(~finite.all(axis=1)) if features.ndim == 2 else np.array([0])
     first = int(rows[0])
-    return (f"{whose} features are not finite: {int((~finite).sum())} NaN or infinite values in "
-            f"{len(rows)} images (first: row {first}, {_file(index, first)})")
+    return (
+        f"{whose} features are not finite: {int((~finite).sum())} NaN or infinite values in "
+        f"{len(rows)} images (first: row {first}, {_file(index, first)})"
+    )
 
 
 def retrieval_or_error(features: np.ndarray, index: Mapping, max_rank: int) -> tuple[dict | None, str | None]:
@@ -155,22 +196,31 @@ def _cosine_summary(cos: np.ndarray, index: Mapping) -> dict[str, Any]:
         return {"min": None, "mean": None, "worst_row": None, "worst_file": None, "nan": 0}
     nan = np.isnan(cos)
     worst = int(np.argmax(nan)) if nan.any() else int(np.argmin(cos))
-    return {"min": _num(np.min(cos)) if not nan.any() else None, "mean": _num(np.mean(cos)),
-            "worst_row": worst, "worst_file": _file(index, worst), "nan": int(nan.sum())}
+    return {
+        "min": _num(np.min(cos)) if not nan.any() else None,
+        "mean": _num(np.mean(cos)),
+        "worst_row": worst,
+        "worst_file": _file(index, worst),
+        "nan": int(nan.sum()),
+    }
 
 
 def _allclose_check(el: dict, tol: dict, enabled: bool) -> dict:
     thr = {"rtol": tol["rtol"], "atol": tol["atol"]}
     n, total = el["violations"], el["elements"]
     if n == 0:
-        msg = (f"all {total} elements within atol {tol['atol']:g} + rtol {tol['rtol']:g}*|ref| "
-               f"(max abs error {_fmt(el['max_abs_error'])})")
+        msg = (
+            f"all {total} elements within atol {tol['atol']:g} + rtol {tol['rtol']:g}*|ref| "
+            f"(max abs error {_fmt(el['max_abs_error'])})"
+        )
         return _check("allclose", enabled, True, thr, 0, msg)
     w = el["worst"]
-    msg = (f"{n} of {total} elements ({100.0 * n / total:.3g}%) exceed atol {tol['atol']:g} + "
-           f"rtol {tol['rtol']:g}*|ref|; worst: row {w['row']} ({w['file']}) col {w['col']}: "
-           f"{_fmt(w['value'])} vs reference {_fmt(w['reference'])} "
-           f"(|diff| {_fmt(w['abs_error'])} > allowed {_fmt(w['allowed'])})")
+    msg = (
+        f"{n} of {total} elements ({100.0 * n / total:.3g}%) exceed atol {tol['atol']:g} + "
+        f"rtol {tol['rtol']:g}*|ref|; worst: row {w['row']} ({w['file']}) col {w['col']}: "
+        f"{_fmt(w['value'])} vs reference {_fmt(w['reference'])} "
+        f"(|diff| {_fmt(w['abs_error'])} > allowed {_fmt(w['allowed'])})"
+    )
     if el["nonfinite"]:
         msg += f"; {el['nonfinite']} values are NaN or infinite"
     return _check("allclose", enabled, False, thr, n, msg)
@@ -179,13 +229,18 @@ def _allclose_check(el: dict, tol: dict, enabled: bool) -> dict:
 def _cosine_check(c: dict, tol: dict, enabled: bool) -> dict:
     thr = tol["cosine_min"]
     if c["min"] is None:
-        msg = (f"cosine is NaN for {c['nan']} images (first: row {c['worst_row']}, {c['worst_file']}): "
-               f"the features contain NaN or infinity" if c["worst_row"] is not None else "no images")
+        msg = (
+            f"cosine is NaN for {c['nan']} images (first: row {c['worst_row']}, {c['worst_file']}): "
+            f"the features contain NaN or infinity"
+            if c["worst_row"] is not None
+            else "no images"
+        )
         return _check("cosine", enabled, False, thr, None, msg)
     ok = c["min"] >= thr
     rel = ">=" if ok else "<"
-    msg = (f"min cosine {c['min']:.6f} {rel} {thr:g} (worst row {c['worst_row']}, {c['worst_file']}); "
-           f"mean {c['mean']:.6f}")
+    msg = (
+        f"min cosine {c['min']:.6f} {rel} {thr:g} (worst row {c['worst_row']}, {c['worst_file']}); mean {c['mean']:.6f}"
+    )
     return _check("cosine", enabled, ok, thr, c["min"], msg)
 
 
@@ -196,8 +251,10 @@ def _retrieval_check(ret: dict | None, ref: dict | None, err: str | None, tol: d
     d1, dm = ret["rank1"] - ref["rank1"], ret["mAP"] - ref["mAP"]
     ok1 = abs(d1) <= tol["rank1_delta"] + DELTA_SLACK
     okm = abs(dm) <= tol["map_delta"] + DELTA_SLACK
-    msg = (f"Rank-1 {ret['rank1']:.4f} vs reference {ref['rank1']:.4f} ({_bound(d1, tol['rank1_delta'], ok1)}); "
-           f"mAP {ret['mAP']:.4f} vs {ref['mAP']:.4f} ({_bound(dm, tol['map_delta'], okm)})")
+    msg = (
+        f"Rank-1 {ret['rank1']:.4f} vs reference {ref['rank1']:.4f} ({_bound(d1, tol['rank1_delta'], ok1)}); "
+        f"mAP {ret['mAP']:.4f} vs {ref['mAP']:.4f} ({_bound(dm, tol['map_delta'], okm)})"
+    )
     return _check("retrieval", enabled, ok1 and okm, thr, {"rank1_delta": abs(d1), "map_delta": abs(dm)}, msg)
 
 
@@ -227,11 +284,18 @@ def _finish(result: dict) -> dict:
 
 # --------------------------------------------------------------------------- the whole matrix
 
-def verify_all(features: Mapping[str, np.ndarray], reference_name: str, tolerances: Mapping[str, Mapping],
-               index: Mapping, skipped: Mapping[str, str] | None = None,
-               failed: Mapping[str, Any] | None = None, max_rank: int = 50,
-               required: Mapping[str, str] | None = None,
-               allow_skip: Mapping[str, str] | None = None) -> dict[str, Any]:
+
+def verify_all(
+    features: Mapping[str, np.ndarray],
+    reference_name: str,
+    tolerances: Mapping[str, Mapping],
+    index: Mapping,
+    skipped: Mapping[str, str] | None = None,
+    failed: Mapping[str, Any] | None = None,
+    max_rank: int = 50,
+    required: Mapping[str, str] | None = None,
+    allow_skip: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
     """Compare every target with features against the reference; the report dict.
 
     ``features``: target -> (N, D) array (the reference's included); ``skipped``: target -> reason;
@@ -244,51 +308,84 @@ def verify_all(features: Mapping[str, np.ndarray], reference_name: str, toleranc
     (errors.py, README "Exit codes"); ``cause`` names it in a few words.
     """
     skipped, required, allow_skip = dict(skipped or {}), dict(required or {}), dict(allow_skip or {})
-    failed = {t: (f if isinstance(f, dict) else {"stage": t, "reason": str(f), "kind": "failed"})
-              for t, f in (failed or {}).items()}
+    failed = {
+        t: (f if isinstance(f, dict) else {"stage": t, "reason": str(f), "kind": "failed"})
+        for t, f in (failed or {}).items()
+    }
     items = index.get("items") or []
     names = _ordered(reference_name, [*features, *failed, *skipped])
     results: dict[str, dict] = {}
     ref = features.get(reference_name) if reference_name not in failed else None
     ref_bad = nonfinite(np.asarray(ref), index, "the reference's") if ref is not None else None
-    ref_ret, ref_err = (retrieval_or_error(ref, index, max_rank) if ref is not None and not ref_bad
-                        else (None, ref_bad))
+    ref_ret, ref_err = retrieval_or_error(ref, index, max_rank) if ref is not None and not ref_bad else (None, ref_bad)
     why_no_ref = _why_no_reference(reference_name, ref, failed, skipped)
     for name in names:
         if name in failed:
             f = failed[name]
-            results[name] = {"target": name, "status": "error", "reason": f["reason"], "kind": f["kind"],
-                             "stage": f["stage"]}
+            results[name] = {
+                "target": name,
+                "status": "error",
+                "reason": f["reason"],
+                "kind": f["kind"],
+                "stage": f["stage"],
+            }
         elif name in skipped and name in required:
-            results[name] = {"target": name, "status": "error", "kind": "required but skipped",
-                             "reason": f"{skipped[name]} (required: {required[name]})"}
+            results[name] = {
+                "target": name,
+                "status": "error",
+                "kind": "required but skipped",
+                "reason": f"{skipped[name]} (required: {required[name]})",
+            }
         elif name in skipped:
             results[name] = {"target": name, "status": "skipped", "reason": skipped[name]}
             if name in allow_skip:
                 results[name]["allowed"] = allow_skip[name]
         elif name == reference_name and ref is not None:
-            results[name] = {"target": name, "status": "reference", "shape": list(np.shape(ref)),
-                             "reason": ref_bad or f"the reference ({np.shape(ref)[0]} images)",
-                             "metrics": {"retrieval": ref_ret}}
+            results[name] = {
+                "target": name,
+                "status": "reference",
+                "shape": list(np.shape(ref)),
+                "reason": ref_bad or f"the reference ({np.shape(ref)[0]} images)",
+                "metrics": {"retrieval": ref_ret},
+            }
             if ref_bad:
                 results[name]["nonfinite"] = True
         elif ref is None:
             results[name] = {"target": name, "status": "skipped", "reason": f"not compared: {why_no_ref}"}
         else:
-            results[name] = compare(name, features[name], ref, tolerances.get(name, {}), index, max_rank,
-                                    ref_retrieval=ref_ret, ref_retrieval_error=ref_err)
+            results[name] = compare(
+                name,
+                features[name],
+                ref,
+                tolerances.get(name, {}),
+                index,
+                max_rank,
+                ref_retrieval=ref_ret,
+                ref_retrieval_error=ref_err,
+            )
     for name, r in results.items():
         if r["status"] in ("error", "skipped") and name in tolerances and name != reference_name:
             r["tolerance"] = TOLERANCE.check(dict(tolerances[name]), f"targets.{name}.tolerance")
     passed, reason, code, cause = _overall(results, why_no_ref, ref_bad)
     counts = {s: sum(1 for r in results.values() if r["status"] == s) for s in STATUSES}
-    return {"schema": 2, "reference": reference_name, "passed": passed, "reason": reason,
-            "exit_code": code, "cause": cause,
-            "tolerance_semantics": TOLERANCE_SEMANTICS, "max_rank": max_rank,
-            "num_images": len(items), "num_query": sum(1 for it in items if it.get("split") == "query"),
-            "num_gallery": sum(1 for it in items if it.get("split") == "gallery"),
-            "reference_retrieval": ref_ret, "reference_retrieval_error": ref_err,
-            "counts": counts, "targets": results, "model": {}}
+    return {
+        "schema": 2,
+        "reference": reference_name,
+        "passed": passed,
+        "reason": reason,
+        "exit_code": code,
+        "cause": cause,
+        "tolerance_semantics": TOLERANCE_SEMANTICS,
+        "max_rank": max_rank,
+        "num_images": len(items),
+        "num_query": sum(1 for it in items if it.get("split") == "query"),
+        "num_gallery": sum(1 for it in items if it.get("split") == "gallery"),
+        "reference_retrieval": ref_ret,
+        "reference_retrieval_error": ref_err,
+        "counts": counts,
+        "targets": results,
+        "model": {},
+    }
 
 
 def _ordered(reference: str, names: Sequence[str]) -> list[str]:
@@ -309,8 +406,7 @@ def _why_no_reference(name: str, ref: np.ndarray | None, failed: Mapping, skippe
     return f"reference target {name!r} produced no features"
 
 
-def _overall(results: Mapping[str, dict], why_no_ref: str | None,
-             ref_bad: str | None) -> tuple[bool, str, int, str]:
+def _overall(results: Mapping[str, dict], why_no_ref: str | None, ref_bad: str | None) -> tuple[bool, str, int, str]:
     """(passed, reason, exit code, cause). The reason counts each kind of outcome and names the
     targets, never repeating a stage's message (that is said once, on the target's own line)."""
     by = lambda s: [n for n, r in results.items() if r["status"] == s]  # noqa: E731
@@ -326,8 +422,11 @@ def _overall(results: Mapping[str, dict], why_no_ref: str | None,
     if not_run:
         detail = ", ".join(f"{n} ({results[n].get('kind') or 'failed'})" for n in not_run)
         reasons.append(f"{len(not_run)} target(s) could not run: {detail}")
-        for kind, what in (("timed out", "timed out"), ("failed", "failed"),
-                           ("required but skipped", "was skipped, but is required")):
+        for kind, what in (
+            ("timed out", "timed out"),
+            ("failed", "failed"),
+            ("required but skipped", "was skipped, but is required"),
+        ):
             hit = [results[n].get("stage") or n for n in not_run if (results[n].get("kind") or "failed") == kind]
             if hit:
                 causes.append(f"{', '.join(hit)} {what}")
@@ -342,8 +441,11 @@ def _overall(results: Mapping[str, dict], why_no_ref: str | None,
         causes.append("a check failed")
         codes.append(EXIT_CHECK_FAILED)
     if not fails and not passes and not ref_bad and not errors:
-        reasons.append(f"nothing was compared: {why_no_ref}" if why_no_ref
-                       else "nothing was compared: no target other than the reference ran an enabled check")
+        reasons.append(
+            f"nothing was compared: {why_no_ref}"
+            if why_no_ref
+            else "nothing was compared: no target other than the reference ran an enabled check"
+        )
         causes.append("nothing was compared")
         codes.append(EXIT_UNAVAILABLE)
     tally = f"{len(passes)} passed, {len(fails)} failed, {len(errors)} could not run, {len(skips)} skipped"

@@ -18,6 +18,7 @@ re-reading only files whose size or mtime changed), and either hands back the st
 temporary folder to produce it in, committed when the block ends without an exception. One place
 decides "up to date", "rebuild" or "damaged, rebuild".
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,11 +48,15 @@ def disk_error(exc: OSError, where: Path | str, doing: str) -> ModelMatrixError:
     """An OSError while writing the workspace, as one line naming the path and the fix."""
     path = exc.filename or where
     if exc.errno == errno.ENOSPC:
-        return ModelMatrixError(f"{path}: no space left on the device while {doing}; free some space "
-                                "(or point `workspace:` in matrix.yaml elsewhere) and run again")
+        return ModelMatrixError(
+            f"{path}: no space left on the device while {doing}; free some space "
+            "(or point `workspace:` in matrix.yaml elsewhere) and run again"
+        )
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return ModelMatrixError(f"{path}: cannot write ({exc.strerror}) while {doing}; make the workspace "
-                                "writable or set `workspace:` in matrix.yaml to a writable folder")
+        return ModelMatrixError(
+            f"{path}: cannot write ({exc.strerror}) while {doing}; make the workspace "
+            "writable or set `workspace:` in matrix.yaml to a writable folder"
+        )
     return ModelMatrixError(f"{path}: {exc.strerror or exc} while {doing}")
 
 
@@ -61,11 +66,11 @@ class Slot:
 
     node: str
     key: str
-    dir: Path                          # the final folder (stored result, or where tmp is committed to)
-    stamp: dict[str, Any] | None = None   # set when up to date, and after commit
-    tmp: Path | None = None            # set when the stage must run
-    damaged: str | None = None         # why a stored result was refused (then it is rebuilt)
-    extra: dict[str, Any] | None = None   # merged into the stamp at commit
+    dir: Path  # the final folder (stored result, or where tmp is committed to)
+    stamp: dict[str, Any] | None = None  # set when up to date, and after commit
+    tmp: Path | None = None  # set when the stage must run
+    damaged: str | None = None  # why a stored result was refused (then it is rebuilt)
+    extra: dict[str, Any] | None = None  # merged into the stamp at commit
 
     @property
     def cached(self) -> bool:
@@ -89,13 +94,17 @@ class Workspace:
 
     def ensure(self) -> None:
         if self.root.exists() and not self.root.is_dir():
-            raise ModelMatrixError(f"{self.root}: the workspace is not a folder (it is a file); "
-                                   "set `workspace:` in matrix.yaml to a folder path")
+            raise ModelMatrixError(
+                f"{self.root}: the workspace is not a folder (it is a file); "
+                "set `workspace:` in matrix.yaml to a folder path"
+            )
         try:
             (self.root / "stages").mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ModelMatrixError(f"{self.root}: cannot create the workspace ({exc.strerror}); "
-                                   "set `workspace:` in matrix.yaml to a writable folder") from None
+            raise ModelMatrixError(
+                f"{self.root}: cannot create the workspace ({exc.strerror}); "
+                "set `workspace:` in matrix.yaml to a writable folder"
+            ) from None
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -104,16 +113,20 @@ class Workspace:
         try:
             fh: IO[str] = open(self.root / ".lock", "w")
         except OSError as exc:
-            raise ModelMatrixError(f"{self.root / '.lock'}: cannot take the workspace lock ({exc.strerror}); "
-                                   "the workspace must be writable: fix its permissions or set "
-                                   "`workspace:` in matrix.yaml to a writable folder") from None
+            raise ModelMatrixError(
+                f"{self.root / '.lock'}: cannot take the workspace lock ({exc.strerror}); "
+                "the workspace must be writable: fix its permissions or set "
+                "`workspace:` in matrix.yaml to a writable folder"
+            ) from None
         try:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
                 if exc.errno in (errno.EAGAIN, errno.EACCES):
-                    raise ModelMatrixError(f"{self.root}: another modelmatrix run holds this workspace; "
-                                           "wait for it or use another workspace") from None
+                    raise ModelMatrixError(
+                        f"{self.root}: another modelmatrix run holds this workspace; "
+                        "wait for it or use another workspace"
+                    ) from None
                 raise
             yield
         finally:
@@ -176,20 +189,23 @@ class Workspace:
         tmp.mkdir(parents=True)
         return tmp
 
-    def commit(self, node: str, key: str, tmp: Path, outputs: list[str],
-               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    def commit(
+        self, node: str, key: str, tmp: Path, outputs: list[str], extra: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Hash the declared outputs, write the stamp, then rename the folder into place."""
         digests = {}
         for name in outputs:
             path = tmp / name
             if not path.exists():
-                raise ModelMatrixError(f"finished without its declared output {name}; the stage code is "
-                                       f"broken (targets/.../target.yaml declares it; see {tmp.name}/result.json)")
+                raise ModelMatrixError(
+                    f"finished without its declared output {name}; the stage code is "
+                    f"broken (targets/.../target.yaml declares it; see {tmp.name}/result.json)"
+                )
             digests[name] = self.hashes.any(path)
         stamp = {"key": key, "node": node, "outputs": digests, **(extra or {})}
         atomic_write_json(tmp / STAMP, stamp)
         final = self.stage_dir(node, key)
-        if final.exists():       # a stale, damaged or concurrent copy: replace it
+        if final.exists():  # a stale, damaged or concurrent copy: replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
         self.hashes.moved(tmp, final)

@@ -1,4 +1,5 @@
 """targets/torch/checkpoint.py: the accepted layouts, and one clear line for every bad file."""
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,9 @@ from targets.torch import models as M
 
 
 def cfg(arch, **kw):
-    base = dict(arch=arch, num_classes=751, last_stride=1, neck_feat="after", input_size=[64, 32],
-                seed=0, calibration_batches=1)
+    base = dict(
+        arch=arch, num_classes=751, last_stride=1, neck_feat="after", input_size=[64, 32], seed=0, calibration_batches=1
+    )
     base.update(kw)
     return base
 
@@ -49,6 +51,7 @@ def bad(path, model=None):
 
 # --------------------------------------------------------------------------- accepted layouts
 
+
 def test_plain_state_dict(tmp_path, strong_sd):
     torch.save(strong_sd, tmp_path / "market.pth")
     model = fresh()
@@ -58,7 +61,7 @@ def test_plain_state_dict(tmp_path, strong_sd):
 
 def test_fastreid_model_key_with_module_prefix_and_other_classifier(tmp_path, fastreid_sd):
     sd = {f"module.{k}": v for k, v in fastreid_sd.items()}
-    sd["module.heads.weight"] = torch.zeros(702, 2048)          # DukeMTMC's classes: ignored
+    sd["module.heads.weight"] = torch.zeros(702, 2048)  # DukeMTMC's classes: ignored
     torch.save({"model": sd, "optimizer": {}, "iteration": 5}, tmp_path / "model_final.pth")
     model = fresh("fastreid-bagtricks-r50")
     C.load_into(model, tmp_path / "model_final.pth")
@@ -75,6 +78,7 @@ def test_state_dict_key_classifier_dropped_num_batches_tracked_optional(tmp_path
 
 
 # --------------------------------------------------------------------------- refused files
+
 
 def test_not_a_dict(tmp_path):
     torch.save([torch.zeros(2)], tmp_path / "list.pth")
@@ -113,7 +117,7 @@ def test_a_few_missing_keys(tmp_path, strong_sd):
     assert "missing 15 keys (base.layer4.2.conv1.weight" in msg and "unexpected" not in msg
 
 
-class Baseline(torch.nn.Module):          # what reid-strong-baseline's trainer pickles whole
+class Baseline(torch.nn.Module):  # what reid-strong-baseline's trainer pickles whole
     def __init__(self):
         super().__init__()
         self.fc = torch.nn.Linear(2, 2)
@@ -123,9 +127,11 @@ def test_whole_pickled_model_gets_the_fix(tmp_path):
     path = tmp_path / "resnet50_model_120.pth"
     torch.save(Baseline(), path)
     msg = bad(path)
-    assert msg == (f"{path}: this file is a whole pickled model, not a state dict; re-save it where "
-                   f"its class is importable with torch.save(torch.load({str(path)!r}, "
-                   "weights_only=False).state_dict(), 'model_sd.pth') (only if you trust the file)")
+    assert msg == (
+        f"{path}: this file is a whole pickled model, not a state dict; re-save it where "
+        f"its class is importable with torch.save(torch.load({str(path)!r}, "
+        "weights_only=False).state_dict(), 'model_sd.pth') (only if you trust the file)"
+    )
 
 
 class Evil:
@@ -177,7 +183,7 @@ def test_nan_weights_are_refused_naming_the_tensors(tmp_path, strong_sd):
     msg = bad(path)
     assert "2 tensors hold NaN or infinite values" in msg
     assert "base.layer4.2.bn3.weight" in msg and "bottleneck.running_var" in msg
-    torch.save(strong_sd, path)                      # the same file with finite weights loads
+    torch.save(strong_sd, path)  # the same file with finite weights loads
     model = fresh()
     C.load_into(model, path)
     assert same_weights(model, strong_sd)

@@ -1,4 +1,5 @@
 """matrix.yaml validation: every bad key is one line naming the key path."""
+
 from __future__ import annotations
 
 import pytest
@@ -55,18 +56,23 @@ def test_unknown_target(tmp_path):
 
 def test_unknown_target_param_and_bad_choice(tmp_path):
     assert "targets.onnxruntime.params.batchsize: unknown key" in _error(
-        tmp_path, {"targets": {"torch": {}, "onnxruntime": {"params": {"batchsize": 4}}}})
+        tmp_path, {"targets": {"torch": {}, "onnxruntime": {"params": {"batchsize": 4}}}}
+    )
     assert "targets.tensorrt.params.precision: expected one of fp32, fp16, int8, got 'fp8'" in _error(
-        tmp_path, {"targets": {"torch": {}, "tensorrt": {"params": {"precision": "fp8"}}}})
+        tmp_path, {"targets": {"torch": {}, "tensorrt": {"params": {"precision": "fp8"}}}}
+    )
 
 
 def test_integer_and_bool_checks(tmp_path):
     assert "targets.torch.params.batch_size: expected an integer, got 1.5" in _error(
-        tmp_path, {"targets": {"torch": {"params": {"batch_size": 1.5}}}})
+        tmp_path, {"targets": {"torch": {"params": {"batch_size": 1.5}}}}
+    )
     assert "targets.torch.params.batch_size: must be >= 1, got 0" in _error(
-        tmp_path, {"targets": {"torch": {"params": {"batch_size": 0}}}})
+        tmp_path, {"targets": {"torch": {"params": {"batch_size": 0}}}}
+    )
     assert "targets.torch.enabled: expected true or false" in _error(
-        tmp_path, {"targets": {"torch": {"enabled": "yes"}}})
+        tmp_path, {"targets": {"torch": {"enabled": "yes"}}}
+    )
 
 
 def test_bad_arch_and_reference(tmp_path):
@@ -91,24 +97,34 @@ def test_defaults_filled_and_relative_paths(tmp_path):
 
 def test_values_checked_on_load_not_at_first_use(tmp_path):
     assert "images.memory_limit: expected 8g or 512m, got 'lots'" in _error(
-        tmp_path, {"images": {"memory_limit": "lots"}})
+        tmp_path, {"images": {"memory_limit": "lots"}}
+    )
     assert "model.checkpoint: expected a path, or null for seeded random weights, got ''" in _error(
-        tmp_path, {"model": {"checkpoint": ""}})
+        tmp_path, {"model": {"checkpoint": ""}}
+    )
 
 
 def test_an_input_the_producer_does_not_write_is_refused_when_planning(tmp_path):
     from modelmatrix.plan import build_plan
+
     m = load_matrix(_write(tmp_path, {"data": {"ascend_bins": False}, "targets": {"torch": {}, "ascend": {}}}))
-    with pytest.raises(ConfigError, match=r"stages.infer.inputs.bins: prepare has no output 'ascend'.*"
-                                          r"data.ascend_bins: true"):
+    with pytest.raises(
+        ConfigError,
+        match=r"stages.infer.inputs.bins: prepare has no output 'ascend'.*"
+        r"data.ascend_bins: true",
+    ):
         build_plan(m)
 
 
 # --------------------------------------------------------------------------- required / allow_skip
 
+
 def test_required_and_allow_skip_default_and_round_trip(tmp_path):
-    m = load_matrix(_write(tmp_path, "targets:\n  torch: {required: true}\n"
-                                     "  tensorrt: {allow_skip: no NVIDIA GPU on the CI runners}\n"))
+    m = load_matrix(
+        _write(
+            tmp_path, "targets:\n  torch: {required: true}\n  tensorrt: {allow_skip: no NVIDIA GPU on the CI runners}\n"
+        )
+    )
     assert m.target_cfg("torch")["required"] is True and m.target_cfg("torch")["allow_skip"] is None
     assert m.target_cfg("tensorrt")["required"] is False
     assert m.target_cfg("tensorrt")["allow_skip"] == "no NVIDIA GPU on the CI runners"
@@ -124,10 +140,12 @@ def test_required_with_allow_skip_is_a_contradiction(tmp_path):
     msg = _error(tmp_path, {"targets": {"torch": {}, "caffe": {"required": True, "allow_skip": "no caffe"}}})
     assert "targets.caffe.allow_skip: contradicts required: true" in msg
     assert "expected true or false, got 'yes please'" in _error(
-        tmp_path, {"targets": {"torch": {"required": "yes please"}}})
+        tmp_path, {"targets": {"torch": {"required": "yes please"}}}
+    )
 
 
 # --------------------------------------------------------------------------- target manifests
+
 
 def _targets(tmp_path, edit: dict[str, tuple[str, str]] | None = None):
     """A copy of the shipped manifests in tmp_path/targets; ``edit``: target -> (old, new) text."""
@@ -139,7 +157,7 @@ def _targets(tmp_path, edit: dict[str, tuple[str, str]] | None = None):
             assert old in text
             text = text.replace(old, new, 1)
         (root / src.parent.name).mkdir(parents=True, exist_ok=True)
-        (root / src.parent.name / "target.yaml").write_text(text)    # overwrites an earlier edit
+        (root / src.parent.name / "target.yaml").write_text(text)  # overwrites an earlier edit
     return root
 
 
@@ -151,14 +169,15 @@ def _target_error(tmp_path, target: str, old: str, new: str) -> str:
     assert "\n" not in msg
     prefix = f"{root / target / 'target.yaml'}: "
     assert msg.startswith(prefix), msg
-    return msg[len(prefix):]
+    return msg[len(prefix) :]
 
 
 def test_shipped_manifests_pass_with_complete_requires():
     from modelmatrix.config import discover_targets
+
     known = discover_targets()
     assert {"torch", "onnxruntime", "caffe", "tensorrt", "ascend"} <= set(known)
-    for t in known.values():                      # every stage's requires is complete (merged)
+    for t in known.values():  # every stage's requires is complete (merged)
         for stage in t.stages.values():
             assert set(stage.requires) == {"modules", "commands", "devices"}, (t.name, stage.name)
     assert "nvidia-gpu" in known["tensorrt"].stages["infer"].requires["devices"]
@@ -168,49 +187,80 @@ def test_shipped_manifests_pass_with_complete_requires():
 
 
 def test_manifest_unknown_keys_anywhere(tmp_path):
-    assert _target_error(tmp_path, "onnxruntime", "outputs: [features.npy]", "ouputs: [features.npy]") == \
-        "stages.infer.ouputs: unknown key (allowed: inputs, params, outputs, on_demand, requires)"
-    assert _target_error(tmp_path, "caffe", "requires:", "requirs:") == \
-        "requirs: unknown key (allowed: name, summary, requires, image, params, stages, tolerance, container)"
+    assert (
+        _target_error(tmp_path, "onnxruntime", "outputs: [features.npy]", "ouputs: [features.npy]")
+        == "stages.infer.ouputs: unknown key (allowed: inputs, params, outputs, on_demand, requires)"
+    )
+    assert (
+        _target_error(tmp_path, "caffe", "requires:", "requirs:")
+        == "requirs: unknown key (allowed: name, summary, requires, image, params, stages, tolerance, container)"
+    )
     assert _target_error(tmp_path, "torch", "type: int, default: 16", "type: int, defualt: 16").startswith(
-        "params.batch_size.defualt: unknown key (allowed: type, default, min, max, choices, help, items)")
+        "params.batch_size.defualt: unknown key (allowed: type, default, min, max, choices, help, items)"
+    )
     assert _target_error(tmp_path, "ascend", "tolerance: {rtol:", "tolerance: {rtl:").startswith(
-        "tolerance.rtl: unknown key")
-    assert _target_error(tmp_path, "tensorrt", "devices: [nvidia-gpu]", "devices: [nvidia-gpu]\n  gpus: 1") \
+        "tolerance.rtl: unknown key"
+    )
+    assert (
+        _target_error(tmp_path, "tensorrt", "devices: [nvidia-gpu]", "devices: [nvidia-gpu]\n  gpus: 1")
         == "requires.gpus: unknown key (allowed: modules, commands, devices)"
+    )
 
 
 def test_manifest_param_specs(tmp_path):
-    assert _target_error(tmp_path, "torch", "type: int, default: 16", "type: integer, default: 16") == \
-        "params.batch_size.type: expected one of int, float, number, str, bool, list, got 'integer'"
-    assert _target_error(tmp_path, "torch", "type: int, default: 16", "type: int, default: 0") == \
-        "params.batch_size.default: must be >= 1, got 0"
-    assert _target_error(tmp_path, "caffe", "{type: str, default: output",
-                         "{type: str, min: 1, default: output").startswith("params.output_name.min: only for int")
-    assert _target_error(tmp_path, "tensorrt", "default: fp32, choices: [fp32, fp16, int8]",
-                         "default: fp8, choices: [fp32, fp16, int8]") == \
-        "params.precision.default: expected one of fp32, fp16, int8, got 'fp8'"
-    assert _target_error(tmp_path, "torch", "help: images per forward pass",
-                         "help: [images]") == "params.batch_size.help: expected a string, got list"
+    assert (
+        _target_error(tmp_path, "torch", "type: int, default: 16", "type: integer, default: 16")
+        == "params.batch_size.type: expected one of int, float, number, str, bool, list, got 'integer'"
+    )
+    assert (
+        _target_error(tmp_path, "torch", "type: int, default: 16", "type: int, default: 0")
+        == "params.batch_size.default: must be >= 1, got 0"
+    )
+    assert _target_error(
+        tmp_path, "caffe", "{type: str, default: output", "{type: str, min: 1, default: output"
+    ).startswith("params.output_name.min: only for int")
+    assert (
+        _target_error(
+            tmp_path,
+            "tensorrt",
+            "default: fp32, choices: [fp32, fp16, int8]",
+            "default: fp8, choices: [fp32, fp16, int8]",
+        )
+        == "params.precision.default: expected one of fp32, fp16, int8, got 'fp8'"
+    )
+    assert (
+        _target_error(tmp_path, "torch", "help: images per forward pass", "help: [images]")
+        == "params.batch_size.help: expected a string, got list"
+    )
 
 
 def test_manifest_stage_inputs_outputs_params(tmp_path):
-    assert _target_error(tmp_path, "onnxruntime", "onnx: torch.export/model.onnx", "onnx: model.onnx") == \
-        "stages.infer.inputs.onnx: input 'model.onnx' must look like 'producer/file' " \
+    assert (
+        _target_error(tmp_path, "onnxruntime", "onnx: torch.export/model.onnx", "onnx: model.onnx")
+        == "stages.infer.inputs.onnx: input 'model.onnx' must look like 'producer/file' "
         "(e.g. torch.export/model.onnx or prepare/inputs.npy)"
-    assert _target_error(tmp_path, "ascend", "om: ascend.convert/om", "om: ascend.convrt/om") == \
-        "stages.infer.inputs.om: ascend has no stage 'convrt' (stages: convert, infer)"
-    assert _target_error(tmp_path, "caffe", "outputs: [model.prototxt, model.caffemodel]",
-                         "outputs: model.prototxt") == "stages.convert.outputs: expected a list, got 'model.prototxt'"
+    )
+    assert (
+        _target_error(tmp_path, "ascend", "om: ascend.convert/om", "om: ascend.convrt/om")
+        == "stages.infer.inputs.om: ascend has no stage 'convrt' (stages: convert, infer)"
+    )
+    assert (
+        _target_error(tmp_path, "caffe", "outputs: [model.prototxt, model.caffemodel]", "outputs: model.prototxt")
+        == "stages.convert.outputs: expected a list, got 'model.prototxt'"
+    )
     assert _target_error(tmp_path, "tensorrt", "params: [batch_size]\n", "params: [batchsize]\n").startswith(
-        "stages.infer.params[0]: 'batchsize' is not declared under params:")
-    assert _target_error(tmp_path, "torch", "on_demand: true", "on_demand: sometimes") == \
-        "stages.bench.on_demand: expected true or false, got 'sometimes'"
+        "stages.infer.params[0]: 'batchsize' is not declared under params:"
+    )
+    assert (
+        _target_error(tmp_path, "torch", "on_demand: true", "on_demand: sometimes")
+        == "stages.bench.on_demand: expected true or false, got 'sometimes'"
+    )
     # an optional input ("?") is fine, and a stage with nothing declared is an empty stage
     root = _targets(tmp_path / "ok", {"caffe": ("inputs: prepare/inputs.npy\n", "inputs: prepare/inputs.npy?\n")})
     (root / "demo").mkdir()
     (root / "demo" / "target.yaml").write_text("name: demo\nstages: {run: }\n")
     from modelmatrix.config import discover_targets
+
     known = discover_targets(root)
     assert known["caffe"].stages["infer"].inputs["inputs"] == "prepare/inputs.npy?"
     run = known["demo"].stages["run"]
@@ -219,19 +269,37 @@ def test_manifest_stage_inputs_outputs_params(tmp_path):
 
 def test_per_stage_requires_default_to_the_targets(tmp_path):
     from modelmatrix.config import discover_targets
-    root = _targets(tmp_path, {"onnxruntime": (
-        "outputs: [bench.json]\n", "outputs: [bench.json]\n    requires: {devices: [nvidia-gpu], commands: []}\n")})
+
+    root = _targets(
+        tmp_path,
+        {
+            "onnxruntime": (
+                "outputs: [bench.json]\n",
+                "outputs: [bench.json]\n    requires: {devices: [nvidia-gpu], commands: []}\n",
+            )
+        },
+    )
     ort = discover_targets(root)["onnxruntime"]
     assert ort.requires == {"modules": ["onnxruntime", "numpy"], "commands": [], "devices": []}
     assert ort.stages["infer"].requires == ort.requires
-    assert ort.stages["bench"].requires == {"modules": ["onnxruntime", "numpy"], "commands": [],
-                                            "devices": ["nvidia-gpu"]}
-    assert _target_error(tmp_path / "bad", "onnxruntime", "outputs: [bench.json]\n",
-                         "outputs: [bench.json]\n    requires: {device: [nvidia-gpu]}\n") == \
-        "stages.bench.requires.device: unknown key (allowed: modules, commands, devices)"
+    assert ort.stages["bench"].requires == {
+        "modules": ["onnxruntime", "numpy"],
+        "commands": [],
+        "devices": ["nvidia-gpu"],
+    }
+    assert (
+        _target_error(
+            tmp_path / "bad",
+            "onnxruntime",
+            "outputs: [bench.json]\n",
+            "outputs: [bench.json]\n    requires: {device: [nvidia-gpu]}\n",
+        )
+        == "stages.bench.requires.device: unknown key (allowed: modules, commands, devices)"
+    )
 
 
 # --------------------------------------------------------------------------- file edge cases
+
 
 def test_not_utf8_directory_and_empty_files(tmp_path):
     p = tmp_path / "matrix.yaml"
@@ -246,61 +314,85 @@ def test_not_utf8_directory_and_empty_files(tmp_path):
         msg = _error(tmp_path, text)
         assert msg.startswith(f"{p}: empty: nothing to build or check; list the targets, e.g. `targets:")
     assert "matrix.yaml: targets: no targets; list at least the reference ('torch')" in _error(
-        tmp_path, "runner: local\n")
+        tmp_path, "runner: local\n"
+    )
 
 
 def test_absurd_numbers_are_refused_at_load(tmp_path):
     t = {"torch": {}}
     assert _error(tmp_path, {"targets": t, "model": {"input_size": [100000, 100000]}}).endswith(
-        "model.input_size[0]: must be between 16 and 4096 (pixels, H and W), got 100000")
+        "model.input_size[0]: must be between 16 and 4096 (pixels, H and W), got 100000"
+    )
     assert _error(tmp_path, {"targets": t, "model": {"input_size": [256, 8]}}).endswith(
-        "model.input_size[1]: must be between 16 and 4096 (pixels, H and W), got 8")
+        "model.input_size[1]: must be between 16 and 4096 (pixels, H and W), got 8"
+    )
     for text in ("1e11", "100000000000", "1.0e+11"):
         assert _error(tmp_path, f"targets: {{torch: {{}}}}\nstage_timeout_s: {text}\n").endswith(
-            "stage_timeout_s: must be between 1 and 604800 (seconds, 7 days at most), got 100000000000")
+            "stage_timeout_s: must be between 1 and 604800 (seconds, 7 days at most), got 100000000000"
+        )
     assert _error(tmp_path, {"targets": t, "stage_timeout_s": 90.5}).endswith(
-        "stage_timeout_s: expected an integer, got 90.5")
+        "stage_timeout_s: expected an integer, got 90.5"
+    )
     assert _error(tmp_path, {"targets": t, "stage_timeout_s": True}).endswith(
-        "stage_timeout_s: expected an integer, got True")
+        "stage_timeout_s: expected an integer, got True"
+    )
     assert _error(tmp_path, {"targets": {"torch": {}, "caffe": {"tolerance": {"atol": True}}}}).endswith(
-        "targets.caffe.tolerance.atol: expected a number, got True")
+        "targets.caffe.tolerance.atol: expected a number, got True"
+    )
     assert _error(tmp_path, "targets: {torch: {}, caffe: {tolerance: {atol: .inf}}}\n").endswith(
-        "targets.caffe.tolerance.atol: expected a finite number, got inf")
+        "targets.caffe.tolerance.atol: expected a finite number, got inf"
+    )
     m = load_matrix(_write(tmp_path, {"targets": t, "stage_timeout_s": 7200.0}))
     assert m.raw["stage_timeout_s"] == 7200 and isinstance(m.raw["stage_timeout_s"], int)
 
 
 # --------------------------------------------------------------------------- YAML itself
 
+
 def test_duplicate_keys_name_both_lines(tmp_path):
-    text = ("targets:\n  torch: {}\n  caffe:\n    tolerance:\n      rtol: 1.0e-3\n"
-            "      atol: 1.0e-3\n      rtol: 1.0e-2\n")
-    assert _error(tmp_path, text) == \
-        f"{tmp_path / 'matrix.yaml'}: duplicate key 'rtol' at lines 5 and 7 (the second would silently win)"
+    text = (
+        "targets:\n  torch: {}\n  caffe:\n    tolerance:\n      rtol: 1.0e-3\n      atol: 1.0e-3\n      rtol: 1.0e-2\n"
+    )
+    assert (
+        _error(tmp_path, text)
+        == f"{tmp_path / 'matrix.yaml'}: duplicate key 'rtol' at lines 5 and 7 (the second would silently win)"
+    )
     assert _error(tmp_path, "targets: {torch: {}}\nrunner: local\nrunner: docker\n").endswith(
-        "duplicate key 'runner' at lines 2 and 3 (the second would silently win)")
+        "duplicate key 'runner' at lines 2 and 3 (the second would silently win)"
+    )
     root = _targets(tmp_path, {"caffe": ("image:\n", "image: {}\nimage:\n")})
     with pytest.raises(ConfigError, match=r"caffe/target.yaml: duplicate key 'image' at lines \d+ and \d+"):
         load_matrix(_write(tmp_path, {"targets": {"torch": {}}}), targets_dir=root)
 
 
 def test_merge_keys_still_work_and_override(tmp_path):
-    m = load_matrix(_write(tmp_path, (
-        "targets:\n  torch: {}\n"
-        "  caffe:\n    tolerance: &fp32 {rtol: 1.0e-3, atol: 1.0e-3, cosine_min: 0.99999}\n"
-        "  onnxruntime:\n    tolerance: {<<: *fp32, atol: 2.0e-3}\n")))
+    m = load_matrix(
+        _write(
+            tmp_path,
+            (
+                "targets:\n  torch: {}\n"
+                "  caffe:\n    tolerance: &fp32 {rtol: 1.0e-3, atol: 1.0e-3, cosine_min: 0.99999}\n"
+                "  onnxruntime:\n    tolerance: {<<: *fp32, atol: 2.0e-3}\n"
+            ),
+        )
+    )
     tol = m.target_cfg("onnxruntime")["tolerance"]
-    assert (tol["rtol"], tol["atol"], tol["cosine_min"]) == (pytest.approx(1e-3), pytest.approx(2e-3),
-                                                             pytest.approx(0.99999))
+    assert (tol["rtol"], tol["atol"], tol["cosine_min"]) == (
+        pytest.approx(1e-3),
+        pytest.approx(2e-3),
+        pytest.approx(0.99999),
+    )
 
 
 def test_alias_bomb_is_refused_fast(tmp_path):
     import time
+
     # "billion laughs": 9 levels of 9 aliases each, 9 ** 9 = 387 million strings when expanded
     rows = ["&l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
     rows += [f"&l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
-    text = ("targets:\n  torch: {}\n  onnxruntime:\n    params:\n      providers:\n"
-            + "".join(f"        - {row}\n" for row in rows))
+    text = "targets:\n  torch: {}\n  onnxruntime:\n    params:\n      providers:\n" + "".join(
+        f"        - {row}\n" for row in rows
+    )
     start = time.perf_counter()
     msg = _error(tmp_path, text)
     elapsed = time.perf_counter() - start
@@ -311,10 +403,12 @@ def test_alias_bomb_is_refused_fast(tmp_path):
 
 def test_deep_nesting_is_refused(tmp_path):
     assert "nested more than 32 levels deep" in _error(
-        tmp_path, "targets: {torch: {}}\nx: " + "[" * 100 + "]" * 100 + "\n")
+        tmp_path, "targets: {torch: {}}\nx: " + "[" * 100 + "]" * 100 + "\n"
+    )
 
 
 # --------------------------------------------------------------------------- list params
+
 
 def test_list_params_hold_plain_values_of_the_declared_type(tmp_path):
     for bad, what in (("[CPUExecutionProvider, [a, b]]", "list"), ("[{a: 1}]", "dict"), ("[null]", "None")):
@@ -325,8 +419,10 @@ def test_list_params_hold_plain_values_of_the_declared_type(tmp_path):
     root = _targets(tmp_path, {})
     assert "items: str" in (root / "onnxruntime" / "target.yaml").read_text()
     with pytest.raises(ConfigError) as exc:
-        load_matrix(_write(tmp_path, {"targets": {"torch": {}, "onnxruntime": {"params": {"providers": ["a", 3]}}}}),
-                    targets_dir=root)
+        load_matrix(
+            _write(tmp_path, {"targets": {"torch": {}, "onnxruntime": {"params": {"providers": ["a", 3]}}}}),
+            targets_dir=root,
+        )
     assert str(exc.value).endswith("targets.onnxruntime.params.providers[1]: expected a string, got 3")
     m = load_matrix(_write(tmp_path, {"targets": {"torch": {}, "onnxruntime": {}}}), targets_dir=root)
     assert m.target_cfg("onnxruntime")["params"]["providers"] == ["CPUExecutionProvider"]
@@ -334,9 +430,16 @@ def test_list_params_hold_plain_values_of_the_declared_type(tmp_path):
 
 def test_tolerance_check_fills_defaults_and_names_the_key():
     from modelmatrix.config import TOLERANCE
+
     tol = TOLERANCE.check({"rtol": 1e-3}, "targets.t.tolerance")
-    assert tol == {"rtol": 1e-3, "atol": 0.0, "cosine_min": 0.0, "rank1_delta": 0.0, "map_delta": 0.0,
-                   "checks": ["allclose", "cosine", "retrieval"]}
+    assert tol == {
+        "rtol": 1e-3,
+        "atol": 0.0,
+        "cosine_min": 0.0,
+        "rank1_delta": 0.0,
+        "map_delta": 0.0,
+        "checks": ["allclose", "cosine", "retrieval"],
+    }
     with pytest.raises(ConfigError) as exc:
         TOLERANCE.check({"checks": ["cosine", "l2"]}, "targets.t.tolerance")
     assert str(exc.value) == "targets.t.tolerance.checks[1]: expected one of allclose, cosine, retrieval, got 'l2'"
@@ -361,29 +464,40 @@ stages:
 
 def test_conditional_inputs_follow_the_stage_params(tmp_path):
     from modelmatrix.plan import stage_node
+
     root = _targets(tmp_path, {})
     (root / "cond").mkdir()
     (root / "cond" / "target.yaml").write_text(COND)
     seen = {}
     for precision in ("fp32", "fp16", "int8"):
-        m = load_matrix(_write(tmp_path, {"targets": {"torch": {}, "cond": {"params": {"precision": precision}}}}),
-                        targets_dir=root)
+        m = load_matrix(
+            _write(tmp_path, {"targets": {"torch": {}, "cond": {"params": {"precision": precision}}}}), targets_dir=root
+        )
         seen[precision] = sorted(stage_node(m, "cond", "convert").inputs)
     assert seen == {"fp32": ["onnx"], "fp16": ["half", "onnx"], "int8": ["half", "onnx", "qdq"]}
 
 
-@pytest.mark.parametrize("decl,msg", [
-    ("{from: torch.export/meta.json, when: {batch: 1}}",
-     "stages.convert.inputs.qdq.when.batch: condition on 'batch', which is not one of this stage's params"),
-    ("{from: torch.export/meta.json}", "stages.convert.inputs.qdq.when: give the condition"),
-    ("{frm: torch.export/meta.json, when: {precision: int8}}", "stages.convert.inputs.qdq.frm: unknown key"),
-    ("{from: nonsense, when: {precision: int8}}", "stages.convert.inputs.qdq.from: input 'nonsense' must look like"),
-])
+@pytest.mark.parametrize(
+    "decl,msg",
+    [
+        (
+            "{from: torch.export/meta.json, when: {batch: 1}}",
+            "stages.convert.inputs.qdq.when.batch: condition on 'batch', which is not one of this stage's params",
+        ),
+        ("{from: torch.export/meta.json}", "stages.convert.inputs.qdq.when: give the condition"),
+        ("{frm: torch.export/meta.json, when: {precision: int8}}", "stages.convert.inputs.qdq.frm: unknown key"),
+        (
+            "{from: nonsense, when: {precision: int8}}",
+            "stages.convert.inputs.qdq.from: input 'nonsense' must look like",
+        ),
+    ],
+)
 def test_bad_conditional_inputs_are_one_line(tmp_path, decl, msg):
     root = _targets(tmp_path, {})
     (root / "cond").mkdir()
     (root / "cond" / "target.yaml").write_text(
-        COND.replace("{from: torch.export/meta.json, when: {precision: int8}}", decl))
+        COND.replace("{from: torch.export/meta.json, when: {precision: int8}}", decl)
+    )
     with pytest.raises(ConfigError) as exc:
         load_matrix(_write(tmp_path, {"targets": {"torch": {}}}), targets_dir=root)
     assert msg in str(exc.value) and "\n" not in str(exc.value), str(exc.value)
@@ -391,17 +505,32 @@ def test_bad_conditional_inputs_are_one_line(tmp_path, decl, msg):
 
 # --------------------------------------------------------------------------- container options, engines
 
+
 def test_container_options_merge_manifest_and_stanza_and_refuse_nonsense(tmp_path):
-    root = _targets(tmp_path, {"onnxruntime": ("stages:", "container: {shm_size: 1g, ulimits: {memlock: -1}}\nstages:")})
-    m = load_matrix(_write(tmp_path, {"targets": {"torch": {}, "onnxruntime": {
-        "docker_host": "ssh://me@gpu-box", "container": {"gpus": {"device_ids": ["0"]}}}}}), targets_dir=root)
+    root = _targets(
+        tmp_path, {"onnxruntime": ("stages:", "container: {shm_size: 1g, ulimits: {memlock: -1}}\nstages:")}
+    )
+    m = load_matrix(
+        _write(
+            tmp_path,
+            {
+                "targets": {
+                    "torch": {},
+                    "onnxruntime": {"docker_host": "ssh://me@gpu-box", "container": {"gpus": {"device_ids": ["0"]}}},
+                }
+            },
+        ),
+        targets_dir=root,
+    )
     c = m.target_cfg("onnxruntime")["container"]
-    assert c["shm_size"] == "1g" and c["ulimits"] == {"memlock": {"soft": -1, "hard": -1}}   # the manifest's
-    assert c["gpus"] == {"count": None, "device_ids": ["0"]}                                # the stanza's
+    assert c["shm_size"] == "1g" and c["ulimits"] == {"memlock": {"soft": -1, "hard": -1}}  # the manifest's
+    assert c["gpus"] == {"count": None, "device_ids": ["0"]}  # the stanza's
     assert m.target_cfg("onnxruntime")["docker_host"] == "ssh://me@gpu-box"
-    for bad, msg in ((({"container": {"gpus": {"count": 1, "device_ids": ["a"]}}}), "give count or device_ids"),
-                     (({"container": {"devices": ["/tmp/x"]}}), "devices[0]: expected /dev/NAME"),
-                     (({"docker_host": "gpu-box"}), "docker_host: expected an engine address")):
+    for bad, msg in (
+        (({"container": {"gpus": {"count": 1, "device_ids": ["a"]}}}), "give count or device_ids"),
+        (({"container": {"devices": ["/tmp/x"]}}), "devices[0]: expected /dev/NAME"),
+        (({"docker_host": "gpu-box"}), "docker_host: expected an engine address"),
+    ):
         with pytest.raises(ConfigError) as exc:
             load_matrix(_write(tmp_path, {"targets": {"torch": {}, "onnxruntime": bad}}), targets_dir=root)
         assert msg in str(exc.value) and "targets.onnxruntime." in str(exc.value)

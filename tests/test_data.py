@@ -4,6 +4,7 @@ Real files throughout: JPEGs written by Pillow, the five real Market1501 crops i
 shared/data/market1501-samples, real .npy files; real FIFOs, sockets, device files, links and
 unreadable files (helpers in test_hashing.py), a real 2 MiB tmpfs for the full-disk cases.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,6 +52,7 @@ def synthetic(tmp_path_factory) -> tuple[Path, dict]:
 
 
 # ============================================================================ synthetic set
+
 
 def test_synthetic_layout_and_names(synthetic):
     root, summary = synthetic
@@ -112,7 +114,7 @@ def test_synthetic_refuses_a_non_empty_folder_and_force_replaces_it(tmp_path):
     assert (out / "mine.txt").read_text() == "keep me"
     data.make_synthetic(out, force=True, **small)
     assert not (out / "mine.txt").exists() and (out / "query").is_dir()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]     # no temporary siblings left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]  # no temporary siblings left
 
 
 def test_synthetic_into_an_existing_empty_folder(tmp_path):
@@ -131,6 +133,7 @@ def test_synthetic_bad_argument_is_one_line(tmp_path):
 
 # ============================================================================ scanning
 
+
 def test_scan_order_labels_and_quiet_skips(synthetic, tmp_path):
     src, _ = synthetic
     root = tmp_path / "m"
@@ -144,8 +147,8 @@ def test_scan_order_labels_and_quiet_skips(synthetic, tmp_path):
     for split in ("query", "gallery"):
         files = [i["file"] for i in items if i["split"] == split]
         assert files == sorted(files)
-    assert all(i["pid"] != -1 for i in items)                         # junk skipped
-    assert any(i["pid"] == 0 and i["split"] == "gallery" for i in items)   # distractors kept
+    assert all(i["pid"] != -1 for i in items)  # junk skipped
+    assert any(i["pid"] == 0 and i["split"] == "gallery" for i in items)  # distractors kept
     assert {i["camid"] for i in items} == {0, 1, 2}
     assert not any(".db" in i["file"] or i["file"].endswith((".txt", ".md")) for i in items)
     first = next(i for i in items if i["split"] == "gallery" and i["pid"] > 0)
@@ -179,12 +182,15 @@ def test_scan_empty_query_folder(tmp_path):
     assert str(tmp_path / "query") in msg and "no images" in msg
 
 
-@pytest.mark.parametrize("name,words", [
-    ("person_one.jpg", "does not match the Market1501 pattern"),
-    ("0002_c7s1_000451_03.jpg", "camera 7 is outside 1..6"),
-    ("0002_c0s1_000451_03.jpg", "camera 0 is outside 1..6"),
-    ("-_c1s1_000451_03.jpg", "not a number"),
-])
+@pytest.mark.parametrize(
+    "name,words",
+    [
+        ("person_one.jpg", "does not match the Market1501 pattern"),
+        ("0002_c7s1_000451_03.jpg", "camera 7 is outside 1..6"),
+        ("0002_c0s1_000451_03.jpg", "camera 0 is outside 1..6"),
+        ("-_c1s1_000451_03.jpg", "not a number"),
+    ],
+)
 def test_scan_bad_names(tmp_path, name, words):
     for sub in ("query", "bounding_box_test"):
         (tmp_path / sub).mkdir()
@@ -205,16 +211,15 @@ def test_scan_limit_is_deterministic_and_keeps_matches(synthetic):
     assert q == [i for i in full if i["split"] == "query"][:3]
     pids = {i["pid"] for i in q}
     kept = [i for i in a if i["split"] == "gallery"]
-    assert [i for i in full if i["split"] == "gallery" and i["pid"] in pids] == \
-        [i for i in kept if i["pid"] in pids]
+    assert [i for i in full if i["split"] == "gallery" and i["pid"] in pids] == [i for i in kept if i["pid"] in pids]
     others = [i for i in kept if i["pid"] not in pids]
-    assert len(others) == 3 and others == [i for i in full if i["split"] == "gallery"
-                                            and i["pid"] not in pids][:3]
+    assert len(others) == 3 and others == [i for i in full if i["split"] == "gallery" and i["pid"] not in pids][:3]
     with pytest.raises(DataError):
         data.scan_dataset(root, limit=0)
 
 
 # ============================================================================ preprocessing
+
 
 def _hand(path: Path, contract: dict, resample) -> np.ndarray:
     """The reference: PIL resize, then ToTensor (/255) and Normalize written out per channel."""
@@ -228,8 +233,7 @@ def _hand(path: Path, contract: dict, resample) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("contract,resample", [(RSB, Image.Resampling.BILINEAR),
-                                               (FASTREID, Image.Resampling.BICUBIC)])
+@pytest.mark.parametrize("contract,resample", [(RSB, Image.Resampling.BILINEAR), (FASTREID, Image.Resampling.BICUBIC)])
 def test_preprocess_matches_a_hand_computation(synthetic, contract, resample):
     root, _ = synthetic
     items = data.scan_dataset(root)[:2]
@@ -244,10 +248,10 @@ def test_preprocess_contracts_differ_as_documented(synthetic):
     items = data.scan_dataset(root)[:1]
     rsb = data.preprocess(items, root, RSB, (256, 128), workers=1)[0]
     fr = data.preprocess(items, root, FASTREID, (256, 128), workers=1)[0]
-    assert 0.0 <= fr.min() and fr.max() <= 255.0 and fr.max() > 1.5          # 0..255 in
-    assert rsb.min() < 0.0 and rsb.max() < 3.0                               # normalised
+    assert 0.0 <= fr.min() and fr.max() <= 255.0 and fr.max() > 1.5  # 0..255 in
+    assert rsb.min() < 0.0 and rsb.max() < 3.0  # normalised
     bilinear_0_255 = (rsb * np.float32(0.229) + np.float32(0.485))[0] * 255
-    assert np.abs(bilinear_0_255 - fr[0]).max() > 1.0                         # bicubic != bilinear
+    assert np.abs(bilinear_0_255 - fr[0]).max() > 1.0  # bicubic != bilinear
 
 
 def test_preprocess_threads_chunks_keep_item_order(synthetic):
@@ -267,7 +271,7 @@ def test_real_market_samples_preprocess(tmp_path):
     x = data.preprocess(items, SAMPLES, RSB, (256, 128), workers=2)
     assert x.shape == (5, 3, 256, 128) and x.dtype == np.float32 and np.isfinite(x).all()
     np.testing.assert_array_equal(x[3], _hand(files[3], RSB, Image.Resampling.BILINEAR))
-    assert len({float(x[i].mean()) for i in range(5)}) == 5                  # five different crops
+    assert len({float(x[i].mean()) for i in range(5)}) == 5  # five different crops
 
 
 def test_truncated_jpeg_is_a_one_line_error_naming_it(tmp_path):
@@ -306,6 +310,7 @@ def test_bad_contract_key_is_named(synthetic):
 
 # ============================================================================ prepare
 
+
 def test_prepare_writes_inputs_index_and_ascend_bins(synthetic, tmp_path):
     root, _ = synthetic
     out = tmp_path / "prep"
@@ -329,7 +334,7 @@ def test_prepare_writes_inputs_index_and_ascend_bins(synthetic, tmp_path):
         idx, path, w, h = line.split(" ")
         assert (int(idx), path, w, h) == (i, f"ascend/{Path(it['file']).stem}.bin", "128", "256")
         np.testing.assert_array_equal(np.fromfile(out / path, dtype=np.float32).reshape(3, 256, 128), x[i])
-    assert not list(out.glob(".*"))                                          # no temporary files
+    assert not list(out.glob(".*"))  # no temporary files
 
 
 def test_prepare_without_ascend_bins(synthetic, tmp_path):
@@ -366,18 +371,22 @@ def test_prepare_duplicate_stems_refused_for_ascend(tmp_path):
 
 # ============================================================================ features files
 
+
 def test_load_features_accepts_the_right_shape(tmp_path):
     p = tmp_path / "features.npy"
     np.save(p, np.ones((4, 8), np.float32))
     assert data.load_features(p, 4).shape == (4, 8)
 
 
-@pytest.mark.parametrize("array,words", [
-    (np.ones((3, 8), np.float32), "expected 4 rows"),
-    (np.ones((4,), np.float32), "expected a 2-D float array"),
-    (np.ones((4, 8), np.int32), "expected a 2-D float array"),
-    (np.array([{"a": 1}] * 4, dtype=object), "not a readable .npy array"),
-])
+@pytest.mark.parametrize(
+    "array,words",
+    [
+        (np.ones((3, 8), np.float32), "expected 4 rows"),
+        (np.ones((4,), np.float32), "expected a 2-D float array"),
+        (np.ones((4, 8), np.int32), "expected a 2-D float array"),
+        (np.array([{"a": 1}] * 4, dtype=object), "not a readable .npy array"),
+    ],
+)
 def test_load_features_wrong_file(tmp_path, array, words):
     p = tmp_path / "features.npy"
     np.save(p, array, allow_pickle=True)
@@ -433,16 +442,20 @@ def _tiny(root: Path) -> Path:
     return root
 
 
-def _digest_and_prepare_in_child(root: Path, tmp: Path, drop_dac: bool = False, prefix: str = "",
-                                 ascend_bins: bool = True) -> dict:
-    return run_child(prefix +
-                     f"from pathlib import Path\nfrom modelmatrix import data\nfrom modelmatrix.config import ARCH_CONTRACTS\n"
-                     f"from modelmatrix.hashing import HashCache\n"
-                     f"if result != 'readable':\n"
-                     f"    d = data.dataset_digest(Path({str(root)!r}), HashCache(Path({str(tmp / 'c.json')!r})), None)\n"
-                     f"    s = data.prepare(Path({str(root)!r}), Path({str(tmp / 'out')!r}), "
-                     f"ARCH_CONTRACTS['reid-strong-baseline'], (64, 32), ascend_bins={ascend_bins}, workers=2)\n"
-                     f"    result = [d, s['images']]", drop_dac=drop_dac)
+def _digest_and_prepare_in_child(
+    root: Path, tmp: Path, drop_dac: bool = False, prefix: str = "", ascend_bins: bool = True
+) -> dict:
+    return run_child(
+        prefix
+        + f"from pathlib import Path\nfrom modelmatrix import data\nfrom modelmatrix.config import ARCH_CONTRACTS\n"
+        f"from modelmatrix.hashing import HashCache\n"
+        f"if result != 'readable':\n"
+        f"    d = data.dataset_digest(Path({str(root)!r}), HashCache(Path({str(tmp / 'c.json')!r})), None)\n"
+        f"    s = data.prepare(Path({str(root)!r}), Path({str(tmp / 'out')!r}), "
+        f"ARCH_CONTRACTS['reid-strong-baseline'], (64, 32), ascend_bins={ascend_bins}, workers=2)\n"
+        f"    result = [d, s['images']]",
+        drop_dac=drop_dac,
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -479,9 +492,12 @@ def test_unreadable_image_is_one_line_even_for_root(tmp_path):
     root = _tiny(tmp_path / "m")
     victim = root / "query" / "0002_c1s1_000451_01.jpg"
     victim.chmod(0)
-    out = _digest_and_prepare_in_child(root, tmp_path, drop_dac=True,
-                                       prefix=readable_in_child_body(victim) +
-                                       "result = 'readable' if readable else None\n")
+    out = _digest_and_prepare_in_child(
+        root,
+        tmp_path,
+        drop_dac=True,
+        prefix=readable_in_child_body(victim) + "result = 'readable' if readable else None\n",
+    )
     if out.get("result") == "readable":
         pytest.skip("dropping CAP_DAC_OVERRIDE did not make a mode-000 file unreadable here")
     one_line_error(out, str(victim), "permission denied", "chmod")
@@ -490,10 +506,13 @@ def test_unreadable_image_is_one_line_even_for_root(tmp_path):
     digest_ok = _digest_and_prepare_in_child(root, tmp_path, prefix="result = None\n")
     assert digest_ok["ok"]
     victim.chmod(0)
-    out = run_child(readable_in_child_body(victim) +
-                    f"from pathlib import Path\nfrom modelmatrix import data\nfrom modelmatrix.config import ARCH_CONTRACTS\n"
-                    f"result = data.prepare(Path({str(root)!r}), Path({str(tmp_path / 'out2')!r}), "
-                    f"ARCH_CONTRACTS['reid-strong-baseline'], (64, 32), workers=1)['images']", drop_dac=True)
+    out = run_child(
+        readable_in_child_body(victim)
+        + f"from pathlib import Path\nfrom modelmatrix import data\nfrom modelmatrix.config import ARCH_CONTRACTS\n"
+        f"result = data.prepare(Path({str(root)!r}), Path({str(tmp_path / 'out2')!r}), "
+        f"ARCH_CONTRACTS['reid-strong-baseline'], (64, 32), workers=1)['images']",
+        drop_dac=True,
+    )
     one_line_error(out, str(victim), "permission denied")
 
 
@@ -502,7 +521,7 @@ def test_scan_refuses_a_non_utf8_image_name_and_skips_non_utf8_junk(tmp_path, ca
     junk = os.path.join(os.fsencode(root / "query"), b"notes_\xff.txt")
     with open(junk, "wb") as fh:
         fh.write(b"not an image")
-    assert len(data.scan_dataset(root)) == 2                     # junk: skipped (prepare never reads it)
+    assert len(data.scan_dataset(root)) == 2  # junk: skipped (prepare never reads it)
     bad = os.path.join(os.fsencode(root / "bounding_box_test"), b"0001_c1s1_\xff.jpg")
     with open(bad, "wb") as fh:
         fh.write((root / "query" / "0002_c1s1_000451_01.jpg").read_bytes())
@@ -542,6 +561,7 @@ def test_a_space_in_a_name_is_carried_without_ascend_bins_and_refused_with_them(
 
 # ============================================================================ the dataset digest
 
+
 def test_dataset_digest_covers_exactly_what_prepare_reads(synthetic, tmp_path):
     root = _copy_old(synthetic[0], tmp_path / "m")
     cache = HashCache(tmp_path / "c.json")
@@ -573,7 +593,7 @@ def test_dataset_digest_follows_renames_and_missing_folder(synthetic, tmp_path):
     cache = HashCache(tmp_path / "c.json")
     d0 = data.dataset_digest(root, cache)
     q = sorted((root / "query").glob("*.jpg"))
-    os.rename(q[0], root / "query" / ("9" + q[0].name[1:]))        # same bytes, another person id
+    os.rename(q[0], root / "query" / ("9" + q[0].name[1:]))  # same bytes, another person id
     assert data.dataset_digest(root, cache) != d0
     with pytest.raises(DataError) as exc:
         data.dataset_digest(tmp_path / "nope", cache)
@@ -582,15 +602,16 @@ def test_dataset_digest_follows_renames_and_missing_folder(synthetic, tmp_path):
 
 # ============================================================================ a full disk
 
+
 @pytest.fixture
 def small_tmpfs(tmp_path):
     mnt = tmp_path / "small"
     mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
     if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode}); "
-                    f"CI runs as root and mounts it")
+        pytest.skip(
+            f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode}); CI runs as root and mounts it"
+        )
     try:
         yield mnt
     finally:
@@ -598,16 +619,20 @@ def small_tmpfs(tmp_path):
 
 
 def _prepare_into(root: Path, out: Path, prefix: str = "") -> dict:
-    return run_child(prefix +
-                     f"from pathlib import Path\nfrom modelmatrix import data\nfrom modelmatrix.config import ARCH_CONTRACTS\n"
-                     f"result = data.prepare(Path({str(root)!r}), Path({str(out)!r}), "
-                     f"ARCH_CONTRACTS['reid-strong-baseline'], (128, 64), workers=2)['images']", timeout=60)
+    return run_child(
+        prefix
+        + f"from pathlib import Path\nfrom modelmatrix import data\nfrom modelmatrix.config import ARCH_CONTRACTS\n"
+        f"result = data.prepare(Path({str(root)!r}), Path({str(out)!r}), "
+        f"ARCH_CONTRACTS['reid-strong-baseline'], (128, 64), workers=2)['images']",
+        timeout=60,
+    )
 
 
 def test_prepare_refuses_up_front_when_the_disk_is_too_small(synthetic, small_tmpfs):
     out = small_tmpfs / "prep"
-    msg = one_line_error(_prepare_into(synthetic[0], out), str(out), "not enough free space", "bytes needed",
-                         "bytes free")
+    msg = one_line_error(
+        _prepare_into(synthetic[0], out), str(out), "not enough free space", "bytes needed", "bytes free"
+    )
     free = int(re.search(r"(\d+) bytes free", msg).group(1))
     needed = int(re.search(r"(\d+) bytes needed", msg).group(1))
     assert free <= 2 * 2**20 < needed

@@ -8,6 +8,7 @@ amplifies ordinary fp32 rounding ~10x: PyTorch fp32 itself differs from PyTorch 
 at rtol 1e-3 / atol 1e-4 is checked on the 'before' graph, and the 'after' graph at atol 1e-3
 plus a per-row cosine; see the report to the lead.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,9 +35,17 @@ SMALL = [64, 32]
 
 
 def model_params(arch="reid-strong-baseline", **kw):
-    cfg = dict(arch=arch, checkpoint=None, seed=0, num_classes=751, last_stride=1, neck_feat="after",
-               input_size=SMALL, calibration_batches=2,
-               export=dict(opset=11, input_name="image", output_name="class", dynamic_batch=True))
+    cfg = dict(
+        arch=arch,
+        checkpoint=None,
+        seed=0,
+        num_classes=751,
+        last_stride=1,
+        neck_feat="after",
+        input_size=SMALL,
+        calibration_batches=2,
+        export=dict(opset=11, input_name="image", output_name="class", dynamic_batch=True),
+    )
     cfg.update(kw)
     cfg["contract"] = dict(M.ARCH_CONTRACTS[cfg["arch"]], input_size=list(cfg["input_size"]))
     return cfg
@@ -59,8 +68,14 @@ def run_stage(ws: Path, target: str, stage: str, inputs: dict, out_dir: str, par
     spec = ws / out_dir / "spec.json"
     atomic_write_json(spec, spec_to_json(target, stage, str(ws), inputs, out_dir, params))
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", f"targets.{target}.{stage}", str(spec)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", f"targets.{target}.{stage}", str(spec)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def assert_one_line_failure(proc, names, out: Path, outputs=("features.npy",)):
@@ -77,6 +92,7 @@ def cosine_rows(a, b):
 
 
 # --------------------------------------------------------------------------- export, in process
+
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
@@ -119,6 +135,7 @@ def test_onnx_metadata_and_meta_json(exported):
 def test_neck_before_leaves_the_bn_out_of_the_graph(exported):
     def last_ops(folder):
         return [n.op_type for n in onnx.load(str(folder / "model.onnx")).graph.node][-2:]
+
     # view(B, -1), as upstream writes it, exports to Shape/Gather/.../Reshape.
     assert last_ops(exported["after"]) == ["Reshape", "BatchNormalization"]
     assert last_ops(exported["before"])[-1] == "Reshape"
@@ -155,8 +172,9 @@ def test_weights_pt_reproduces_the_seeded_model(exported):
 
 def test_ort_matches_torch_before_neck_at_rtol_1e3_atol_1e4(exported):
     x = images("reid-strong-baseline", 3)
-    np.testing.assert_allclose(ort_features(exported["before"], x), torch_features(exported["before"], x),
-                               rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(
+        ort_features(exported["before"], x), torch_features(exported["before"], x), rtol=1e-3, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("which,arch", [("after", "reid-strong-baseline"), ("fastreid", "fastreid-bagtricks-r50")])
@@ -172,6 +190,7 @@ def test_ort_matches_torch_after_neck(exported, which, arch):
 
 def test_export_param_errors_are_one_line(tmp_path):
     from targets.common.contract import StageError
+
     bad = model_params()
     bad["arch"] = "resnet18"
     with pytest.raises(StageError, match=r"^params.model.arch: unknown architecture 'resnet18'"):
@@ -189,12 +208,12 @@ def test_export_param_errors_are_one_line(tmp_path):
 
 def test_random_weights_calibrated_on_the_prepared_inputs(tmp_path):
     from targets.common.contract import StageError
+
     x = images("reid-strong-baseline", 40, seed=3)
     np.save(tmp_path / "inputs.npy", x)
     out = tmp_path / "models"
     out.mkdir()
-    spec = Spec("torch", "export", tmp_path, {"calibration": tmp_path / "inputs.npy"}, out,
-                {"model": model_params()})
+    spec = Spec("torch", "export", tmp_path, {"calibration": tmp_path / "inputs.npy"}, out, {"model": model_params()})
     export.run(spec)
     meta = json.loads((out / "meta.json").read_text())
     sample = torch.from_numpy(x[np.linspace(0, 39, 16).round().astype(int)])
@@ -203,7 +222,7 @@ def test_random_weights_calibrated_on_the_prepared_inputs(tmp_path):
     assert meta["calibration"] == {"source": "inputs.npy", "images": 16, "sample_sha256": digest}
     props = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
     assert json.loads(props["calibration"])["images"] == 16
-    again = M.init_random_model(model_params(), sample)          # the same, rebuilt by hand
+    again = M.init_random_model(model_params(), sample)  # the same, rebuilt by hand
     with torch.inference_mode():
         np.testing.assert_array_equal(torch_features(out, x[:3]), again(torch.from_numpy(x[:3])).numpy())
 
@@ -219,6 +238,7 @@ def test_random_weights_calibrated_on_the_prepared_inputs(tmp_path):
 
 def test_fixed_batch_export_and_a_batch_it_cannot_run(tmp_path):
     from targets.common.contract import StageError
+
     params = model_params()
     params["export"]["dynamic_batch"] = False
     out = tmp_path / "fixed"
@@ -227,18 +247,29 @@ def test_fixed_batch_export_and_a_batch_it_cannot_run(tmp_path):
     dims = onnx.load(str(out / "model.onnx")).graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_value == 1
     np.save(tmp_path / "inputs.npy", images("reid-strong-baseline", 3))
-    spec = Spec("onnxruntime", "infer", tmp_path, {"onnx": out / "model.onnx", "inputs": tmp_path / "inputs.npy"},
-                tmp_path / "ort", {"batch_size": 2})
+    spec = Spec(
+        "onnxruntime",
+        "infer",
+        tmp_path,
+        {"onnx": out / "model.onnx", "inputs": tmp_path / "inputs.npy"},
+        tmp_path / "ort",
+        {"batch_size": 2},
+    )
     with pytest.raises(StageError, match="exported with a fixed batch of 1, cannot run 3 images in batches of 2"):
         ort_infer.run(spec)
     spec.params["batch_size"] = 1
     (tmp_path / "ort").mkdir()
     assert ort_infer.run(spec)["images"] == 3
-    np.testing.assert_allclose(np.load(tmp_path / "ort/features.npy"),
-                               torch_features(out, images("reid-strong-baseline", 3)), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "ort/features.npy"),
+        torch_features(out, images("reid-strong-baseline", 3)),
+        rtol=1e-3,
+        atol=1e-3,
+    )
 
 
 # --------------------------------------------------------------------------- stages, end to end
+
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
@@ -252,8 +283,14 @@ def workspace(tmp_path_factory):
     (ws / "data").mkdir()
     x = images(arch, 5)
     np.save(ws / "data" / "inputs.npy", x)
-    proc = run_stage(ws, "torch", "export", {"checkpoint": "source/model_final.pth"}, "models",
-                     {"model": model_params(arch=arch, checkpoint="/elsewhere/model_final.pth")})
+    proc = run_stage(
+        ws,
+        "torch",
+        "export",
+        {"checkpoint": "source/model_final.pth"},
+        "models",
+        {"model": model_params(arch=arch, checkpoint="/elsewhere/model_final.pth")},
+    )
     assert proc.returncode == 0, proc.stderr
     with torch.inference_mode():
         expected = model(torch.from_numpy(x)).numpy()
@@ -299,8 +336,12 @@ def test_torch_infer_stage(workspace):
 
 def test_onnxruntime_infer_stage(workspace):
     ws = workspace["ws"]
-    params = {"batch_size": 2, "providers": ["CPUExecutionProvider"], "intra_op_threads": 1,
-              "graph_optimization": "all"}
+    params = {
+        "batch_size": 2,
+        "providers": ["CPUExecutionProvider"],
+        "intra_op_threads": 1,
+        "graph_optimization": "all",
+    }
     proc = run_stage(ws, "onnxruntime", "infer", ORT_INPUTS, "targets/onnxruntime", params)
     assert proc.returncode == 0, proc.stderr
     feats = np.load(ws / "targets/onnxruntime/features.npy")
@@ -321,8 +362,14 @@ def test_bench_stages(workspace):
     assert [r["batch_size"] for r in report["results"]] == [1, 4]
     assert all(r["iterations"] == 2 and r["latency_ms_p95"] >= r["latency_ms_p50"] > 0 for r in report["results"])
 
-    proc = run_stage(ws, "onnxruntime", "bench", ORT_INPUTS, "bench/onnxruntime",
-                     dict(common, iterations=None, seconds=0.2, matrix_batch_size=2, batch_size=2))
+    proc = run_stage(
+        ws,
+        "onnxruntime",
+        "bench",
+        ORT_INPUTS,
+        "bench/onnxruntime",
+        dict(common, iterations=None, seconds=0.2, matrix_batch_size=2, batch_size=2),
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads((ws / "bench/onnxruntime/bench.json").read_text())
     assert [r["batch_size"] for r in report["results"]] == [1, 4]
@@ -335,32 +382,48 @@ def test_bench_stages(workspace):
 
 # --------------------------------------------------------------------------- stages, failures
 
+
 def test_corrupt_onnx_is_one_line_and_writes_nothing(workspace):
     ws = workspace["ws"]
     data = (ws / "models/model.onnx").read_bytes()
     (ws / "broken").mkdir(exist_ok=True)
     (ws / "broken/model.onnx").write_bytes(data[: len(data) // 2])
-    proc = run_stage(ws, "onnxruntime", "infer", {"onnx": "broken/model.onnx", "inputs": "data/inputs.npy"},
-                     "targets/ort-broken", {"batch_size": 2})
+    proc = run_stage(
+        ws,
+        "onnxruntime",
+        "infer",
+        {"onnx": "broken/model.onnx", "inputs": "data/inputs.npy"},
+        "targets/ort-broken",
+        {"batch_size": 2},
+    )
     assert_one_line_failure(proc, str(ws / "broken/model.onnx"), ws / "targets/ort-broken")
 
 
 @pytest.mark.parametrize("target,inputs", [("torch", TORCH_INPUTS), ("onnxruntime", ORT_INPUTS)])
-@pytest.mark.parametrize("array", [np.zeros((2, 3, 32, 64), np.float32), np.zeros((2, 3, 64, 32), np.float64)],
-                         ids=["wrong-shape", "float64"])
+@pytest.mark.parametrize(
+    "array",
+    [np.zeros((2, 3, 32, 64), np.float32), np.zeros((2, 3, 64, 32), np.float64)],
+    ids=["wrong-shape", "float64"],
+)
 def test_bad_inputs_npy_is_one_line_and_writes_nothing(workspace, target, inputs, array):
     ws = workspace["ws"]
     name = f"bad-{target}-{array.dtype}-{array.shape[2]}"
     np.save(ws / "data" / f"{name}.npy", array)
-    proc = run_stage(ws, target, "infer", dict(inputs, inputs=f"data/{name}.npy"), f"targets/{name}",
-                     {"batch_size": 2})
+    proc = run_stage(ws, target, "infer", dict(inputs, inputs=f"data/{name}.npy"), f"targets/{name}", {"batch_size": 2})
     assert_one_line_failure(proc, str(ws / "data" / f"{name}.npy"), ws / f"targets/{name}")
 
 
 def test_bad_checkpoint_export_is_one_line_and_writes_nothing(workspace):
     ws = workspace["ws"]
     torch.save([1, 2, 3], ws / "source" / "list.pth")
-    proc = run_stage(ws, "torch", "export", {"checkpoint": "source/list.pth"}, "models-bad",
-                     {"model": model_params(arch=workspace["arch"])})
-    assert_one_line_failure(proc, str(ws / "source/list.pth"), ws / "models-bad",
-                            outputs=("model.onnx", "weights.pt", "meta.json"))
+    proc = run_stage(
+        ws,
+        "torch",
+        "export",
+        {"checkpoint": "source/list.pth"},
+        "models-bad",
+        {"model": model_params(arch=workspace["arch"])},
+    )
+    assert_one_line_failure(
+        proc, str(ws / "source/list.pth"), ws / "models-bad", outputs=("model.onnx", "weights.pt", "meta.json")
+    )

@@ -1,6 +1,7 @@
 """invoke matrix across machines: ci-plan, per-target jobs in separate workspaces, export-results,
 verify --from, the GitHub Actions workflow that does it (checked offline), and the progress lines
 of long stages (the stage contract's ``::progress``, relayed to the live line, never the log)."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,11 @@ from mm_testing import REPO, run_invoke, write_matrix
 
 WORKFLOW = REPO / ".github" / "workflows" / "matrix.yml"
 TRT_SKIP = "no GPU on this test machine"
-TARGETS = {"torch": {"params": {"batch_size": 8}}, "onnxruntime": {"params": {"batch_size": 8}},
-           "tensorrt": {"allow_skip": TRT_SKIP}}
+TARGETS = {
+    "torch": {"params": {"batch_size": 8}},
+    "onnxruntime": {"params": {"batch_size": 8}},
+    "tensorrt": {"allow_skip": TRT_SKIP},
+}
 
 
 def _config(root: Path, **extra) -> Path:
@@ -32,8 +36,14 @@ def _config(root: Path, **extra) -> Path:
 
 
 def _invoke_bg(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "invoke", *args], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-m", "invoke", *args],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def _finish(procs: dict[str, subprocess.Popen]) -> dict[str, tuple[int, str]]:
@@ -79,12 +89,23 @@ def test_ci_plan_labels_and_stages(tmp_path):
     jobs = {j["target"]: j for j in json.loads(r.stdout)["include"]}
     assert set(jobs) == {"torch", "onnxruntime", "tensorrt", "caffe", "ascend"}
     assert {t: j["labels"] for t, j in jobs.items()} == {
-        "torch": [], "onnxruntime": [], "caffe": [], "tensorrt": ["gpu"], "ascend": ["ascend"]}
+        "torch": [],
+        "onnxruntime": [],
+        "caffe": [],
+        "tensorrt": ["gpu"],
+        "ascend": ["ascend"],
+    }
     assert jobs["torch"]["runs_on"] == "ubuntu-latest"
     assert jobs["tensorrt"]["runs_on"] == ["self-hosted", "linux", "gpu"]
     assert jobs["ascend"]["runs_on"] == ["self-hosted", "linux", "ascend"]
-    assert jobs["caffe"]["stages"] == ["prepare", "torch.export", "caffe.convert", "caffe.infer", "torch.infer",
-                                       "verify"]
+    assert jobs["caffe"]["stages"] == [
+        "prepare",
+        "torch.export",
+        "caffe.convert",
+        "caffe.infer",
+        "torch.infer",
+        "verify",
+    ]
     assert jobs["torch"]["stages"] == ["prepare", "torch.export", "torch.infer", "verify"]
     assert jobs["torch"]["reference"] is True and jobs["tensorrt"]["allow_skip"] == TRT_SKIP
 
@@ -92,14 +113,20 @@ def test_ci_plan_labels_and_stages(tmp_path):
 def test_gathered_report_equals_one_matrix_run(fanned):
     ex = fanned["exports"]
     gather = _config(fanned["root"] / "gather")
-    r = run_invoke(["verify", "--config", str(gather),
-                    *[a for t in ("torch", "onnxruntime", "tensorrt") for a in ("--from", str(ex[t]))]])
+    r = run_invoke(
+        [
+            "verify",
+            "--config",
+            str(gather),
+            *[a for t in ("torch", "onnxruntime", "tensorrt") for a in ("--from", str(ex[t]))],
+        ]
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     ws = fanned["root"] / "gather" / "ws"
     gathered = json.loads((ws / "report.json").read_text())
     single = json.loads((fanned["root"] / "single" / "ws" / "report.json").read_text())
     info = gathered.pop("gathered")
-    assert gathered == single           # same verdict, metrics, skip reasons, stages
+    assert gathered == single  # same verdict, metrics, skip reasons, stages
     assert gathered["targets"]["onnxruntime"]["status"] == "passed"
     assert gathered["targets"]["tensorrt"]["status"] == "skipped"
     assert gathered["targets"]["tensorrt"]["allowed"] == TRT_SKIP
@@ -110,8 +137,14 @@ def test_gathered_report_equals_one_matrix_run(fanned):
     junit = (ws / "junit.xml").read_text()
     assert junit == (fanned["root"] / "single" / "ws" / "junit.xml").read_text()
     # again: verify is a stored stage like any other
-    again = run_invoke(["verify", "--config", str(gather),
-                        *[a for t in ("torch", "onnxruntime", "tensorrt") for a in ("--from", str(ex[t]))]])
+    again = run_invoke(
+        [
+            "verify",
+            "--config",
+            str(gather),
+            *[a for t in ("torch", "onnxruntime", "tensorrt") for a in ("--from", str(ex[t]))],
+        ]
+    )
     assert again.returncode == 0 and "up to date verify" in again.stderr, again.stderr
 
 
@@ -119,19 +152,34 @@ def test_export_carries_what_the_report_needs_only(fanned):
     out = fanned["exports"]["onnxruntime"]
     manifest = json.loads((out / "manifest.json").read_text())
     files = set(manifest["files"])
-    assert {"onnxruntime.infer/features.npy", "torch.infer/features.npy", "prepare/index.json",
-            "torch.export/meta.json", "prepare/stamp.json", "onnxruntime.infer/result.json"} <= files
+    assert {
+        "onnxruntime.infer/features.npy",
+        "torch.infer/features.npy",
+        "prepare/index.json",
+        "torch.export/meta.json",
+        "prepare/stamp.json",
+        "onnxruntime.infer/result.json",
+    } <= files
     assert not any(f.endswith(("model.onnx", "inputs.npy", "weights.pt")) for f in files)
     ws = fanned["root"] / "job-onnxruntime" / "ws"
     onnx_stamp = json.loads((ws / "targets" / "torch" / "export" / "stamp.json").read_text())
     assert manifest["digests"]["torch.export/model.onnx"] == onnx_stamp["outputs"]["model.onnx"]
-    assert not list(out.parent.glob(".*tmp-*"))           # written beside, renamed into place
+    assert not list(out.parent.glob(".*tmp-*"))  # written beside, renamed into place
 
 
 def test_mismatched_onnx_is_one_line_naming_both(fanned):
     ex = fanned["exports"]
-    r = run_invoke(["verify", "--config", str(_config(fanned["root"] / "gather-bad")),
-                    "--from", str(ex["torch"]), "--from", str(ex["seed1"])])
+    r = run_invoke(
+        [
+            "verify",
+            "--config",
+            str(_config(fanned["root"] / "gather-bad")),
+            "--from",
+            str(ex["torch"]),
+            "--from",
+            str(ex["seed1"]),
+        ]
+    )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
@@ -143,8 +191,9 @@ def test_mismatched_onnx_is_one_line_naming_both(fanned):
 def test_damaged_or_duplicate_exports_are_refused(fanned, tmp_path):
     ex = fanned["exports"]
     cfg = _config(tmp_path / "g")
-    dup = run_invoke(["verify", "--config", str(cfg), "--from", str(ex["onnxruntime"]),
-                      "--from", str(ex["onnxruntime"])])
+    dup = run_invoke(
+        ["verify", "--config", str(cfg), "--from", str(ex["onnxruntime"]), "--from", str(ex["onnxruntime"])]
+    )
     assert dup.returncode == 2 and "are both exports of onnxruntime" in dup.stderr, dup.stderr
     damaged = tmp_path / "damaged"
     shutil.copytree(ex["onnxruntime"], damaged)
@@ -153,7 +202,8 @@ def test_damaged_or_duplicate_exports_are_refused(fanned, tmp_path):
     r = run_invoke(["verify", "--config", str(cfg), "--from", str(damaged)])
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
-        f"error: {feats}: does not match the sha256 in manifest.json (damaged in transfer?); export it again"]
+        f"error: {feats}: does not match the sha256 in manifest.json (damaged in transfer?); export it again"
+    ]
     none = run_invoke(["verify", "--config", str(cfg), "--from", str(tmp_path)])
     assert none.returncode == 2 and "not an export (no manifest.json)" in none.stderr
 
@@ -168,12 +218,17 @@ def test_export_without_a_run_is_one_line(tmp_path):
 
 # --------------------------------------------------------------------------- the workflow
 
+
 def _jsonschema(path: Path) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("check-jsonschema")
     if not exe.exists():
         pytest.fail("check-jsonschema is not installed: pip install -e '.[dev]'", pytrace=False)
-    return subprocess.run([str(exe), "--builtin-schema", "vendor.github-workflows", str(path)],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [str(exe), "--builtin-schema", "vendor.github-workflows", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_workflow_is_valid_and_gets_its_matrix_from_ci_plan(tmp_path):
@@ -191,12 +246,13 @@ def test_workflow_is_valid_and_gets_its_matrix_from_ci_plan(tmp_path):
     assert gather["needs"] == "target"
     assert "invoke verify" in " ".join(s.get("run", "") for s in gather["steps"])
     uses = [s.get("uses", "") for s in gather["steps"]]
-    assert any(u.startswith("actions/upload-artifact@") for u in uses)          # the report
-    assert any(u.startswith("mikepenz/action-junit-report@") for u in uses)     # the JUnit published
+    assert any(u.startswith("actions/upload-artifact@") for u in uses)  # the report
+    assert any(u.startswith("mikepenz/action-junit-report@") for u in uses)  # the JUnit published
     # every matrix.<key> the workflow reads is a key ci-plan emits
     plan = run_invoke(["ci-plan", "--config", str(write_matrix(tmp_path, targets=TARGETS))])
     keys = set(json.loads(plan.stdout)["include"][0])
     import re
+
     used = set(re.findall(r"matrix\.([a-z_]+)", WORKFLOW.read_text()))
     assert used and used <= keys, used - keys
     # the check is real: a job without runs-on is refused
@@ -211,8 +267,12 @@ def test_workflow_passes_zizmor_offline():
     exe = Path(sys.executable).with_name("zizmor")
     if not exe.exists() and shutil.which("zizmor") is None:
         pytest.skip("zizmor not installed (optional: pip install zizmor)")
-    r = subprocess.run([str(exe) if exe.exists() else "zizmor", "--offline", str(WORKFLOW)],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [str(exe) if exe.exists() else "zizmor", "--offline", str(WORKFLOW)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -255,24 +315,37 @@ class Recorder(StageProgress):
 
 def _project(root: Path, crash: bool) -> Path:
     targets = root / "targets"
-    shutil.copytree(REPO_ROOT / "targets" / "common", targets / "common",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO_ROOT / "targets" / "common", targets / "common", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copyfile(REPO_ROOT / "targets" / "__init__.py", targets / "__init__.py")
     (targets / "prog").mkdir()
     (targets / "prog" / "__init__.py").write_text("")
     (targets / "prog" / "work.py").write_text(textwrap.dedent(STAGE).lstrip())
-    (targets / "prog" / "target.yaml").write_text(yaml.safe_dump({
-        "name": "prog", "image": {"base": "none"},
-        "params": {"crash": {"type": "bool", "default": False}},
-        "stages": {"work": {"params": ["crash"], "outputs": ["out.txt"]}}}))
+    (targets / "prog" / "target.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "prog",
+                "image": {"base": "none"},
+                "params": {"crash": {"type": "bool", "default": False}},
+                "stages": {"work": {"params": ["crash"], "outputs": ["out.txt"]}},
+            }
+        )
+    )
     from modelmatrix import data
+
     data.make_synthetic(root / "data", identities=2, cameras=2, gallery_per_camera=1, junk=0, distractors=0)
     cfg = root / "matrix.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "workspace": str(root / "ws"), "runner": "local", "verify": {"reference": "prog"},
-        "data": {"dataset": str(root / "data"), "ascend_bins": False},
-        "model": {"input_size": [32, 16]},
-        "targets": {"prog": {"params": {"crash": crash}}}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "workspace": str(root / "ws"),
+                "runner": "local",
+                "verify": {"reference": "prog"},
+                "data": {"dataset": str(root / "data"), "ascend_bins": False},
+                "model": {"input_size": [32, 16]},
+                "targets": {"prog": {"params": {"crash": crash}}},
+            }
+        )
+    )
     return cfg
 
 
@@ -283,12 +356,11 @@ def test_local_runner_relays_progress_not_into_the_log(tmp_path, caplog):
         summary = run_matrix(m, "local", progress=shown, ci=False)
     assert summary.outcomes["prog.work"].ok
     updates = [e for e in shown.events if e[0] == "update"]
-    assert updates == [("update", "prog.work", 4, 10), ("update", "prog.work", 8, 10),
-                       ("update", "prog.work", 10, 10)]
+    assert updates == [("update", "prog.work", 4, 10), ("update", "prog.work", 8, 10), ("update", "prog.work", 10, 10)]
     assert shown.events.index(("start", "prog.work")) < shown.events.index(updates[0])
     assert shown.events.index(("finish", "prog.work")) > shown.events.index(updates[-1])
     stage_lines = [r.getMessage() for r in caplog.records if r.name == "modelmatrix.stage"]
-    assert any("starting the loop" in ln for ln in stage_lines)            # -v still shows the stage's output
+    assert any("starting the loop" in ln for ln in stage_lines)  # -v still shows the stage's output
     assert not any("::progress" in ln for ln in stage_lines)
 
 

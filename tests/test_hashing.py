@@ -5,6 +5,7 @@ Hostile entries are real: FIFOs (os.mkfifo), unix sockets (socket.bind), a chara
 has dropped CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH, so even root gets EACCES), non-UTF-8 names.
 Anything that could hang (a FIFO, /dev/zero) runs in a child process with a timeout.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -24,13 +25,19 @@ from modelmatrix.errors import DataError
 from modelmatrix.hashing import HashCache, iter_files, sha256_file, shown
 
 REPO = Path(__file__).resolve().parent.parent
-OLD_NS = 1_500_000_000 * 10**9              # a past mtime: entries for it are never "racy"
+OLD_NS = 1_500_000_000 * 10**9  # a past mtime: entries for it are never "racy"
 KINDS = ["fifo", "socket", "device", "dangling", "loop"]
-KIND_WORDS = {"fifo": "named pipe (FIFO)", "socket": "a socket", "device": "a device file",
-              "dangling": "broken symbolic link", "loop": "symbolic link loop"}
+KIND_WORDS = {
+    "fifo": "named pipe (FIFO)",
+    "socket": "a socket",
+    "device": "a device file",
+    "dangling": "broken symbolic link",
+    "loop": "symbolic link loop",
+}
 
 
 # --------------------------------------------------------------------------- helpers (used by test_data too)
+
 
 def make_special(path: Path, kind: str) -> None:
     """A real FIFO, unix socket, character device (/dev/zero's numbers), broken or looping link."""
@@ -39,7 +46,7 @@ def make_special(path: Path, kind: str) -> None:
     elif kind == "socket":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         cwd = os.getcwd()
-        os.chdir(path.parent)               # a relative name: sun_path holds 108 bytes at most
+        os.chdir(path.parent)  # a relative name: sun_path holds 108 bytes at most
         try:
             sock.bind(path.name)
         finally:
@@ -47,13 +54,13 @@ def make_special(path: Path, kind: str) -> None:
             sock.close()
     elif kind == "device":
         try:
-            os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(1, 5))     # reads zeros forever
+            os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(1, 5))  # reads zeros forever
         except PermissionError as exc:
             pytest.skip(f"mknod is not permitted here ({exc}); CI runs as root with CAP_MKNOD")
     elif kind == "dangling":
         os.symlink(path.parent / "no-such-file.jpg", path)
     elif kind == "loop":
-        os.symlink(path.name, path)         # points at itself
+        os.symlink(path.name, path)  # points at itself
     else:
         raise ValueError(kind)
 
@@ -61,8 +68,8 @@ def make_special(path: Path, kind: str) -> None:
 def _drop_dac() -> None:
     """In the child before exec: drop the capabilities that let root read a mode-000 file."""
     libc = ctypes.CDLL(None, use_errno=True)
-    for cap in (1, 2):                      # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
-        if libc.prctl(24, cap, 0, 0, 0) != 0:           # PR_CAPBSET_DROP
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
 
 
@@ -72,18 +79,27 @@ def run_child(body: str, timeout: float = 20, drop_dac: bool = False) -> dict:
     Returns {"ok": True, "result": ...} or {"ok": False, "type": ..., "message": ...} for a
     ModelMatrixError; any other exception fails the test with the child's traceback, and a child
     that hangs fails it too (instead of hanging CI)."""
-    code = ("import json, sys\n"
-            f"sys.path.insert(0, {str(REPO)!r})\n"
-            "from modelmatrix.errors import ModelMatrixError\n"
-            "try:\n"
-            "    result = None\n"
-            + "".join(f"    {line}\n" for line in body.strip("\n").splitlines()) +
-            "    print(json.dumps({'ok': True, 'result': result}))\n"
-            "except ModelMatrixError as exc:\n"
-            "    print(json.dumps({'ok': False, 'type': type(exc).__name__, 'message': str(exc)}))\n")
+    code = (
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from modelmatrix.errors import ModelMatrixError\n"
+        "try:\n"
+        "    result = None\n"
+        + "".join(f"    {line}\n" for line in body.strip("\n").splitlines())
+        + "    print(json.dumps({'ok': True, 'result': result}))\n"
+        "except ModelMatrixError as exc:\n"
+        "    print(json.dumps({'ok': False, 'type': type(exc).__name__, 'message': str(exc)}))\n"
+    )
     try:
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
-                              cwd=REPO, stdin=subprocess.DEVNULL, preexec_fn=_drop_dac if drop_dac else None)
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_drop_dac if drop_dac else None,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail(f"the child hung for {timeout} s (it opened something it must not)")
     assert proc.returncode == 0, f"child died (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
@@ -105,6 +121,7 @@ def _old(path: Path) -> None:
 
 # --------------------------------------------------------------------------- hostile entries
 
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("how", ["file", "tree"])
 def test_special_entries_are_one_line_errors_never_opened(tmp_path, kind, how):
@@ -114,15 +131,19 @@ def test_special_entries_are_one_line_errors_never_opened(tmp_path, kind, how):
     victim = folder / "b_0001_c1s1.jpg"
     make_special(victim, kind)
     target = victim if how == "file" else folder
-    out = run_child(f"from pathlib import Path\nfrom modelmatrix.hashing import HashCache\n"
-                    f"result = HashCache(Path({str(tmp_path / 'c.json')!r})).{how}(Path({str(target)!r}))")
+    out = run_child(
+        f"from pathlib import Path\nfrom modelmatrix.hashing import HashCache\n"
+        f"result = HashCache(Path({str(tmp_path / 'c.json')!r})).{how}(Path({str(target)!r}))"
+    )
     one_line_error(out, str(victim), KIND_WORDS[kind])
 
 
 def readable_in_child_body(victim: Path) -> str:
     """Child code that sets result = 'readable' when the dropped capabilities did not take."""
-    return (f"import os\ntry:\n    os.close(os.open({str(victim)!r}, os.O_RDONLY))\n    readable = True\n"
-            f"except PermissionError:\n    readable = False\n")
+    return (
+        f"import os\ntry:\n    os.close(os.open({str(victim)!r}, os.O_RDONLY))\n    readable = True\n"
+        f"except PermissionError:\n    readable = False\n"
+    )
 
 
 def test_unreadable_file_is_one_line_even_for_root(tmp_path):
@@ -133,11 +154,12 @@ def test_unreadable_file_is_one_line_even_for_root(tmp_path):
     victim.chmod(0)
     for how in ("file", "tree"):
         target = victim if how == "file" else folder
-        out = run_child(readable_in_child_body(victim) +
-                        f"from pathlib import Path\nfrom modelmatrix.hashing import HashCache\n"
-                        f"result = 'readable' if readable else "
-                        f"HashCache(Path({str(tmp_path / 'c.json')!r})).{how}(Path({str(target)!r}))",
-                        drop_dac=True)
+        out = run_child(
+            readable_in_child_body(victim) + f"from pathlib import Path\nfrom modelmatrix.hashing import HashCache\n"
+            f"result = 'readable' if readable else "
+            f"HashCache(Path({str(tmp_path / 'c.json')!r})).{how}(Path({str(target)!r}))",
+            drop_dac=True,
+        )
         if out.get("result") == "readable":
             pytest.skip("dropping CAP_DAC_OVERRIDE did not make a mode-000 file unreadable here")
         one_line_error(out, str(victim), "permission denied", "chmod")
@@ -166,7 +188,7 @@ def test_non_utf8_name_in_a_tree_is_hashed_and_cached(tmp_path):
     first = cache.tree(folder)
     cache.save()
     again = HashCache(tmp_path / "c.json")
-    assert again.tree(folder) == first and again.hashed == 0      # the entry survived JSON
+    assert again.tree(folder) == first and again.hashed == 0  # the entry survived JSON
     with open(bad, "wb") as fh:
         fh.write(b"other bytes")
     assert HashCache(tmp_path / "c.json").tree(folder) != first
@@ -181,8 +203,20 @@ def test_shown_escapes_control_characters():
 
 # --------------------------------------------------------------------------- the cache file
 
-@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe\x00", b"[]", b'"text"', b'{"k": 1}',
-                                     b'{"k": [1, 2]}', b'{"k": [1, 2, 3]}', b'{"k": ["1", 2, "' + b"a" * 64 + b'"]}'])
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"{not json",
+        b"\xff\xfe\x00",
+        b"[]",
+        b'"text"',
+        b'{"k": 1}',
+        b'{"k": [1, 2]}',
+        b'{"k": [1, 2, 3]}',
+        b'{"k": ["1", 2, "' + b"a" * 64 + b'"]}',
+    ],
+)
 def test_corrupt_cache_is_discarded_with_one_warning_and_rebuilt(tmp_path, caplog, content):
     path = tmp_path / ".cache" / "hashes.json"
     path.parent.mkdir()
@@ -204,8 +238,10 @@ def test_corrupt_cache_is_discarded_with_one_warning_and_rebuilt(tmp_path, caplo
 def test_cache_that_is_a_fifo_does_not_hang(tmp_path):
     path = tmp_path / "hashes.json"
     os.mkfifo(path)
-    out = run_child(f"import logging\nfrom pathlib import Path\nfrom modelmatrix.hashing import HashCache\n"
-                    f"result = HashCache(Path({str(path)!r})).entries")
+    out = run_child(
+        f"import logging\nfrom pathlib import Path\nfrom modelmatrix.hashing import HashCache\n"
+        f"result = HashCache(Path({str(path)!r})).entries"
+    )
     assert out == {"ok": True, "result": {}}
 
 
@@ -248,12 +284,12 @@ def test_recent_external_entry_is_not_trusted(tmp_path):
     cache = HashCache(tmp_path / "c.json")
     first = cache.file(f, external=True)
     f.write_bytes(b"BBBB")
-    os.utime(f, ns=(now, now))                              # same size, same mtime
+    os.utime(f, ns=(now, now))  # same size, same mtime
     assert cache.file(f, external=True) == sha256_file(f) != first
     _old(f)
     cache.file(f, external=True)
     hashed = cache.hashed
-    assert cache.file(f, external=True) and cache.hashed == hashed   # an old file is cached
+    assert cache.file(f, external=True) and cache.hashed == hashed  # an old file is cached
 
 
 def test_sha256_file_refuses_a_fifo_without_blocking(tmp_path):
@@ -266,8 +302,10 @@ def test_sha256_file_refuses_a_fifo_without_blocking(tmp_path):
 
 # --------------------------------------------------------------------------- the no-op benchmark
 
+
 def test_noop_hash_bench_reads_nothing_when_warm(tmp_path):
     from modelmatrix.bench import noop_hash_bench
+
     r = noop_hash_bench(tmp_path, files=120, runs=2)
     assert r["cold"]["files_read"] == r["files_digested"] == 120
     assert r["warm"]["files_read"] == [0, 0] and r["warm"]["runs"] == 2

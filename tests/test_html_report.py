@@ -1,5 +1,6 @@
 """report.html: self-contained, rendered by a real headless Chromium (Debian's `chromium`), not
 blank, no console errors; and the same detector does see a page that has one."""
+
 from __future__ import annotations
 
 import json
@@ -34,12 +35,23 @@ def rendered(tmp_path_factory):
     ref = (centres[pids] + 0.3 * rng.normal(size=(len(items), 64))).astype(np.float32)
     close = ref + rng.normal(scale=1e-5, size=ref.shape).astype(np.float32)
     off = ref.copy()
-    off[3] += rng.normal(scale=2.0, size=64).astype(np.float32)       # one image converted badly
-    tol = {"rtol": 1e-3, "atol": 1e-3, "cosine_min": 0.99999, "rank1_delta": 0.0, "map_delta": 0.001,
-           "checks": ["allclose", "cosine", "retrieval"]}
+    off[3] += rng.normal(scale=2.0, size=64).astype(np.float32)  # one image converted badly
+    tol = {
+        "rtol": 1e-3,
+        "atol": 1e-3,
+        "cosine_min": 0.99999,
+        "rank1_delta": 0.0,
+        "map_delta": 0.001,
+        "checks": ["allclose", "cosine", "retrieval"],
+    }
     feats = {"torch": ref, "onnxruntime": close, "caffe": off}
-    rep = verify.verify_all(feats, "torch", {"onnxruntime": tol, "caffe": tol, "tensorrt": tol}, index,
-                            skipped={"tensorrt": "tensorrt.convert: no GPU here"})
+    rep = verify.verify_all(
+        feats,
+        "torch",
+        {"onnxruntime": tol, "caffe": tol, "tensorrt": tol},
+        index,
+        skipped={"tensorrt": "tensorrt.convert: no GPU here"},
+    )
     bench = {"torch": {"1": 40.0, "16": 90.0}, "onnxruntime": {"1": 55.0, "16": 120.0}}
     out = root / "verify"
     paths = report.write_reports(rep, out, html=HtmlInputs(features=feats, index=index, dataset=ds, bench=bench))
@@ -50,10 +62,24 @@ def rendered(tmp_path_factory):
 def _chromium(page: Path, shot: Path) -> str:
     if CHROMIUM is None:
         pytest.fail("chromium is not installed (Debian: apt-get install -y chromium)", pytrace=False)
-    r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                        "--window-size=1200,1800", f"--screenshot={shot}", "--enable-logging=stderr", "--v=0",
-                        "--user-data-dir=" + str(shot.parent / f"profile-{shot.stem}"), page.as_uri()],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1200,1800",
+            f"--screenshot={shot}",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--user-data-dir=" + str(shot.parent / f"profile-{shot.stem}"),
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert shot.is_file(), r.stderr[-2000:]
     return r.stderr
 
@@ -65,9 +91,9 @@ def test_report_html_is_self_contained(rendered):
     assert not re.search(r"""(src|href)=["'](https?:|//)""", text)
     assert "<script" not in text
     pngs = re.findall(r'src="data:image/png;base64,', text)
-    assert len(pngs) >= 6          # CMC, throughput, and per compared target: errors + cosine
+    assert len(pngs) >= 6  # CMC, throughput, and per compared target: errors + cosine
     thumbs = re.findall(r'class="thumb"[^>]*src="data:image/jpeg;base64,', text)
-    assert len(thumbs) >= 9        # worst images with both nearest neighbours, per target
+    assert len(thumbs) >= 9  # worst images with both nearest neighbours, per target
     # the worst image of the badly converted target is named (the perturbed row 3)
     assert rendered["items"][3]["file"] in text.split("<h3>caffe</h3>", 1)[1]
 
@@ -78,7 +104,7 @@ def test_report_html_renders_in_chromium(rendered, tmp_path):
     assert not CONSOLE_ERROR.search(log), [ln for ln in log.splitlines() if CONSOLE_ERROR.search(ln)]
     px = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
     assert px.shape == (1800, 1200)
-    assert px.std() > 20            # not blank: text, tables, plots, thumbnails
+    assert px.std() > 20  # not blank: text, tables, plots, thumbnails
     assert (px < 100).mean() > 0.01  # dark pixels: the text and plot lines were drawn
 
 
@@ -92,4 +118,4 @@ def test_console_error_detector_is_real(tmp_path):
 
 def test_report_html_without_arrays_still_has_verdict_and_table(rendered, tmp_path):
     text = to_html(json.loads(report.to_json(rendered["report"])))
-    assert "FAILED" in text and "<table>" in text and "CMC" in text     # the CMC comes from report.json
+    assert "FAILED" in text and "<table>" in text and "CMC" in text  # the CMC comes from report.json

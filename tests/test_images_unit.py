@@ -1,6 +1,7 @@
 """Fast tests of the image recipes (no Docker engine needed): context assembly, the recipe hash,
 the normalised context tar, wheel/CA selection, mirror detection, labels, the build-log display and
 the engine-unreachable message."""
+
 from __future__ import annotations
 
 import io
@@ -26,13 +27,13 @@ WHEEL = "demo_pkg-1.0-py3-none-any.whl"
 def make_project(root: Path, ca: str | None = None, build_args: dict | None = None) -> Path:
     """A throwaway project: targets/{__init__,common,demo,other}, images/demo, a wheelhouse, matrix.yaml."""
     targets = root / "targets"
-    shutil.copytree(REPO_ROOT / "targets" / "common", targets / "common",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO_ROOT / "targets" / "common", targets / "common", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copyfile(REPO_ROOT / "targets" / "__init__.py", targets / "__init__.py")
     for name in ("demo", "other"):
         (targets / name).mkdir()
         (targets / name / "target.yaml").write_text(
-            f"name: {name}\nimage: {{base: 'example/base:1'}}\nstages: {{run: {{}}}}\n")
+            f"name: {name}\nimage: {{base: 'example/base:1'}}\nstages: {{run: {{}}}}\n"
+        )
         (targets / name / "run.py").write_text("print('hello')\n")
     (targets / "demo" / "__pycache__").mkdir()
     (targets / "demo" / "__pycache__" / "run.cpython-311.pyc").write_bytes(b"junk")
@@ -47,10 +48,12 @@ def make_project(root: Path, ca: str | None = None, build_args: dict | None = No
     (wh / "numpy-2.4.6-cp311-cp311-manylinux_2_28_x86_64.whl").write_bytes(b"wrong version")
     stanza = {"demo": {"image": {"build_args": build_args}}} if build_args else {"demo": {}}
     import yaml
-    (root / "matrix.yaml").write_text(yaml.safe_dump({
-        "verify": {"reference": "demo"},
-        "images": {"ca_bundle": ca, "wheelhouses": ["wheels"]},
-        "targets": stanza}))
+
+    (root / "matrix.yaml").write_text(
+        yaml.safe_dump(
+            {"verify": {"reference": "demo"}, "images": {"ca_bundle": ca, "wheelhouses": ["wheels"]}, "targets": stanza}
+        )
+    )
     return root / "matrix.yaml"
 
 
@@ -64,13 +67,20 @@ def project(tmp_path, monkeypatch):
 def test_context_holds_exactly_the_recipe(project):
     recipe = images.plan(project, "demo", BASE)
     names = set(recipe.files)
-    assert {"Dockerfile", "requirements.txt", "targets/__init__.py", "targets/common/contract.py",
-            "targets/demo/run.py", "targets/demo/target.yaml", images.CA_ARCNAME,
-            f"{images.WHEELS_DIR}/{WHEEL}"} <= names
+    assert {
+        "Dockerfile",
+        "requirements.txt",
+        "targets/__init__.py",
+        "targets/common/contract.py",
+        "targets/demo/run.py",
+        "targets/demo/target.yaml",
+        images.CA_ARCNAME,
+        f"{images.WHEELS_DIR}/{WHEEL}",
+    } <= names
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
     assert not [n for n in names if n.startswith("targets/other/")]
-    assert [w.name for w in recipe.wheels] == [WHEEL]          # not unrelated-*, not numpy 2.4.6
-    assert recipe.files[images.CA_ARCNAME] == b""               # ca_bundle: null -> empty file
+    assert [w.name for w in recipe.wheels] == [WHEEL]  # not unrelated-*, not numpy 2.4.6
+    assert recipe.files[images.CA_ARCNAME] == b""  # ca_bundle: null -> empty file
     assert recipe.tag == f"modelmatrix/demo:{recipe.hash[:16]}"
     assert recipe.builder_args() == {"BASE_IMAGE": BASE.image_id}
 
@@ -91,7 +101,7 @@ def test_hash_is_stable_and_follows_every_input(tmp_path, monkeypatch):
         m = load_matrix(root / "matrix.yaml", targets_dir=root / "targets")
         return images.plan(m, "demo", base).hash
 
-    os.utime(root / "targets" / "demo" / "run.py", (1, 1))           # mtimes do not matter
+    os.utime(root / "targets" / "demo" / "run.py", (1, 1))  # mtimes do not matter
     assert rehash() == first.hash
     (root / "images" / "demo" / "Dockerfile").write_text("ARG BASE_IMAGE\nFROM ${BASE_IMAGE}\nUSER 1\n")
     h_dockerfile = rehash()
@@ -135,20 +145,24 @@ def test_context_tar_is_normalised(project):
 
 def test_requirements_and_wheel_selection(tmp_path):
     req = tmp_path / "requirements.txt"
-    req.write_text("# c\n--index-url x\ntorch==2.13.0+cpu\nTyping_Extensions == 4.16.0\nJinja2[i18n]==3.1.6\n"
-                   "numpy\n")
+    req.write_text("# c\n--index-url x\ntorch==2.13.0+cpu\nTyping_Extensions == 4.16.0\nJinja2[i18n]==3.1.6\nnumpy\n")
     reqs = images.read_requirements(req)
     assert reqs == {"torch": "2.13.0+cpu", "typing-extensions": "4.16.0", "jinja2": "3.1.6", "numpy": None}
     (tmp_path / "w").mkdir()
-    for name in ("torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl",
-                 "torch-2.12.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl",
-                 "typing_extensions-4.16.0-py3-none-any.whl", "numpy-2.4.6-cp311-cp311-linux_x86_64.whl",
-                 "notes.txt"):
+    for name in (
+        "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl",
+        "torch-2.12.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl",
+        "typing_extensions-4.16.0-py3-none-any.whl",
+        "numpy-2.4.6-cp311-cp311-linux_x86_64.whl",
+        "notes.txt",
+    ):
         (tmp_path / "w" / name).write_bytes(b"x")
     chosen = [p.name for p in images.select_wheels([tmp_path / "w"], reqs)]
-    assert chosen == ["numpy-2.4.6-cp311-cp311-linux_x86_64.whl",
-                      "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl",
-                      "typing_extensions-4.16.0-py3-none-any.whl"]
+    assert chosen == [
+        "numpy-2.4.6-cp311-cp311-linux_x86_64.whl",
+        "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl",
+        "typing_extensions-4.16.0-py3-none-any.whl",
+    ]
     public_pin = images.select_wheels([tmp_path / "w"], {"torch": "2.13.0"})
     assert [p.name for p in public_pin] == ["torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"]
 
@@ -208,8 +222,11 @@ def test_proxies_never_reach_the_builder(tmp_path, monkeypatch):
 def test_labels(project):
     recipe = images.plan(project, "demo", BASE)
     labels = images.image_labels(recipe, {"demo": "1.0", "python": "3.11.2"})
-    for key in ("org.opencontainers.image.source", "org.opencontainers.image.version",
-                "org.opencontainers.image.base.name"):
+    for key in (
+        "org.opencontainers.image.source",
+        "org.opencontainers.image.version",
+        "org.opencontainers.image.base.name",
+    ):
         assert labels[key]
     assert labels["org.opencontainers.image.base.name"] == "example/base:1"
     assert labels["io.modelmatrix.recipe-hash"] == recipe.hash
@@ -223,19 +240,24 @@ def test_labels(project):
 def test_mirror_detection(tmp_path):
     d = tmp_path / "sources.list.d"
     d.mkdir()
-    (d / "a-local.sources").write_text("Types: deb\n# URIs: http://commented.example/debian\n"
-                                       "URIs: file:/srv/repo\nSuites: stable\n")
-    (d / "debian.sources").write_text(textwrap.dedent("""\
+    (d / "a-local.sources").write_text(
+        "Types: deb\n# URIs: http://commented.example/debian\nURIs: file:/srv/repo\nSuites: stable\n"
+    )
+    (d / "debian.sources").write_text(
+        textwrap.dedent("""\
         Types: deb
         URIs: http://deb.debian.org/debian
         Suites: bookworm bookworm-updates
         Components: main
-        """))
+        """)
+    )
     (d / "vendor.list.disabled").write_text("deb https://vendor.example/apt stable main\n")
     assert bases.detect_mirror(d, tmp_path / "none") == "http://deb.debian.org/debian"
     lst = tmp_path / "sources.list"
-    lst.write_text("# deb http://commented.example/debian bookworm main\n"
-                   "deb [arch=amd64 signed-by=/k.gpg] https://mirror.example/debian bookworm main\n")
+    lst.write_text(
+        "# deb http://commented.example/debian bookworm main\n"
+        "deb [arch=amd64 signed-by=/k.gpg] https://mirror.example/debian bookworm main\n"
+    )
     assert bases.detect_mirror(tmp_path / "empty", lst) == "https://mirror.example/debian"
     assert bases.detect_mirror(tmp_path / "empty", tmp_path / "none") is None
 
@@ -243,14 +265,24 @@ def test_mirror_detection(tmp_path):
 def test_build_stream_shows_the_failing_step(caplog):
     # Messages as the classic builder sends them (recorded from Docker 20.10 through the SDK).
     chunks = [
-        {"stream": "Step 1/3 : ARG BASE_IMAGE"}, {"stream": "\n"},
-        {"stream": "Step 2/3 : FROM ${BASE_IMAGE}"}, {"stream": "\n"}, {"stream": " ---> a874550ceae6\n"},
-        {"stream": "Step 3/3 : RUN echo about to fail && exit 3"}, {"stream": "\n"},
-        {"stream": " ---> Running in 8fed557509d0\n"}, {"stream": "about to"}, {"stream": " fail\n"},
+        {"stream": "Step 1/3 : ARG BASE_IMAGE"},
+        {"stream": "\n"},
+        {"stream": "Step 2/3 : FROM ${BASE_IMAGE}"},
+        {"stream": "\n"},
+        {"stream": " ---> a874550ceae6\n"},
+        {"stream": "Step 3/3 : RUN echo about to fail && exit 3"},
+        {"stream": "\n"},
+        {"stream": " ---> Running in 8fed557509d0\n"},
+        {"stream": "about to"},
+        {"stream": " fail\n"},
         {"stream": "Removing intermediate container 8fed557509d0\n"},
-        {"errorDetail": {"code": 3, "message": "The command '/bin/sh -c echo about to fail && exit 3' "
-                         "returned a non-zero code: 3"},
-         "error": "The command '/bin/sh -c echo about to fail && exit 3' returned a non-zero code: 3"},
+        {
+            "errorDetail": {
+                "code": 3,
+                "message": "The command '/bin/sh -c echo about to fail && exit 3' returned a non-zero code: 3",
+            },
+            "error": "The command '/bin/sh -c echo about to fail && exit 3' returned a non-zero code: 3",
+        },
     ]
     caplog.set_level(logging.DEBUG, logger="modelmatrix")
     stream = images.BuildStream("demo", "images/demo/Dockerfile")
@@ -279,6 +311,7 @@ def test_engine_unreachable_is_one_clear_line(monkeypatch, project):
     with pytest.raises(DockerError, match="not reachable"):
         images.list_images(project)
     from modelmatrix.runners.docker import DockerRunner
+
     assert DockerRunner(project).unavailable_reason(project.targets["demo"]) == reason
 
 
@@ -289,6 +322,7 @@ def test_push_needs_a_registry(project):
 
 def test_device_requirements(project):
     from modelmatrix.runners.docker import device_reason
+
     tdef = project.targets["demo"]
     assert device_reason(tdef) is None
     tdef.requires["devices"] = ["quantum-qpu"]
@@ -304,13 +338,20 @@ def test_manifest_sits_next_to_the_archive(tmp_path):
 
 def test_base_declarations(project):
     decls = project.raw["images"]["bases"]
-    decls["python:3.11-slim-bookworm"] = {"suite": "bookworm", "variant": "minbase", "mirror": "auto",
-                                          "tag": "modelmatrix/base:bookworm-minbase"}
+    decls["python:3.11-slim-bookworm"] = {
+        "suite": "bookworm",
+        "variant": "minbase",
+        "mirror": "auto",
+        "tag": "modelmatrix/base:bookworm-minbase",
+    }
     assert bases.declaration(project, "python:3.11-slim-bookworm")[0] == "python:3.11-slim-bookworm"
     assert bases.declaration(project, "modelmatrix/base:bookworm-minbase")[0] == "python:3.11-slim-bookworm"
     assert bases.declaration(project, "debian:bullseye-slim") is None
-    with pytest.raises(ConfigError, match=r"images\.bases: no declaration for 'debian:bullseye-slim' "
-                                          r"\(declared: python:3\.11-slim-bookworm\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"images\.bases: no declaration for 'debian:bullseye-slim' "
+        r"\(declared: python:3\.11-slim-bookworm\)",
+    ):
         bases.bootstrap(project, "debian:bullseye-slim", engine=object())
     assert bases.target_base(project, "demo") == "example/base:1"
     project.raw["targets"]["demo"]["image"]["base"] = ""
@@ -320,6 +361,7 @@ def test_base_declarations(project):
 
 def test_image_refs_split():
     from modelmatrix.docker_client import _split_ref
+
     assert _split_ref("python:3.11-slim-bookworm") == ("python", "3.11-slim-bookworm")
     assert _split_ref("localhost:5000/modelmatrix/torch:abc") == ("localhost:5000/modelmatrix/torch", "abc")
     assert _split_ref("localhost:5000/modelmatrix/torch") == ("localhost:5000/modelmatrix/torch", "latest")

@@ -5,6 +5,7 @@ Caffe's CEIL/FLOOR window rules, BatchNorm/Scale/Bias blobs, InnerProduct's (out
 and compared with PyTorch; the shape guard runs on shapes computed with Caffe's formulas. The
 real pycaffe run is tests/docker/test_caffe_image.py.
 """
+
 from __future__ import annotations
 
 import io
@@ -66,10 +67,15 @@ def caffe_forward(net: oc.CaffeNet, x: np.ndarray) -> np.ndarray:
         if kind == "Convolution":
             p = layer.params["convolution_param"]
             dil = p.get("dilation", [1])
-            out = F.conv2d(torch.tensor(a), torch.tensor(layer.blobs[0]),
-                           torch.tensor(layer.blobs[1]) if p["bias_term"] else None,
-                           stride=(p["stride_h"], p["stride_w"]), padding=(p["pad_h"], p["pad_w"]),
-                           dilation=(dil[0], dil[-1]), groups=p.get("group", 1)).numpy()
+            out = F.conv2d(
+                torch.tensor(a),
+                torch.tensor(layer.blobs[0]),
+                torch.tensor(layer.blobs[1]) if p["bias_term"] else None,
+                stride=(p["stride_h"], p["stride_w"]),
+                padding=(p["pad_h"], p["pad_w"]),
+                dilation=(dil[0], dil[-1]),
+                groups=p.get("group", 1),
+            ).numpy()
         elif kind == "Pooling":
             out = _caffe_pool(a, layer.params["pooling_param"])
         elif kind == "ReLU":
@@ -112,15 +118,30 @@ def caffe_forward(net: oc.CaffeNet, x: np.ndarray) -> np.ndarray:
 def export_module(module: nn.Module, shape=(1, 3, 20, 12), dynamic=None) -> onnx.ModelProto:
     buf = io.BytesIO()
     axes = dynamic if dynamic is not None else {"x": {0: "batch"}, "y": {0: "batch"}}
-    torch.onnx.export(module.eval(), (torch.randn(*shape),), buf, dynamo=False, opset_version=11,
-                      input_names=["x"], output_names=["y"], dynamic_axes=axes)
+    torch.onnx.export(
+        module.eval(),
+        (torch.randn(*shape),),
+        buf,
+        dynamo=False,
+        opset_version=11,
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes=axes,
+    )
     return onnx.load_from_string(buf.getvalue())
 
 
 def arch_cfg(arch: str, neck_feat: str) -> dict:
-    return {"arch": arch, "num_classes": 751, "last_stride": 1, "neck_feat": neck_feat,
-            "input_size": SIZE, "seed": 0, "calibration_batches": 1,
-            "export": {"opset": 11, "input_name": "image", "output_name": "class", "dynamic_batch": True}}
+    return {
+        "arch": arch,
+        "num_classes": 751,
+        "last_stride": 1,
+        "neck_feat": neck_feat,
+        "input_size": SIZE,
+        "seed": 0,
+        "calibration_batches": 1,
+        "export": {"opset": 11, "input_name": "image", "output_name": "class", "dynamic_batch": True},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +181,7 @@ def test_real_architectures_match_torch_with_caffe_semantics(archs, arch, neck):
     np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3 * float(np.abs(ref).max()))
     cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
     assert cos.min() >= 0.99999
-    oc.check_shapes(net, oc.simulate_shapes(net), "model.onnx")     # the guard passes
+    oc.check_shapes(net, oc.simulate_shapes(net), "model.onnx")  # the guard passes
 
 
 def test_strong_baseline_prototxt(archs):
@@ -172,11 +193,11 @@ def test_strong_baseline_prototxt(archs):
     assert net.expected[pool.tops[0]] == (2, 64, 64, 32)
     assert "round_mode: FLOOR" in text and "round_mode: CEIL" not in text
     assert "global_pooling: true" in text
-    assert [l.type for l in net.layers[:2]] == ["Convolution", "Pooling"]          # no stem ReLU
+    assert [l.type for l in net.layers[:2]] == ["Convolution", "Pooling"]  # no stem ReLU
     assert [l.type for l in net.layers[-4:]] == ["Pooling", "Flatten", "BatchNorm", "Scale"]
     bn, scale = net.layers[-2:]
     assert bn.params["batch_norm_param"] == {"use_global_stats": True, "eps": pytest.approx(1e-5)}
-    assert bn.blobs[2].tolist() == [1.0]                                          # scale factor
+    assert bn.blobs[2].tolist() == [1.0]  # scale factor
     assert scale.params["scale_param"]["bias_term"] is True and scale.tops == ["output"]
     assert net.input_name == "image" and net.input_shape == (1, 3, 256, 128)
     assert 'top: "output"' in text and text.count('top: "output"') == 1
@@ -195,7 +216,7 @@ def test_fastreid_prototxt(archs):
     assert (bias.type, scale.type) == ("Bias", "Scale")
     np.testing.assert_allclose(bias.blobs[0], [-123.675, -116.28, -103.53], rtol=1e-6)
     np.testing.assert_allclose(scale.blobs[0], 1 / np.array([58.395, 57.12, 57.375]), rtol=1e-6)
-    assert [l.type for l in net.layers[2:5]] == ["Convolution", "ReLU", "Pooling"]   # stem ReLU
+    assert [l.type for l in net.layers[2:5]] == ["Convolution", "ReLU", "Pooling"]  # stem ReLU
     # BatchNorm2d neck on (B, 2048, 1, 1), then fast-reid's feat[..., 0, 0] (two Gathers of index 0
     # on size-1 axes: a Reshape, then the Flatten); the final top is renamed
     assert [l.type for l in net.layers[-5:]] == ["Pooling", "BatchNorm", "Scale", "Reshape", "Flatten"]
@@ -242,16 +263,22 @@ def test_guard_reports_missing_blob(archs):
         oc.check_shapes(net, shapes, "model.prototxt")
 
 
-@pytest.mark.parametrize("size,kernel,stride,pad,ceil,want", [
-    (128, 3, 2, 1, False, 64), (128, 3, 2, 1, True, 65),    # reid-strong-baseline
-    (128, 3, 2, 0, True, 64), (128, 3, 2, 0, False, 63),    # fast-reid
-    (64, 3, 2, 1, False, 32), (64, 3, 2, 1, True, 33),
-    (5, 2, 2, 1, True, 3),                                   # last window dropped (starts in the pad)
-])
+@pytest.mark.parametrize(
+    "size,kernel,stride,pad,ceil,want",
+    [
+        (128, 3, 2, 1, False, 64),
+        (128, 3, 2, 1, True, 65),  # reid-strong-baseline
+        (128, 3, 2, 0, True, 64),
+        (128, 3, 2, 0, False, 63),  # fast-reid
+        (64, 3, 2, 1, False, 32),
+        (64, 3, 2, 1, True, 33),
+        (5, 2, 2, 1, True, 3),  # last window dropped (starts in the pad)
+    ],
+)
 def test_caffe_pooling_formula(size, kernel, stride, pad, ceil, want):
     assert oc._pooled(size, kernel, stride, pad, ceil) == want
     torch_out = F.max_pool2d(torch.zeros(1, 1, size, size), kernel, stride, pad, ceil_mode=ceil).shape[-1]
-    assert torch_out == want        # ONNX/PyTorch ceil_mode follow the same rule as Caffe CEIL
+    assert torch_out == want  # ONNX/PyTorch ceil_mode follow the same rule as Caffe CEIL
 
 
 # --------------------------------------------------------------------------- operator coverage
@@ -309,8 +336,20 @@ def test_ops_module_matches_torch():
     assert {"Shape", "Gather", "Concat", "Reshape", "MatMul", "ReduceMean", "Sub", "Div"} <= types
     net = oc.convert_model(proto)
     kinds = [l.type for l in net.layers]
-    assert kinds == ["Bias", "Scale", "Convolution", "ReLU", "Convolution", "ReLU", "Pooling",
-                     "Pooling", "Flatten", "BatchNorm", "Scale", "InnerProduct"]
+    assert kinds == [
+        "Bias",
+        "Scale",
+        "Convolution",
+        "ReLU",
+        "Convolution",
+        "ReLU",
+        "Pooling",
+        "Pooling",
+        "Flatten",
+        "BatchNorm",
+        "Scale",
+        "InnerProduct",
+    ]
     assert net.layers[4].params["convolution_param"]["group"] == 4
     assert net.layers[2].params["convolution_param"]["dilation"] == [2]
     assert net.layers[5].params["relu_param"]["negative_slope"] == pytest.approx(0.1)
@@ -386,8 +425,9 @@ def test_dynamic_spatial_size_is_refused():
 
 
 def test_asymmetric_pool_pads_are_refused():
-    node = helper.make_node("MaxPool", ["x"], ["y"], name="pool", kernel_shape=[2, 2], strides=[2, 2],
-                            pads=[0, 0, 1, 1])
+    node = helper.make_node(
+        "MaxPool", ["x"], ["y"], name="pool", kernel_shape=[2, 2], strides=[2, 2], pads=[0, 0, 1, 1]
+    )
     with pytest.raises(StageError, match=r"MaxPool \(node pool: asymmetric pads \[0, 0, 1, 1\]"):
         oc.convert_model(_graph([node], [_vi("x", ["b", 3, 5, 5])], [_vi("y", None)]))
 
@@ -412,8 +452,10 @@ def test_graph_shape_problems():
 
 
 def test_output_name_collision_renames_the_other_blob():
-    nodes = [helper.make_node("Relu", ["x"], ["output"], name="r1"),
-             helper.make_node("Relu", ["output"], ["y"], name="r2")]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["output"], name="r1"),
+        helper.make_node("Relu", ["output"], ["y"], name="r2"),
+    ]
     net = oc.convert_model(_graph(nodes, [_vi("x", ["b", 3, 4, 4])], [_vi("y", None)]), output_name="output")
     assert [l.tops for l in net.layers] == [["output_orig"], ["output"]]
     assert net.layers[1].bottoms == ["output_orig"]
@@ -430,8 +472,15 @@ def test_unreadable_onnx_files(tmp_path):
 
 def _spec(tmp_path, onnx_bytes: bytes) -> str:
     (tmp_path / "model.onnx").write_bytes(onnx_bytes)
-    spec = {"schema": 1, "target": "caffe", "stage": "convert", "workspace": str(tmp_path),
-            "inputs": {"onnx": "model.onnx"}, "out_dir": "out", "params": {"output_name": "output"}}
+    spec = {
+        "schema": 1,
+        "target": "caffe",
+        "stage": "convert",
+        "workspace": str(tmp_path),
+        "inputs": {"onnx": "model.onnx"},
+        "out_dir": "out",
+        "params": {"output_name": "output"},
+    }
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(spec))
     return str(path)
@@ -455,6 +504,7 @@ def test_convert_stage_without_caffe_writes_nothing(tmp_path, capsys):
     """On the host the mapping succeeds, then pycaffe is missing: one line, still no files."""
     try:
         import caffe  # noqa: F401
+
         pytest.skip("pycaffe is importable here")
     except ImportError:
         pass
@@ -491,7 +541,9 @@ def _blob(shape, values: int) -> bytes:
 def _caffemodel(layers) -> bytes:
     body = _field(1, b"net")
     for name, blobs in layers:
-        body += _field(100, _field(1, name.encode()) + _field(2, b"Convolution") + b"".join(_field(7, b) for b in blobs))
+        body += _field(
+            100, _field(1, name.encode()) + _field(2, b"Convolution") + b"".join(_field(7, b) for b in blobs)
+        )
     return body
 
 

@@ -3,6 +3,7 @@
 A small matrix (64x32 inputs, 8 identities) keeps each run to seconds; the shipped 256x128
 default is exercised by the README command and the docker tests.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,11 +26,16 @@ from mm_testing import run_invoke, write_matrix
 def built(tmp_path_factory):
     """One full run, shared: the synthetic set, the matrix, the first summary."""
     tmp = tmp_path_factory.mktemp("pipe")
-    cfg = write_matrix(tmp, targets={
-        "torch": {"params": {"batch_size": 8}},
-        "onnxruntime": {"params": {"batch_size": 8}},
-        "caffe": {}, "tensorrt": {}, "ascend": {},
-    })
+    cfg = write_matrix(
+        tmp,
+        targets={
+            "torch": {"params": {"batch_size": 8}},
+            "onnxruntime": {"params": {"batch_size": 8}},
+            "caffe": {},
+            "tensorrt": {},
+            "ascend": {},
+        },
+    )
     m = load_matrix(cfg)
     s = m.raw["data"]["synthetic"]
     data.make_synthetic(m.resolve(m.raw["data"]["dataset"]), **s)
@@ -109,7 +115,7 @@ def test_a_killed_stage_leaves_nothing_mistaken_for_a_result(built):
     """A stage killed half-way (here by its timeout) commits nothing; the next run builds it."""
     tmp, cfg, _ = built
     raw = yaml.safe_load(cfg.read_text())
-    raw["model"]["seed"] = 7            # a new export, so the stage really runs
+    raw["model"]["seed"] = 7  # a new export, so the stage really runs
     raw["stage_timeout_s"] = 1
     cfg2 = tmp / "kill.yaml"
     cfg2.write_text(yaml.safe_dump(raw))
@@ -138,6 +144,7 @@ def test_outputs_are_where_the_report_says(built):
 
 # ------------------------------------------------------------------ the CLI, as users type it
 
+
 def test_cli_matrix_passes_and_reports(built):
     _, cfg, _ = built
     r = run_invoke(["matrix", "--config", str(cfg)])
@@ -151,7 +158,8 @@ def test_cli_bad_matrix_is_one_line_exit_2(tmp_path):
     r = run_invoke(["matrix", "--config", str(cfg)])
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
-        f"error: {cfg}: targets.onnxruntime.tolerance.rtol: expected a number, got 'x'"]
+        f"error: {cfg}: targets.onnxruntime.tolerance.rtol: expected a number, got 'x'"
+    ]
     assert not (tmp_path / "ws").exists()
 
 
@@ -183,11 +191,21 @@ def test_cli_bad_checkpoint_fails_export_cleanly(tmp_path):
 def test_random_weights_retrieve_synthetic_identities_well_above_chance(tmp_path):
     """The shipped synthetic set (30 identities) is distinct enough that even seeded random
     weights retrieve: Rank-1 at least 3x chance (measured: 4.5x at 128x64, 5.5x at 256x128)."""
-    cfg = write_matrix(tmp_path, model__input_size=[128, 64], model__calibration_batches=4,
-                       data__ascend_bins=False,
-                       data__synthetic={"identities": 30, "cameras": 6, "gallery_per_camera": 2,
-                                        "junk": 4, "distractors": 6, "seed": 0},
-                       targets={"torch": {"params": {"batch_size": 32}}})
+    cfg = write_matrix(
+        tmp_path,
+        model__input_size=[128, 64],
+        model__calibration_batches=4,
+        data__ascend_bins=False,
+        data__synthetic={
+            "identities": 30,
+            "cameras": 6,
+            "gallery_per_camera": 2,
+            "junk": 4,
+            "distractors": 6,
+            "seed": 0,
+        },
+        targets={"torch": {"params": {"batch_size": 32}}},
+    )
     m = load_matrix(cfg)
     data.make_synthetic(m.resolve(m.raw["data"]["dataset"]), **m.raw["data"]["synthetic"])
     s = run_matrix(m, "local")
@@ -209,6 +227,7 @@ class FakeRunnerWhoseImageBuildFails(LocalRunner):
 def test_a_target_that_cannot_be_made_ready_is_failed_not_skipped(built):
     from modelmatrix.pipeline import MatrixRun
     from modelmatrix.plan import build_plan
+
     _, cfg, _ = built
     m = load_matrix(cfg)
     outcomes = MatrixRun(m, FakeRunnerWhoseImageBuildFails()).run(build_plan(m))

@@ -2,6 +2,7 @@
 
 Small graphs (a conv net made with onnx.helper) keep these fast; the full matrix run with the
 fine-tuned checkpoint is measured in the engineers' report (it takes minutes on 2 cores)."""
+
 from __future__ import annotations
 
 import json
@@ -25,16 +26,23 @@ def conv_net(path: Path, custom_op: bool = False) -> Path:
     b = numpy_helper.from_array(np.zeros(4, np.float32), "b")
     w2 = numpy_helper.from_array(rng.normal(0, 0.3, (6, 4, 3, 3)).astype(np.float32), "w2")
     b2 = numpy_helper.from_array(np.zeros(6, np.float32), "b2")
-    nodes = [helper.make_node("Conv", ["image", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c"], ["r"], name="relu"),
-             helper.make_node("Conv", ["r", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
-             helper.make_node("GlobalAveragePool", ["r2"], ["g"], name="gap"),
-             helper.make_node("Flatten", ["g"], ["class"], name="flat")]
+    nodes = [
+        helper.make_node("Conv", ["image", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["class"], name="flat"),
+    ]
     if custom_op:
         nodes[1] = helper.make_node("FancyAct", ["c"], ["r"], name="fancy", domain="com.example")
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 16, 8])],
-                              [helper.make_tensor_value_info("class", TensorProto.FLOAT, ["N", 6])], [w, b, w2, b2])
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 16, 8])],
+        [helper.make_tensor_value_info("class", TensorProto.FLOAT, ["N", 6])],
+        [w, b, w2, b2],
+    )
     opsets = [helper.make_opsetid("", 11)] + ([helper.make_opsetid("com.example", 1)] if custom_op else [])
     onnx.save(helper.make_model(graph, opset_imports=opsets), str(path))
     return path
@@ -47,8 +55,13 @@ def run_stage(tmp: Path, stage: str, params: dict, n_images: int = 6, custom_op:
     inputs = {"onnx": "model.onnx", "calibration": "inputs.npy"} if stage == "int8" else {"onnx": "model.onnx"}
     spec = tmp / "out" / "spec.json"
     spec.write_text(json.dumps(spec_to_json("quantize", stage, str(tmp), inputs, "out", params)))
-    return subprocess.run([sys.executable, "-m", f"targets.quantize.{stage}", str(spec)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", f"targets.quantize.{stage}", str(spec)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_int8_writes_symmetric_per_channel_qdq_at_opset_13(tmp_path):
@@ -58,10 +71,10 @@ def test_int8_writes_symmetric_per_channel_qdq_at_opset_13(tmp_path):
     assert side["opset"] == 13 and side["calibration_images"] == 4 and side["method"] == "minmax"
     model = onnx.load(str(tmp_path / "out" / "model.qdq.onnx"))
     zps = [numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith("zero_point")]
-    assert zps and not any(z.any() for z in zps)                           # symmetric: zero points 0
-    assert all(z.dtype == np.int8 for z in zps if z.dtype != np.int32)     # int8 (biases are int32)
+    assert zps and not any(z.any() for z in zps)  # symmetric: zero points 0
+    assert all(z.dtype == np.int8 for z in zps if z.dtype != np.int32)  # int8 (biases are int32)
     w_scale = [numpy_helper.to_array(i) for i in model.graph.initializer if i.name.startswith("w2_scale")]
-    assert w_scale and w_scale[0].shape == (6,)                              # per output channel
+    assert w_scale and w_scale[0].shape == (6,)  # per output channel
     # keep_fp32 stem (the default): the first Conv reads the image in fp32, with fp32 weights
     conv = next(n for n in model.graph.node if n.name == "conv")
     assert conv.input[1] == "w" and side["fp32_nodes"] == ["conv"]
@@ -116,7 +129,7 @@ def test_fp16_keeps_fp32_inputs_and_outputs(tmp_path):
 # crops, 64x32, 6 epochs with layers up to layer3 frozen), then one matrix run with both
 # reduced-precision targets on it. These are the slow tests of this file (measured in the report).
 
-FT_IDENTITIES, FT_PER_IDENTITY, FT_EPOCHS = 32, 4, 6     # 16 x 4 x 4 epochs ended below random
+FT_IDENTITIES, FT_PER_IDENTITY, FT_EPOCHS = 32, 4, 6  # 16 x 4 x 4 epochs ended below random
 
 
 def _small_matrix(root: Path, **overrides) -> Path:
@@ -124,6 +137,7 @@ def _small_matrix(root: Path, **overrides) -> Path:
     from modelmatrix.config import load_matrix
 
     from mm_testing import write_matrix
+
     cfg = write_matrix(root, **overrides)
     m = load_matrix(cfg)
     data.make_synthetic(m.resolve(m.raw["data"]["dataset"]), **m.raw["data"]["synthetic"])
@@ -134,9 +148,15 @@ def _small_matrix(root: Path, **overrides) -> Path:
 def finetuned(tmp_path_factory) -> dict:
     from modelmatrix.config import load_matrix
     from modelmatrix.finetune import run_finetune
+
     root = tmp_path_factory.mktemp("finetune")
-    cfg = _small_matrix(root, targets={"torch": {"params": {"batch_size": 8, "finetune_epochs": FT_EPOCHS}},
-                                       "onnxruntime": {"params": {"batch_size": 8}}})
+    cfg = _small_matrix(
+        root,
+        targets={
+            "torch": {"params": {"batch_size": 8, "finetune_epochs": FT_EPOCHS}},
+            "onnxruntime": {"params": {"batch_size": 8}},
+        },
+    )
     summary = run_finetune(load_matrix(cfg), "local", identities=FT_IDENTITIES, images_per_identity=FT_PER_IDENTITY)
     return {"cfg": cfg, "summary": summary}
 
@@ -146,11 +166,20 @@ def reduced_run(finetuned, tmp_path_factory) -> dict:
     """The matrix with torch, onnxruntime, quantize, onnxruntime_int8, onnxruntime_fp16 on the checkpoint."""
     from modelmatrix.config import load_matrix
     from modelmatrix.pipeline import run_matrix
+
     root = tmp_path_factory.mktemp("reduced")
     small = {"params": {"batch_size": 8}}
-    cfg = _small_matrix(root, model__checkpoint=finetuned["summary"]["checkpoint"],
-                        targets={"torch": small, "onnxruntime": small, "quantize": {},
-                                 "onnxruntime_int8": small, "onnxruntime_fp16": small})
+    cfg = _small_matrix(
+        root,
+        model__checkpoint=finetuned["summary"]["checkpoint"],
+        targets={
+            "torch": small,
+            "onnxruntime": small,
+            "quantize": {},
+            "onnxruntime_int8": small,
+            "onnxruntime_fp16": small,
+        },
+    )
     summary = run_matrix(load_matrix(cfg), "local")
     return {"cfg": cfg, "summary": summary, "report": summary.report, "ws": root / "ws"}
 
@@ -160,14 +189,16 @@ def test_finetune_is_far_above_random_weights_and_reruns_as_a_no_op(finetuned):
 
     from modelmatrix.config import load_matrix
     from modelmatrix.finetune import run_finetune
+
     s = finetuned["summary"]
     trained, random = s["retrieval"]["trained"], s["retrieval"]["random"]
     assert trained["rank1"] >= random["rank1"] + 0.1 and trained["mAP"] > random["mAP"], s["retrieval"]
     state = torch.load(s["checkpoint"], map_location="cpu", weights_only=True)
     assert isinstance(state, dict) and "bottleneck.running_mean" in state
     assert all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
-    again = run_finetune(load_matrix(finetuned["cfg"]), "local", identities=FT_IDENTITIES,
-                         images_per_identity=FT_PER_IDENTITY)
+    again = run_finetune(
+        load_matrix(finetuned["cfg"]), "local", identities=FT_IDENTITIES, images_per_identity=FT_PER_IDENTITY
+    )
     assert again["key"] == s["key"] and again["checkpoint_sha256"] == s["checkpoint_sha256"]
 
 
@@ -178,7 +209,7 @@ def test_fp16_target_holds_its_cosine_floor_on_the_finetuned_model(reduced_run):
     t = reduced_run["report"]["targets"]["onnxruntime_fp16"]
     assert t["status"] in ("passed", "failed"), t
     by_name = {c["name"]: c for c in t["checks"]}
-    assert not by_name["allclose"]["enabled"]                       # fp16 is not fp32 rounding
+    assert not by_name["allclose"]["enabled"]  # fp16 is not fp32 rounding
     assert by_name["cosine"]["enabled"] and by_name["cosine"]["passed"], by_name["cosine"]
     assert by_name["retrieval"]["enabled"]
     assert (t["status"] == "passed") == all(c["passed"] for c in t["checks"] if c["enabled"])
@@ -190,7 +221,7 @@ def test_int8_target_runs_the_shared_qdq_model_and_is_judged_at_task_level(reduc
     side = json.loads((ws / "targets" / "quantize" / "int8" / "quantization.json").read_text())
     assert side["opset"] == 13 and side["method"] == "minmax" and side["qdq_nodes"]["QuantizeLinear"] > 50
     t = reduced_run["report"]["targets"]["onnxruntime_int8"]
-    assert t["status"] in ("passed", "failed"), t            # compared, never skipped or an error
+    assert t["status"] in ("passed", "failed"), t  # compared, never skipped or an error
     by_name = {c["name"]: c for c in t["checks"]}
     assert not by_name["allclose"]["enabled"]
     assert by_name["cosine"]["enabled"] and by_name["retrieval"]["enabled"]
@@ -204,11 +235,25 @@ def _run_int8(tmp_path: Path, model: onnx.ModelProto, name: str, inputs: Path):
     onnx.save(model, str(tmp_path / f"{name}.qdq.onnx"))
     (tmp_path / name).mkdir()
     spec = tmp_path / name / "spec.json"
-    spec.write_text(json.dumps(spec_to_json("onnxruntime_int8", "infer", str(tmp_path),
-                                            {"onnx": f"{name}.qdq.onnx", "inputs": str(inputs)},
-                                            name, {"batch_size": 8, "intra_op_threads": 0})))
-    return subprocess.run([sys.executable, "-m", "targets.onnxruntime_int8.infer", str(spec)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    spec.write_text(
+        json.dumps(
+            spec_to_json(
+                "onnxruntime_int8",
+                "infer",
+                str(tmp_path),
+                {"onnx": f"{name}.qdq.onnx", "inputs": str(inputs)},
+                name,
+                {"batch_size": 8, "intra_op_threads": 0},
+            )
+        )
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "targets.onnxruntime_int8.infer", str(spec)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _nan_scale(model: onnx.ModelProto, which: int) -> onnx.ModelProto:
@@ -228,6 +273,7 @@ def test_a_quantised_model_whose_features_are_nan_fails_never_passes(reduced_run
     Both fail every enabled check; neither passes."""
     from modelmatrix import verify
     from modelmatrix.config import load_matrix
+
     ws = reduced_run["ws"]
     model = onnx.load(str(ws / "targets" / "quantize" / "int8" / "model.qdq.onnx"))
     prep_dir = next(d for d in (ws / "stages" / "prepare").iterdir() if (d / "inputs.npy").is_file())
@@ -237,7 +283,7 @@ def test_a_quantised_model_whose_features_are_nan_fails_never_passes(reduced_run
     tolerance = {"onnxruntime_int8": m.target_cfg("onnxruntime_int8")["tolerance"]}
     for name, which in (("nan", -1), ("constant", 0)):
         proc = _run_int8(tmp_path, _nan_scale(model, which), name, prep_dir / "inputs.npy")
-        if proc.returncode != 0:               # the stage may refuse NaN itself: one line, no output
+        if proc.returncode != 0:  # the stage may refuse NaN itself: one line, no output
             assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / name / "features.npy").exists()
             continue
         feats = np.load(tmp_path / name / "features.npy")
@@ -251,6 +297,7 @@ def test_a_quantised_model_whose_features_are_nan_fails_never_passes(reduced_run
 
 # --------------------------------------------------------------------------- image: {use: ...}
 
+
 def test_targets_that_use_the_onnxruntime_image_share_its_recipe_which_holds_their_code(tmp_path):
     """No engine needed: the recipe (context files, hash, tag) of quantize and onnxruntime_int8 is
     onnxruntime's, holds their code, and changes when their code does (so does the image ID in
@@ -262,6 +309,7 @@ def test_targets_that_use_the_onnxruntime_image_share_its_recipe_which_holds_the
     from modelmatrix.config import load_matrix
 
     from mm_testing import write_matrix
+
     targets = tmp_path / "targets"
     for name in ("common", "torch", "onnxruntime", "onnxruntime_int8", "quantize"):
         shutil.copytree(REPO / "targets" / name, targets / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -273,10 +321,13 @@ def test_targets_that_use_the_onnxruntime_image_share_its_recipe_which_holds_the
     base = BaseInfo("b", "b", "sha256:" + "0" * 64, "local", "")
     q, i8 = images.plan(m, "quantize", base), images.plan(m, "onnxruntime_int8", base)
     assert q.target == i8.target == "onnxruntime" and q.hash == i8.hash
-    assert {"targets/onnxruntime/infer.py", "targets/onnxruntime_int8/infer.py",
-            "targets/quantize/int8.py"} <= set(q.files)
+    assert {"targets/onnxruntime/infer.py", "targets/onnxruntime_int8/infer.py", "targets/quantize/int8.py"} <= set(
+        q.files
+    )
     assert images.image_owner(m, "torch").name == "torch"
-    (targets / "onnxruntime_int8" / "infer.py").write_text((targets / "onnxruntime_int8" / "infer.py").read_text() + "\n")
+    (targets / "onnxruntime_int8" / "infer.py").write_text(
+        (targets / "onnxruntime_int8" / "infer.py").read_text() + "\n"
+    )
     assert images.plan(m, "quantize", base).hash != q.hash
 
 
@@ -288,6 +339,7 @@ def test_an_image_use_of_an_unknown_or_using_target_is_one_line(tmp_path):
     from modelmatrix.errors import ConfigError
 
     from mm_testing import write_matrix
+
     targets = tmp_path / "targets"
     for name in ("common", "torch"):
         shutil.copytree(REPO / "targets" / name, targets / name, ignore=shutil.ignore_patterns("__pycache__"))

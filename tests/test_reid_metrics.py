@@ -1,4 +1,5 @@
 """modelmatrix.reid_metrics: the Market1501 protocol against hand-computed cases and a plain loop."""
+
 from __future__ import annotations
 
 import math
@@ -16,7 +17,7 @@ def _unit(deg: float, norm: float = 1.0) -> list[float]:
 
 def test_hand_computed_example():
     # gallery on the unit circle at 5, 20, 40, 60 degrees; queries at 0, 25 and 90 degrees.
-    gf = np.array([_unit(5, 2.0), _unit(20), _unit(40, 0.5), _unit(60)])   # norms differ: L2-normalised
+    gf = np.array([_unit(5, 2.0), _unit(20), _unit(40, 0.5), _unit(60)])  # norms differ: L2-normalised
     g_pids, g_cams = np.array([1, 2, 1, 3]), np.array([0, 1, 1, 1])
     qf = np.array([_unit(0, 3.0), _unit(25), _unit(90)])
     q_pids, q_cams = np.array([1, 2, 4]), np.array([0, 0, 0])
@@ -26,7 +27,7 @@ def test_hand_computed_example():
     # q1 (pid 2, cam 0): order g1 g2 g0 g3 -> hit first: CMC 1,1,1,1   AP = 1
     # q2 (pid 4): no match -> skipped
     assert r["num_valid_queries"] == 2
-    assert r["cmc"] == pytest.approx([0.5, 1.0, 1.0, 1.0])      # max_rank lowered to the gallery size
+    assert r["cmc"] == pytest.approx([0.5, 1.0, 1.0, 1.0])  # max_rank lowered to the gallery size
     assert r["rank1"] == pytest.approx(0.5)
     assert r["rank5"] == r["rank10"] == pytest.approx(1.0)
     assert r["mAP"] == pytest.approx(0.75)
@@ -70,14 +71,14 @@ def test_random_data_matches_the_plain_loop(monkeypatch, max_rank, block):
     monkeypatch.setattr(reid_metrics, "QUERY_BLOCK", block)
     rng = np.random.default_rng(3)
     qf, gf = rng.normal(size=(25, 16)), rng.normal(size=(90, 16))
-    q_pids, g_pids = rng.integers(0, 13, 25), rng.integers(0, 10, 90)   # pids 10..12: no match
+    q_pids, g_pids = rng.integers(0, 13, 25), rng.integers(0, 10, 90)  # pids 10..12: no match
     q_cams, g_cams = rng.integers(0, 3, 25), rng.integers(0, 3, 90)
     r = reid_metrics.evaluate(qf, gf, q_pids, g_pids, q_cams, g_cams, max_rank=max_rank)
     qn = qf / np.linalg.norm(qf, axis=1, keepdims=True)
     gn = gf / np.linalg.norm(gf, axis=1, keepdims=True)
     dist = np.array([[float(((a - b) ** 2).sum()) for b in gn] for a in qn])
     cmc, mAP, valid = _upstream_eval(dist, q_pids, g_pids, q_cams, g_cams, max_rank)
-    assert 0 < valid < 25                                   # some queries are skipped
+    assert 0 < valid < 25  # some queries are skipped
     assert r["num_valid_queries"] == valid
     assert r["cmc"] == pytest.approx(list(cmc), abs=1e-12)
     assert r["mAP"] == pytest.approx(mAP, abs=1e-12)
@@ -101,10 +102,12 @@ def test_no_valid_query_is_a_data_error():
 
 
 def test_split_index_and_evaluate_index():
-    items = [{"file": "query/a", "pid": 1, "camid": 0, "split": "query"},
-             {"file": "bounding_box_test/b", "pid": 1, "camid": 1, "split": "gallery"},
-             {"file": "query/c", "pid": 2, "camid": 2, "split": "query"},
-             {"file": "bounding_box_test/d", "pid": 0, "camid": 3, "split": "gallery"}]
+    items = [
+        {"file": "query/a", "pid": 1, "camid": 0, "split": "query"},
+        {"file": "bounding_box_test/b", "pid": 1, "camid": 1, "split": "gallery"},
+        {"file": "query/c", "pid": 2, "camid": 2, "split": "query"},
+        {"file": "bounding_box_test/d", "pid": 0, "camid": 3, "split": "gallery"},
+    ]
     s = reid_metrics.split_index(items)
     assert s["q_idx"].tolist() == [0, 2] and s["g_idx"].tolist() == [1, 3]
     assert s["q_pids"].tolist() == [1, 2] and s["g_camids"].tolist() == [1, 3]

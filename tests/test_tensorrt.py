@@ -8,6 +8,7 @@ trtexec line on a real ONNX, the GPU probes (a fake /dev and the fake nvidia-smi
 TensorRT's own type stubs. The tests that need TensorRT and a GPU are marked ``gpu`` and skip with
 the reason: they are not run here, never passed.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -39,18 +40,25 @@ FAKE_SMI = HERE / "fake_nvidia_smi"
 H200 = "0,GPU-1111,NVIDIA H200,9.0,570.86.15"
 L4 = "1,GPU-2222,NVIDIA L4,8.9,570.86.15"
 #: `docker info` answers of three engines (the parts the probe reads), as the Docker API returns them
-FAKE_INFO_PLAIN = {"Runtimes": {"io.containerd.runc.v2": {"path": "runc"}, "runc": {"path": "runc"}},
-                   "DefaultRuntime": "runc"}
+FAKE_INFO_PLAIN = {
+    "Runtimes": {"io.containerd.runc.v2": {"path": "runc"}, "runc": {"path": "runc"}},
+    "DefaultRuntime": "runc",
+}
 FAKE_INFO_NVIDIA_RUNTIME = {"Runtimes": {"nvidia": {"path": "nvidia-container-runtime"}, "runc": {"path": "runc"}}}
-FAKE_INFO_CDI = {"Runtimes": {"runc": {"path": "runc"}}, "CDISpecDirs": ["/etc/cdi", "/var/run/cdi"],
-                 "DiscoveredDevices": [{"Source": "cdi", "ID": "nvidia.com/gpu=0"},
-                                       {"Source": "cdi", "ID": "nvidia.com/gpu=all"}]}
+FAKE_INFO_CDI = {
+    "Runtimes": {"runc": {"path": "runc"}},
+    "CDISpecDirs": ["/etc/cdi", "/var/run/cdi"],
+    "DiscoveredDevices": [{"Source": "cdi", "ID": "nvidia.com/gpu=0"}, {"Source": "cdi", "ID": "nvidia.com/gpu=all"}],
+}
 
 
 def _matrix(tmp_path: Path, tensorrt: dict, extra: dict | None = None):
     path = tmp_path / "matrix.yaml"
-    path.write_text(yaml.safe_dump({"workspace": str(tmp_path / "ws"),
-                                    "targets": {"torch": {}, "tensorrt": tensorrt, **(extra or {})}}))
+    path.write_text(
+        yaml.safe_dump(
+            {"workspace": str(tmp_path / "ws"), "targets": {"torch": {}, "tensorrt": tensorrt, **(extra or {})}}
+        )
+    )
     return load_matrix(path)
 
 
@@ -68,15 +76,18 @@ def fake_smi(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- which ONNX each precision builds
 
+
 def test_each_precision_reads_one_shared_onnx_and_none_reads_calibration_data(tmp_path):
     seen = {}
     for precision in ("fp32", "fp16", "int8"):
         m = _matrix(tmp_path, {"params": {"precision": precision}})
         convert = stage_node(m, "tensorrt", "convert")
         seen[precision] = {k: f"{r.producer}/{r.file}" for k, r in convert.inputs.items()}
-    assert seen == {"fp32": {"onnx": "torch.export/model.onnx"},
-                    "fp16": {"fp16": "quantize.fp16/model.fp16.onnx"},
-                    "int8": {"qdq": "quantize.int8/model.qdq.onnx"}}
+    assert seen == {
+        "fp32": {"onnx": "torch.export/model.onnx"},
+        "fp16": {"fp16": "quantize.fp16/model.fp16.onnx"},
+        "int8": {"qdq": "quantize.int8/model.qdq.onnx"},
+    }
     # the convert stage itself never reads prepare/inputs.npy: a dataset change does not rebuild engines
     assert not any(r.startswith("prepare/") for refs in seen.values() for r in refs.values())
     # and the names agree with what convert.py looks up
@@ -99,15 +110,29 @@ def _spec(tmp_path: Path, params: dict, inputs: dict) -> Path:
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps(spec_to_json("tensorrt", "convert", str(tmp_path), inputs, "out",
-                                            {"precision": "fp32", "batch_size": 16, "max_batch": 32,
-                                             "workspace_mib": 1024, **params})))
+    spec.write_text(
+        json.dumps(
+            spec_to_json(
+                "tensorrt",
+                "convert",
+                str(tmp_path),
+                inputs,
+                "out",
+                {"precision": "fp32", "batch_size": 16, "max_batch": 32, "workspace_mib": 1024, **params},
+            )
+        )
+    )
     return spec
 
 
 def _stage(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "targets.tensorrt.convert", *args], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "targets.tensorrt.convert", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_convert_without_the_qdq_model_is_one_line_naming_the_stage(tmp_path):
@@ -126,6 +151,7 @@ def test_convert_without_the_qdq_model_is_one_line_naming_the_stage(tmp_path):
 def _tiny_onnx(path: Path, op: str = "GlobalAveragePool", domain: str = "") -> Path:
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
+
     x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 256, 128])
     y = helper.make_tensor_value_info("class", TensorProto.FLOAT, ["batch", 3, 1, 1])
     node = helper.make_node(op, ["image"], ["class"], name=f"{op}_0", domain=domain)
@@ -142,12 +168,18 @@ def test_dry_run_lists_the_strongly_typed_build_and_its_trtexec_line(tmp_path):
     text = proc.stdout
     assert "profile image: min [1, 3, 256, 128] opt [8, 3, 256, 128] max [32, 3, 256, 128]" in text
     trtexec = next(line for line in text.splitlines() if "same as:" in line)
-    for flag in ("--stronglyTyped", "--minShapes=image:1x3x256x128", "--optShapes=image:8x3x256x128",
-                 "--maxShapes=image:32x3x256x128", "--memPoolSize=workspace:1024M", "--noTF32",
-                 f"--saveEngine={tmp_path / 'out' / 'model.engine'}"):
+    for flag in (
+        "--stronglyTyped",
+        "--minShapes=image:1x3x256x128",
+        "--optShapes=image:8x3x256x128",
+        "--maxShapes=image:32x3x256x128",
+        "--memPoolSize=workspace:1024M",
+        "--noTF32",
+        f"--saveEngine={tmp_path / 'out' / 'model.engine'}",
+    ):
         assert flag in trtexec, trtexec
     assert "--fp16" not in text and "--int8" not in text and "calib" not in text
-    assert not any((tmp_path / "out").iterdir())          # a dry run writes nothing
+    assert not any((tmp_path / "out").iterdir())  # a dry run writes nothing
     # batch_size over max_batch is refused before anything is built
     proc = _stage("--dry-run", str(_spec(tmp_path, {"batch_size": 64}, {"onnx": "model.onnx"})))
     assert proc.returncode == 2 and "batch_size 64 is larger than max_batch 32" in proc.stderr, proc.stderr
@@ -155,17 +187,24 @@ def test_dry_run_lists_the_strongly_typed_build_and_its_trtexec_line(tmp_path):
 
 # --------------------------------------------------------------------------- profile and batches
 
+
 def test_profile_min_one_opt_batch_size_max_max_batch():
     p = planning.plan_profile("image", (-1, 3, 256, 128), 16, 32)
     assert p.shapes() == ((1, 3, 256, 128), (16, 3, 256, 128), (32, 3, 256, 128))
-    assert p.as_json() == {"input": "image", "min": [1, 3, 256, 128], "opt": [16, 3, 256, 128],
-                           "max": [32, 3, 256, 128]}
+    assert p.as_json() == {
+        "input": "image",
+        "min": [1, 3, 256, 128],
+        "opt": [16, 3, 256, 128],
+        "max": [32, 3, 256, 128],
+    }
     fixed = planning.plan_profile("image", (8, 3, 256, 128), 8, 32)
     assert (fixed.min_batch, fixed.opt_batch, fixed.max_batch) == (8, 8, 8)
-    for shape, bs, mb, msg in (((-1, 3, 256, 128), 33, 32, "batch_size 33 is larger than max_batch 32"),
-                               ((8, 3, 256, 128), 16, 32, "fixed batch of 8"),
-                               ((-1, 3, -1, -1), 16, 32, "dynamic C/H/W"),
-                               ((-1, 2048), 16, 32, "expected (batch, 3, H, W)")):
+    for shape, bs, mb, msg in (
+        ((-1, 3, 256, 128), 33, 32, "batch_size 33 is larger than max_batch 32"),
+        ((8, 3, 256, 128), 16, 32, "fixed batch of 8"),
+        ((-1, 3, -1, -1), 16, 32, "dynamic C/H/W"),
+        ((-1, 2048), 16, 32, "expected (batch, 3, H, W)"),
+    ):
         with pytest.raises(StageError, match=re.escape(msg)):
             planning.plan_profile("image", shape, bs, mb)
 
@@ -195,11 +234,19 @@ def _built(tmp_path: Path, trt_version: str = "10.8.0.43", device=DEVICE) -> tup
     onnx.write_bytes(b"onnx bytes")
     profile = planning.plan_profile("image", (-1, 3, 256, 128), 16, 32)
     sidecar = planning.make_sidecar(
-        tensorrt_version=trt_version, device=device, precision="fp32", profile=profile,
-        io=[{"name": "image", "mode": "input", "dtype": "FLOAT", "shape": [-1, 3, 256, 128]},
-            {"name": "class", "mode": "output", "dtype": "FLOAT", "shape": [-1, 2048]}],
-        onnx_file=onnx.name, onnx_sha256=planning.file_sha256(onnx), engine_sha256=planning.file_sha256(engine),
-        builder={"strongly_typed": True, "workspace_mib": 1024})
+        tensorrt_version=trt_version,
+        device=device,
+        precision="fp32",
+        profile=profile,
+        io=[
+            {"name": "image", "mode": "input", "dtype": "FLOAT", "shape": [-1, 3, 256, 128]},
+            {"name": "class", "mode": "output", "dtype": "FLOAT", "shape": [-1, 2048]},
+        ],
+        onnx_file=onnx.name,
+        onnx_sha256=planning.file_sha256(onnx),
+        engine_sha256=planning.file_sha256(engine),
+        builder={"strongly_typed": True, "workspace_mib": 1024},
+    )
     path = tmp_path / planning.SIDECAR_NAME
     path.write_text(json.dumps(sidecar))
     return engine, path
@@ -210,7 +257,8 @@ def test_sidecar_names_what_built_the_engine_and_a_stale_engine_is_refused(tmp_p
     side = planning.read_sidecar(path)
     assert side["tensorrt"] == "10.8.0.43" and side["gpu"] == {"name": "NVIDIA H200", "compute_capability": "9.0"}
     assert side["profile"]["max"] == [32, 3, 256, 128] and side["onnx"]["sha256"] == planning.file_sha256(
-        tmp_path / "model.onnx")
+        tmp_path / "model.onnx"
+    )
     assert planning.stale_reason(side, "10.8.0.43", DEVICE) is None
     assert planning.check_engine_file(engine, side, path) == engine.read_bytes()
     why = planning.stale_reason(side, "10.13.2.6", DEVICE)
@@ -223,17 +271,21 @@ def test_sidecar_names_what_built_the_engine_and_a_stale_engine_is_refused(tmp_p
 def test_infer_refuses_a_stale_or_corrupt_engine_before_tensorrt_sees_it(tmp_path):
     from targets.common.contract import load_spec
     from targets.tensorrt.infer import checked_engine
+
     engine, path = _built(tmp_path)
     spec_path = tmp_path / "spec.json"
-    spec_path.write_text(json.dumps(spec_to_json("tensorrt", "infer", str(tmp_path),
-                                                 {"engine": engine.name, "sidecar": path.name}, "out", {})))
+    spec_path.write_text(
+        json.dumps(
+            spec_to_json("tensorrt", "infer", str(tmp_path), {"engine": engine.name, "sidecar": path.name}, "out", {})
+        )
+    )
     spec = load_spec(spec_path)
     data, _side = checked_engine(spec, "10.8.0.43", DEVICE)
     assert data == engine.read_bytes()
     with pytest.raises(StageError) as exc:
         checked_engine(spec, "10.8.0.43", {"name": "NVIDIA L4", "compute_capability": "8.9"})
     assert "not loaded: it was built for NVIDIA H200" in str(exc.value) and "--force" in str(exc.value)
-    engine.write_bytes(engine.read_bytes()[:-7])            # truncated
+    engine.write_bytes(engine.read_bytes()[:-7])  # truncated
     with pytest.raises(StageError) as exc:
         checked_engine(spec, "10.8.0.43", DEVICE)
     assert "corrupt or was replaced" in str(exc.value) and "\n" not in str(exc.value)
@@ -243,6 +295,7 @@ def test_infer_refuses_a_stale_or_corrupt_engine_before_tensorrt_sees_it(tmp_pat
 
 
 # --------------------------------------------------------------------------- parser errors
+
 
 class FakeParserError:
     """Stands in for tensorrt.ParserError (its documented accessors)."""
@@ -279,10 +332,15 @@ class FakeOnnxParser:
 
 
 def test_every_parser_error_is_listed_in_one_line():
-    errors = parser_errors(FakeOnnxParser([
-        FakeParserError(3, "NoSuchOp_0", "NoSuchOp", "No importer registered for op: NoSuchOp"),
-        FakeParserError(7, "Mod_2", "Mod", "Mod with fmod=0\nis not supported"),
-        FakeParserError(-1, "", "", "graph input has a dynamic rank")]))
+    errors = parser_errors(
+        FakeOnnxParser(
+            [
+                FakeParserError(3, "NoSuchOp_0", "NoSuchOp", "No importer registered for op: NoSuchOp"),
+                FakeParserError(7, "Mod_2", "Mod", "Mod with fmod=0\nis not supported"),
+                FakeParserError(-1, "", "", "graph input has a dynamic rank"),
+            ]
+        )
+    )
     msg = planning.describe_parser_errors(Path("/ws/model.onnx"), errors)
     assert msg.startswith("/ws/model.onnx: TensorRT's ONNX parser refused it (3 errors): ")
     assert "node 3 'NoSuchOp_0' (op NoSuchOp): No importer registered for op: NoSuchOp" in msg
@@ -294,18 +352,28 @@ def test_every_parser_error_is_listed_in_one_line():
 
 # --------------------------------------------------------------------------- probes
 
+
 def test_gpu_probe_names_what_is_missing(tmp_path, fake_smi):
     dev = tmp_path / "dev"
     dev.mkdir()
     assert runners_base.nvidia_reason(dev) == f"no {dev}/nvidiactl on this host"
     (dev / "nvidiactl").touch()
-    fake_smi.setenv("PATH", str(tmp_path / "empty"))          # no nvidia-smi anywhere
-    assert runners_base.nvidia_reason(dev) == "nvidia-smi is not on PATH (the NVIDIA driver's utilities are not installed)"
+    fake_smi.setenv("PATH", str(tmp_path / "empty"))  # no nvidia-smi anywhere
+    assert (
+        runners_base.nvidia_reason(dev) == "nvidia-smi is not on PATH (the NVIDIA driver's utilities are not installed)"
+    )
     fake_smi.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}/usr/bin:/bin")
-    fake_smi.setenv("FAKE_NVIDIA_SMI_FAIL", "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA "
-                    "driver. Make sure that the latest NVIDIA driver is installed and running.")
+    fake_smi.setenv(
+        "FAKE_NVIDIA_SMI_FAIL",
+        "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA "
+        "driver. Make sure that the latest NVIDIA driver is installed and running.",
+    )
     why = runners_base.nvidia_reason(dev)
-    assert why and why.startswith("nvidia-smi failed (exit 9: NVIDIA-SMI has failed because it couldn't") and "\n" not in why
+    assert (
+        why
+        and why.startswith("nvidia-smi failed (exit 9: NVIDIA-SMI has failed because it couldn't")
+        and "\n" not in why
+    )
     fake_smi.delenv("FAKE_NVIDIA_SMI_FAIL")
     assert runners_base.nvidia_reason(dev) == "nvidia-smi answered but lists no GPU"
     fake_smi.setenv("FAKE_NVIDIA_SMI_GPUS", H200)
@@ -320,21 +388,24 @@ def test_engine_probe_wants_an_nvidia_runtime_or_cdi_gpus():
     assert why and "no nvidia runtime and no CDI nvidia.com/gpu device" in why and "nvidia-ctk runtime configure" in why
     assert runners_base.engine_gpu_reason(FAKE_INFO_NVIDIA_RUNTIME) is None
     assert runners_base.engine_gpu_reason(FAKE_INFO_CDI) is None
-    assert runners_base.engine_gpu_reason({"Runtimes": {}, "DiscoveredDevices": [{"Source": "cdi",
-                                                                                   "ID": "vendor.com/fpga=0"}]})
+    assert runners_base.engine_gpu_reason(
+        {"Runtimes": {}, "DiscoveredDevices": [{"Source": "cdi", "ID": "vendor.com/fpga=0"}]}
+    )
 
 
 def test_a_device_id_that_does_not_exist_fails_the_target_before_any_build(tmp_path, fake_smi):
     fake_smi.setenv("FAKE_NVIDIA_SMI_GPUS", H200)
     listed = runners_base.nvidia_gpus()[0]
-    assert listed == [{"index": "0", "uuid": "GPU-1111", "name": "NVIDIA H200", "compute_cap": "9.0",
-                       "driver_version": "570.86.15"}]
+    assert listed == [
+        {"index": "0", "uuid": "GPU-1111", "name": "NVIDIA H200", "compute_cap": "9.0", "driver_version": "570.86.15"}
+    ]
     where = "targets.tensorrt.container.gpus"
     assert runners_base.gpu_request_reason({"device_ids": ["0"]}, listed, where) is None
     assert runners_base.gpu_request_reason({"device_ids": ["GPU-1111"]}, listed, where) is None
     assert runners_base.gpu_request_reason({"device_ids": ["3"]}, listed, where) == (
         "targets.tensorrt.container.gpus.device_ids: GPU '3' does not exist on this host "
-        "(nvidia-smi lists: 0 (NVIDIA H200))")
+        "(nvidia-smi lists: 0 (NVIDIA H200))"
+    )
     assert "2 GPUs asked for, this host has 1" in runners_base.gpu_request_reason({"count": 2}, listed, where)
     # the docker runner refuses it in prepare, before it would build (or even reach) the engine
     m = _matrix(tmp_path, {"container": {"gpus": {"device_ids": ["3"]}}})
@@ -348,14 +419,14 @@ def test_the_device_fingerprint_is_in_the_keys_of_gpu_targets_only(tmp_path, fak
     trt, ort = m.targets["tensorrt"], m.targets["onnxruntime"]
     local = LocalRunner()
     fake_smi.setenv("FAKE_NVIDIA_SMI_GPUS", f"{H200};{L4}")
-    assert local.device_fingerprint(ort) == ""                  # CPU targets: keys as before
+    assert local.device_fingerprint(ort) == ""  # CPU targets: keys as before
     both = local.device_fingerprint(trt)
     assert both == "nvidia-gpu=NVIDIA H200/sm9.0/driver570.86.15;NVIDIA L4/sm8.9/driver570.86.15"
     fake_smi.setenv("CUDA_VISIBLE_DEVICES", "1")
     assert local.device_fingerprint(trt) == "nvidia-gpu=NVIDIA L4/sm8.9/driver570.86.15"
     fake_smi.delenv("CUDA_VISIBLE_DEVICES")
     # the docker runner fingerprints the GPUs it requests: device_ids, or the first `count`
-    assert DockerRunner(m).device_fingerprint(trt) == "nvidia-gpu=NVIDIA H200/sm9.0/driver570.86.15"   # count: 1
+    assert DockerRunner(m).device_fingerprint(trt) == "nvidia-gpu=NVIDIA H200/sm9.0/driver570.86.15"  # count: 1
     m1 = _matrix(tmp_path, {"container": {"gpus": {"device_ids": ["GPU-2222"]}}})
     assert DockerRunner(m1).device_fingerprint(m1.targets["tensorrt"]) == "nvidia-gpu=NVIDIA L4/sm8.9/driver570.86.15"
     # same code, params and inputs: another GPU is another key, so a shared workspace rebuilds the engine
@@ -363,8 +434,9 @@ def test_the_device_fingerprint_is_in_the_keys_of_gpu_targets_only(tmp_path, fak
     keys = set()
     for gpus in (H200, H200.replace("570.86.15", "575.51.03"), L4.replace("1,", "0,", 1)):
         fake_smi.setenv("FAKE_NVIDIA_SMI_GPUS", gpus)
-        keys.add(node_key(node, "docker:sha256:abc;" + DockerRunner(m).device_fingerprint(trt),
-                          {"onnx": "d1"}, trt.folder))
+        keys.add(
+            node_key(node, "docker:sha256:abc;" + DockerRunner(m).device_fingerprint(trt), {"onnx": "d1"}, trt.folder)
+        )
     assert len(keys) == 3
     fake_smi.setenv("FAKE_NVIDIA_SMI_FAIL", "No devices were found")
     with pytest.raises(Exception, match="cannot fingerprint the GPU for the stage keys: nvidia-smi failed"):
@@ -374,21 +446,27 @@ def test_the_device_fingerprint_is_in_the_keys_of_gpu_targets_only(tmp_path, fak
 def test_the_gpu_request_comes_from_the_validated_container_options(tmp_path):
     m = _matrix(tmp_path, {})
     trt = m.targets["tensorrt"]
-    assert device_options(m, trt) == {"gpus": {"count": 1, "device_ids": []}, "shm_size": "1g",
-                                      "ulimits": {"memlock": {"soft": -1, "hard": -1},
-                                                  "stack": {"soft": 67108864, "hard": 67108864}}}
+    assert device_options(m, trt) == {
+        "gpus": {"count": 1, "device_ids": []},
+        "shm_size": "1g",
+        "ulimits": {"memlock": {"soft": -1, "hard": -1}, "stack": {"soft": 67108864, "hard": 67108864}},
+    }
     m = _matrix(tmp_path, {"container": {"gpus": {"device_ids": ["0", "2"]}, "shm_size": "2g"}})
     opts = device_options(m, m.targets["tensorrt"])
     assert opts["gpus"] == {"count": None, "device_ids": ["0", "2"]} and opts["shm_size"] == "2g"
-    assert opts["ulimits"]["memlock"] == {"soft": -1, "hard": -1}      # the manifest's, kept
+    assert opts["ulimits"]["memlock"] == {"soft": -1, "hard": -1}  # the manifest's, kept
     assert device_options(m, m.targets["torch"]) == {}
 
 
 # --------------------------------------------------------------------------- the image's probe
 
+
 def test_image_probe_records_tensorrt_cuda_and_the_driver_floor():
-    env = {"CUDA_VERSION": "12.8.0.038", "MM_CUDA_DRIVER_MIN": "570",
-           "NVIDIA_REQUIRE_CUDA": "cuda>=12.8 brand=tesla,driver>=470,driver<471 brand=unknown,driver>=535,driver<536"}
+    env = {
+        "CUDA_VERSION": "12.8.0.038",
+        "MM_CUDA_DRIVER_MIN": "570",
+        "NVIDIA_REQUIRE_CUDA": "cuda>=12.8 brand=tesla,driver>=470,driver<471 brand=unknown,driver>=535,driver<536",
+    }
     v = image_versions(env, "absent")
     assert v["tensorrt"] == "absent (built with MM_TENSORRT=absent)" and v["cuda"] == "12.8.0.038"
     assert v["cuda_driver_min"] == "570" and v["cuda_requires"] == "cuda>=12.8" and v["numpy"]
@@ -411,6 +489,7 @@ def test_the_tensorrt_stubs_are_never_taken_for_tensorrt():
 
 
 # --------------------------------------------------------------------------- typed against TensorRT's stubs
+
 
 def _fixed_stubs(tmp_path: Path) -> Path:
     """A copy of tensorrt-stubs with its defects fixed so mypy can read it: parameters named ``in``
@@ -451,23 +530,42 @@ def _mypy(stubs: Path, *paths: str, cwd: Path = REPO_ROOT) -> list[str]:
     if importlib.util.find_spec("mypy") is None:
         pytest.skip("mypy is not installed ([dev])")
     env = {**os.environ, "MYPYPATH": str(stubs)}
-    proc = subprocess.run([sys.executable, "-m", "mypy", "--no-incremental", "--check-untyped-defs",
-                           "--cache-dir", str(stubs.parent / ".mypy_cache"), *paths],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--no-incremental",
+            "--check-untyped-defs",
+            "--cache-dir",
+            str(stubs.parent / ".mypy_cache"),
+            *paths,
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     # only our files' errors: the stubs have their own (unrelated) complaints
-    return [ln for ln in proc.stdout.splitlines() if ": error:" in ln and not ln.startswith(str(stubs))
-            and ".venv" not in ln and "site-packages" not in ln]
+    return [
+        ln
+        for ln in proc.stdout.splitlines()
+        if ": error:" in ln and not ln.startswith(str(stubs)) and ".venv" not in ln and "site-packages" not in ln
+    ]
 
 
 def test_targets_tensorrt_type_checks_against_tensorrt_stubs_and_old_api_is_caught(tmp_path):
     stubs = _fixed_stubs(tmp_path)
     bad = tmp_path / "old_api.py"
-    bad.write_text("import tensorrt as trt\n\n\ndef build() -> None:\n"
-                   "    builder = trt.Builder(trt.Logger(trt.Logger.WARNING))\n"
-                   "    config = builder.create_builder_config()\n"
-                   "    config.fp16_mode = True\n"
-                   "    builder.build_cuda_engine(builder.create_network(0))\n"
-                   "    config.max_workspace_size = 1 << 30\n")
+    bad.write_text(
+        "import tensorrt as trt\n\n\ndef build() -> None:\n"
+        "    builder = trt.Builder(trt.Logger(trt.Logger.WARNING))\n"
+        "    config = builder.create_builder_config()\n"
+        "    config.fp16_mode = True\n"
+        "    builder.build_cuda_engine(builder.create_network(0))\n"
+        "    config.max_workspace_size = 1 << 30\n"
+    )
     errors = _mypy(stubs, "targets/tensorrt", str(bad))
     ours = [e for e in errors if e.startswith("targets/")]
     assert ours == [], "\n".join(ours)
@@ -481,6 +579,7 @@ def test_no_weak_typing_api_in_the_target():
     """TensorRT 11 removed the precision builder flags and the calibrator: one strongly typed path
     (read from the code's syntax tree, so a comment naming them does not count)."""
     import ast
+
     used: set[str] = set()
     for path in (REPO_ROOT / "targets" / "tensorrt").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -491,15 +590,32 @@ def test_no_weak_typing_api_in_the_target():
             elif isinstance(node, (ast.Import, ast.ImportFrom)):
                 used.update(a.name for a in node.names)
                 used.add(getattr(node, "module", None) or "")
-    for gone in ("BuilderFlag.FP16", "BuilderFlag.INT8", "BuilderFlag.BF16", "int8_calibrator",
-                 "OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS", "build_cuda_engine",
-                 "fp16_mode", "max_workspace_size", "pycuda", "pycuda.driver"):
+    for gone in (
+        "BuilderFlag.FP16",
+        "BuilderFlag.INT8",
+        "BuilderFlag.BF16",
+        "int8_calibrator",
+        "OBEY_PRECISION_CONSTRAINTS",
+        "PREFER_PRECISION_CONSTRAINTS",
+        "build_cuda_engine",
+        "fp16_mode",
+        "max_workspace_size",
+        "pycuda",
+        "pycuda.driver",
+    ):
         assert gone not in used, gone
-    assert {"NetworkDefinitionCreationFlag.STRONGLY_TYPED", "execute_async_v3", "set_tensor_address",
-            "set_input_shape", "set_memory_pool_limit", "build_serialized_network"} <= used
+    assert {
+        "NetworkDefinitionCreationFlag.STRONGLY_TYPED",
+        "execute_async_v3",
+        "set_tensor_address",
+        "set_input_shape",
+        "set_memory_pool_limit",
+        "build_serialized_network",
+    } <= used
 
 
 # --------------------------------------------------------------------------- with TensorRT and a GPU (not run here)
+
 
 def _gpu_reason() -> str | None:
     why = runners_base.nvidia_reason()
@@ -508,6 +624,7 @@ def _gpu_reason() -> str | None:
     try:
         require_tensorrt()
         from targets.tensorrt import cudart
+
         cudart.device_info()
     except StageError as exc:
         return f"needs TensorRT and cuda-python: {exc}"
@@ -522,10 +639,15 @@ needs_gpu = pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason
 @needs_gpu
 def test_gpu_parser_lists_an_op_it_rejects(tmp_path):
     from targets.tensorrt.convert import build
+
     onnx = _tiny_onnx(tmp_path / "model.onnx", op="NoSuchOp", domain="com.example")
     with pytest.raises(StageError) as exc:
-        build(onnx, {"precision": "fp32", "batch_size": 2, "max_batch": 4, "workspace_mib": 256, "tf32": False},
-              tmp_path, tmp_path)
+        build(
+            onnx,
+            {"precision": "fp32", "batch_size": 2, "max_batch": 4, "workspace_mib": 256, "tf32": False},
+            tmp_path,
+            tmp_path,
+        )
     assert "TensorRT's ONNX parser refused it" in str(exc.value) and "NoSuchOp" in str(exc.value)
     assert not (tmp_path / planning.ENGINE_NAME).exists()
 
@@ -538,6 +660,7 @@ def test_gpu_build_infer_and_reuse_the_timing_cache(tmp_path):
     from targets.common.contract import load_spec
     from targets.tensorrt import infer
     from targets.tensorrt.convert import build
+
     onnx = _tiny_onnx(tmp_path / "model.onnx")
     params = {"precision": "fp32", "batch_size": 4, "max_batch": 8, "workspace_mib": 256, "tf32": False}
     result = build(onnx, params, tmp_path, tmp_path)
@@ -548,9 +671,18 @@ def test_gpu_build_infer_and_reuse_the_timing_cache(tmp_path):
     np.save(tmp_path / "inputs.npy", x)
     (tmp_path / "out").mkdir()
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps(spec_to_json("tensorrt", "infer", str(tmp_path),
-                                            {"engine": planning.ENGINE_NAME, "sidecar": planning.SIDECAR_NAME,
-                                             "inputs": "inputs.npy"}, "out", {"batch_size": 4})))
+    spec.write_text(
+        json.dumps(
+            spec_to_json(
+                "tensorrt",
+                "infer",
+                str(tmp_path),
+                {"engine": planning.ENGINE_NAME, "sidecar": planning.SIDECAR_NAME, "inputs": "inputs.npy"},
+                "out",
+                {"batch_size": 4},
+            )
+        )
+    )
     out = infer.run(load_spec(spec))
     feats = np.load(tmp_path / "out" / "features.npy")
     assert out["images"] == 11 and len(out["batch_seconds"]) == 3

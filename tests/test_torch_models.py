@@ -1,5 +1,6 @@
 """The two architectures (targets/torch/models.py) against shared/REFERENCE.md: keys, stem,
 pooling, feature-map sizes, neck_feat, in-model normalisation, seeded calibrated random init."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,15 +14,15 @@ BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked
 
 
 def cfg(arch, **kw):
-    base = dict(arch=arch, num_classes=751, last_stride=1, neck_feat="after", input_size=SMALL,
-                seed=0, calibration_batches=2)
+    base = dict(
+        arch=arch, num_classes=751, last_stride=1, neck_feat="after", input_size=SMALL, seed=0, calibration_batches=2
+    )
     base.update(kw)
     return base
 
 
 def images(arch, n, size=SMALL, seed=123):
-    return M.apply_contract(M.smooth_images(n, size, torch.Generator().manual_seed(seed)),
-                            M.ARCH_CONTRACTS[arch])
+    return M.apply_contract(M.smooth_images(n, size, torch.Generator().manual_seed(seed)), M.ARCH_CONTRACTS[arch])
 
 
 def resnet_keys(prefix):
@@ -46,7 +47,6 @@ def fastreid():
     return M.init_random_model(cfg("fastreid-bagtricks-r50"))
 
 
-
 def test_strong_baseline_state_dict_keys(strong):
     sd = strong.state_dict()
     expected = resnet_keys("base") | {f"bottleneck.{k}" for k in BN_KEYS} | {"classifier.weight"}
@@ -62,7 +62,7 @@ def test_strong_baseline_state_dict_keys(strong):
 def test_fastreid_state_dict_keys(fastreid):
     sd = fastreid.state_dict()
     expected = resnet_keys("backbone") | {f"heads.bottleneck.0.{k}" for k in BN_KEYS} | {"heads.weight"}
-    assert set(sd) == expected                       # pixel_mean/std are not persistent
+    assert set(sd) == expected  # pixel_mean/std are not persistent
     assert sd["heads.weight"].shape == (751, 2048)
     assert not fastreid.heads.bottleneck[0].bias.requires_grad
     assert isinstance(fastreid.heads.bottleneck[0], torch.nn.BatchNorm2d)
@@ -89,8 +89,10 @@ def test_stem_relu_absent_in_strong_baseline_present_in_fastreid(strong, fastrei
 
 def _map_sizes(model, trunk, size):
     sizes = []
-    hooks = [m.register_forward_hook(lambda mod, a, out: sizes.append(tuple(out.shape[2:])))
-             for m in (trunk.conv1, trunk.maxpool, trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4)]
+    hooks = [
+        m.register_forward_hook(lambda mod, a, out: sizes.append(tuple(out.shape[2:])))
+        for m in (trunk.conv1, trunk.maxpool, trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4)
+    ]
     model.eval()
     with torch.no_grad():
         model(torch.zeros(1, 3, *size))
@@ -108,7 +110,7 @@ def test_feature_map_sizes_at_256x128():
     fr = M.build_model(cfg("fastreid-bagtricks-r50", input_size=full))
     # p0 + ceil: 128x64 -> ceil(125/2)+1 = 64 x ceil(61/2)+1 = 32 (floor would give 63x31)
     assert _map_sizes(fr, fr.backbone, full) == [(128, 64), (64, 32), (64, 32), (32, 16), (16, 8), (16, 8)]
-    odd = [250, 126]   # 125x63 after conv1: ceil p0 gives 62x31, floor p1 gives 63x32
+    odd = [250, 126]  # 125x63 after conv1: ceil p0 gives 62x31, floor p1 gives 63x32
     assert _map_sizes(fr, fr.backbone, odd)[1] == (62, 31)
     assert _map_sizes(sb, sb.base, odd)[1] == (63, 32)
 
@@ -126,7 +128,7 @@ def test_neck_feat_before_and_after(arch, strong, fastreid):
     with torch.no_grad():
         f_after, f_before = model(x), before(x)
     assert f_after.shape == f_before.shape == (3, 2048)
-    assert f_before.min() >= 0                               # a pooled ReLU output: BN not applied
+    assert f_before.min() >= 0  # a pooled ReLU output: BN not applied
     bn = model.bottleneck if arch == "reid-strong-baseline" else model.heads.bottleneck[0]
     torch.testing.assert_close(f_after, _bn_eval(f_before, bn), rtol=1e-5, atol=1e-5)
 
@@ -140,7 +142,7 @@ def test_training_forward_returns_logits_and_feature(arch):
 
 def test_fastreid_normalises_inside_and_leaves_input_alone(fastreid):
     x = images("fastreid-bagtricks-r50", 2)
-    assert x.max() > 100                                      # the 0..255 contract
+    assert x.max() > 100  # the 0..255 contract
     x_copy = x.clone()
     with torch.no_grad():
         out = fastreid(x)
@@ -148,7 +150,7 @@ def test_fastreid_normalises_inside_and_leaves_input_alone(fastreid):
         manual = fastreid.heads.bottleneck(fastreid.heads.pool_layer(fastreid.backbone(normalised)))
     assert torch.equal(x, x_copy)
     torch.testing.assert_close(out, manual.flatten(1), rtol=1e-5, atol=1e-5)
-    imagenet = M.apply_contract(x, M.ARCH_CONTRACTS["reid-strong-baseline"])   # x/255, then mean/std
+    imagenet = M.apply_contract(x, M.ARCH_CONTRACTS["reid-strong-baseline"])  # x/255, then mean/std
     torch.testing.assert_close(normalised, imagenet, rtol=1e-4, atol=1e-4)
 
 
@@ -178,8 +180,9 @@ def textured(n, size, seed):
     freq = torch.sqrt(torch.fft.fftfreq(h).view(h, 1) ** 2 + torch.fft.rfftfreq(w).view(1, -1) ** 2)
     amp = 1.0 / freq.clamp_min(1.0 / max(h, w))
     amp[0, 0] = 0
-    spec = torch.complex(torch.randn(n, 3, h, w // 2 + 1, generator=gen),
-                         torch.randn(n, 3, h, w // 2 + 1, generator=gen))
+    spec = torch.complex(
+        torch.randn(n, 3, h, w // 2 + 1, generator=gen), torch.randn(n, 3, h, w // 2 + 1, generator=gen)
+    )
     x = torch.fft.irfft2(spec * amp, s=(h, w))
     x = x / x.flatten(1).std(1).view(n, 1, 1, 1)
     return (0.45 + 0.2 * x + 0.15 * (torch.rand(n, 3, 1, 1, generator=gen) - 0.5)).clamp(0, 1) * 255
@@ -191,10 +194,10 @@ def test_calibrating_on_the_data_itself(arch, strong, fastreid):
     contract = M.ARCH_CONTRACTS[arch]
     test = M.apply_contract(textured(8, SMALL, seed=5), contract)
     with torch.no_grad():
-        assert _cosines(synthetic(test)).mean() > 0.9     # smooth-image statistics do not carry over
+        assert _cosines(synthetic(test)).mean() > 0.9  # smooth-image statistics do not carry over
     calibrated = M.init_random_model(cfg(arch), M.apply_contract(textured(16, SMALL, seed=6), contract))
     with torch.no_grad():
-        cos = _cosines(calibrated(test))                   # other images of the same kind: spread out
+        cos = _cosines(calibrated(test))  # other images of the same kind: spread out
     assert cos.max() < 0.9 and cos.mean().abs() < 0.5, cos
     with pytest.raises(ValueError, match="at least 2 images"):
         M.init_random_model(cfg(arch), test[:1])
@@ -213,7 +216,7 @@ def test_calibration_uses_the_input_contract(fastreid):
 def test_same_seed_same_weights_other_seed_other_weights(strong):
     rng = torch.random.get_rng_state()
     again = M.init_random_model(cfg("reid-strong-baseline"))
-    assert torch.equal(rng, torch.random.get_rng_state())     # the caller's RNG is left alone
+    assert torch.equal(rng, torch.random.get_rng_state())  # the caller's RNG is left alone
     a, b = strong.state_dict(), again.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     other = M.init_random_model(cfg("reid-strong-baseline", seed=1)).state_dict()

@@ -1,4 +1,5 @@
 """modelmatrix.verify and modelmatrix.report: parity checks, the overall verdict, the files."""
+
 from __future__ import annotations
 
 import json
@@ -9,18 +10,30 @@ import pytest
 
 from modelmatrix import report, verify
 
-TOL = {"rtol": 1e-3, "atol": 1e-4, "cosine_min": 0.9999, "rank1_delta": 0.0, "map_delta": 0.001,
-       "checks": ["allclose", "cosine", "retrieval"]}
+TOL = {
+    "rtol": 1e-3,
+    "atol": 1e-4,
+    "cosine_min": 0.9999,
+    "rank1_delta": 0.0,
+    "map_delta": 0.001,
+    "checks": ["allclose", "cosine", "retrieval"],
+}
 
 
 def _index(ids: int = 10) -> dict:
     """Per identity: one query in camera 0, gallery in cameras 0, 1, 2; two distractors."""
-    q = [{"file": f"query/{p:04d}_c1s1_000001_01.jpg", "pid": p, "camid": 0, "split": "query"}
-         for p in range(1, ids + 1)]
-    g = [{"file": f"bounding_box_test/{p:04d}_c{c + 1}s1_000002_01.jpg", "pid": p, "camid": c,
-          "split": "gallery"} for p in range(1, ids + 1) for c in range(3)]
-    g += [{"file": f"bounding_box_test/0000_c2s1_00000{k}_01.jpg", "pid": 0, "camid": 1,
-           "split": "gallery"} for k in range(2)]
+    q = [
+        {"file": f"query/{p:04d}_c1s1_000001_01.jpg", "pid": p, "camid": 0, "split": "query"} for p in range(1, ids + 1)
+    ]
+    g = [
+        {"file": f"bounding_box_test/{p:04d}_c{c + 1}s1_000002_01.jpg", "pid": p, "camid": c, "split": "gallery"}
+        for p in range(1, ids + 1)
+        for c in range(3)
+    ]
+    g += [
+        {"file": f"bounding_box_test/0000_c2s1_00000{k}_01.jpg", "pid": 0, "camid": 1, "split": "gallery"}
+        for k in range(2)
+    ]
     return {"items": q + g, "num_query": len(q)}
 
 
@@ -40,6 +53,7 @@ def _checks(result: dict) -> dict:
 
 
 # ============================================================================ compare
+
 
 def test_identical_features_pass_everything(case):
     index, ref = case
@@ -116,7 +130,7 @@ def test_shape_mismatch_is_a_failed_check_not_a_crash(case):
 def test_disabled_checks_do_not_decide(case):
     index, ref = case
     feats = ref.copy()
-    feats[0, 0] += 1e-2                           # breaks allclose, keeps cosine and retrieval
+    feats[0, 0] += 1e-2  # breaks allclose, keeps cosine and retrieval
     only_cos = verify.compare("t", feats, ref, dict(TOL, checks=["cosine", "retrieval"]), index, 50)
     assert only_cos["status"] == "passed"
     assert _checks(only_cos)["allclose"] == {**_checks(only_cos)["allclose"], "enabled": False, "passed": False}
@@ -128,12 +142,11 @@ def test_retrieval_delta_threshold(case):
     index, ref = case
     feats = ref.copy()
     nq = index["num_query"]
-    feats[:nq] = ref[np.roll(np.arange(nq), 1)]    # queries swapped: Rank-1 changes
+    feats[:nq] = ref[np.roll(np.arange(nq), 1)]  # queries swapped: Rank-1 changes
     strict = verify.compare("t", feats, ref, dict(TOL, checks=["retrieval"]), index, 50)
     c = _checks(strict)["retrieval"]
     assert not c["passed"] and c["value"]["rank1_delta"] > 0 and "EXCEEDED" in c["message"]
-    loose = verify.compare("t", feats, ref, dict(TOL, checks=["retrieval"], rank1_delta=1.0, map_delta=1.0),
-                           index, 50)
+    loose = verify.compare("t", feats, ref, dict(TOL, checks=["retrieval"], rank1_delta=1.0, map_delta=1.0), index, 50)
     assert loose["status"] == "passed"
 
 
@@ -147,18 +160,25 @@ def test_nan_features_fail_and_stay_json_safe(case, tmp_path):
     assert "NaN" in c["cosine"]["message"] and "NaN" in c["allclose"]["message"]
     rep = verify.verify_all({"torch": ref, "t": feats}, "torch", {"t": TOL}, index)
     report.write_reports(rep, tmp_path)
-    json.loads((tmp_path / "report.json").read_text())        # no NaN tokens
+    json.loads((tmp_path / "report.json").read_text())  # no NaN tokens
 
 
 # ============================================================================ verify_all
+
 
 def test_verify_all_passes_only_when_every_enabled_check_passes(case):
     index, ref = case
     tols = {"onnxruntime": TOL, "caffe": dict(TOL, checks=["cosine"])}
     bad = ref.copy()
-    bad[2, 2] += 1e-2                 # breaks allclose only; caffe checks cosine only
-    rep = verify.verify_all({"torch": ref, "onnxruntime": ref.copy(), "caffe": bad}, "torch", tols, index,
-                            skipped={"ascend": "no atc on this host"}, max_rank=50)
+    bad[2, 2] += 1e-2  # breaks allclose only; caffe checks cosine only
+    rep = verify.verify_all(
+        {"torch": ref, "onnxruntime": ref.copy(), "caffe": bad},
+        "torch",
+        tols,
+        index,
+        skipped={"ascend": "no atc on this host"},
+        max_rank=50,
+    )
     t = rep["targets"]
     assert list(t) == ["torch", "onnxruntime", "caffe", "ascend"]
     assert [t[n]["status"] for n in t] == ["reference", "passed", "passed", "skipped"]
@@ -173,8 +193,13 @@ def test_verify_all_passes_only_when_every_enabled_check_passes(case):
 
 def test_a_failed_target_fails_the_run(case):
     index, ref = case
-    rep = verify.verify_all({"torch": ref, "onnxruntime": ref.copy()}, "torch", {"onnxruntime": TOL}, index,
-                            failed={"caffe": "caffe.convert: exit 1"})
+    rep = verify.verify_all(
+        {"torch": ref, "onnxruntime": ref.copy()},
+        "torch",
+        {"onnxruntime": TOL},
+        index,
+        failed={"caffe": "caffe.convert: exit 1"},
+    )
     assert rep["passed"] is False and "caffe" in rep["reason"]
     caffe = rep["targets"]["caffe"]
     assert (caffe["status"], caffe["reason"], caffe["kind"]) == ("error", "caffe.convert: exit 1", "failed")
@@ -191,8 +216,9 @@ def test_nothing_compared_is_not_a_pass(case):
 
 def test_without_reference_features_nothing_is_compared(case):
     index, ref = case
-    rep = verify.verify_all({"onnxruntime": ref}, "torch", {"onnxruntime": TOL}, index,
-                            failed={"torch": "torch.infer: out of memory"})
+    rep = verify.verify_all(
+        {"onnxruntime": ref}, "torch", {"onnxruntime": TOL}, index, failed={"torch": "torch.infer: out of memory"}
+    )
     assert rep["passed"] is False
     assert rep["targets"]["torch"]["status"] == "error"
     assert rep["targets"]["onnxruntime"]["status"] == "skipped"
@@ -210,22 +236,27 @@ def test_retrieval_impossible_fails_the_retrieval_check_only(case):
     ort = rep["targets"]["ort"]
     assert ort["failed_checks"] == ["retrieval"] and rep["reference_retrieval"] is None
     assert "no query has a gallery image" in _checks(ort)["retrieval"]["message"]
-    rep = verify.verify_all({"torch": ref, "ort": ref.copy()}, "torch",
-                            {"ort": dict(TOL, checks=["allclose", "cosine"])}, idx)
+    rep = verify.verify_all(
+        {"torch": ref, "ort": ref.copy()}, "torch", {"ort": dict(TOL, checks=["allclose", "cosine"])}, idx
+    )
     assert rep["passed"] is True
 
 
 # ============================================================================ report files
 
+
 @pytest.fixture
 def full_report(case):
     index, ref = case
     bad = ref[np.roll(np.arange(len(ref)), 1)]
-    rep = verify.verify_all({"torch": ref, "onnxruntime": ref.copy(), "tensorrt": bad}, "torch",
-                            {"onnxruntime": TOL, "tensorrt": dict(TOL, checks=["cosine", "allclose"]),
-                             "ascend": TOL},
-                            index, skipped={"ascend": "no Ascend device"},
-                            failed={"caffe": "caffe.convert: unsupported op"})
+    rep = verify.verify_all(
+        {"torch": ref, "onnxruntime": ref.copy(), "tensorrt": bad},
+        "torch",
+        {"onnxruntime": TOL, "tensorrt": dict(TOL, checks=["cosine", "allclose"]), "ascend": TOL},
+        index,
+        skipped={"ascend": "no Ascend device"},
+        failed={"caffe": "caffe.convert: unsupported op"},
+    )
     rep["model"] = {"arch": "reid-strong-baseline", "random_weights": True}
     return rep
 
@@ -258,12 +289,12 @@ def test_junit_structure(full_report, tmp_path):
     suites = root.findall("testsuite")
     assert root.tag == "testsuites" and len(suites) == 1 and suites[0].get("name") == "modelmatrix"
     cases = {(c.get("classname"), c.get("name")): c for c in suites[0].findall("testcase")}
-    assert ("torch", "allclose") not in cases                          # the reference is not a test
+    assert ("torch", "allclose") not in cases  # the reference is not a test
     ort = [cases[("onnxruntime", n)] for n in ("allclose", "cosine", "retrieval")]
     assert all(len(c) == 0 or c[0].tag == "system-out" for c in ort)
     trt = cases[("tensorrt", "cosine")].find("failure")
     assert trt is not None and "min cosine" in trt.get("message")
-    assert cases[("tensorrt", "retrieval")].find("skipped") is not None     # not enabled
+    assert cases[("tensorrt", "retrieval")].find("skipped") is not None  # not enabled
     # a target that did not run is ONE case carrying its reason once, not one per check
     assert not any(k[0] in ("ascend", "caffe") and k[1] != "run" for k in cases)
     skipped = cases[("ascend", "run")].find("skipped")
@@ -282,8 +313,7 @@ def test_junit_structure(full_report, tmp_path):
 def test_summary_lines(full_report):
     lines = report.summary_lines(full_report)
     text = "\n".join(lines)
-    for name, label in [("onnxruntime", "PASS"), ("tensorrt", "FAIL"), ("ascend", "SKIPPED"),
-                        ("caffe", "ERROR")]:
+    for name, label in [("onnxruntime", "PASS"), ("tensorrt", "FAIL"), ("ascend", "SKIPPED"), ("caffe", "ERROR")]:
         assert any(ln.startswith(name) and label in ln for ln in lines), text
     assert lines[-1].startswith("FAILED (exit 3): ") and "caffe failed" in lines[-1]
     assert lines[-2].startswith("summary: 1 passed, 1 failed, 1 could not run, 1 skipped")

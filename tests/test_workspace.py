@@ -1,4 +1,5 @@
 """The stage store: atomic commits, stamps, sweeping what a killed run left."""
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,7 @@ def test_commit_is_atomic_and_keyed(tmp_path):
     ws.ensure()
     tmp = ws.begin("t.s", "a" * 64)
     (tmp / "out.npy").write_bytes(b"123")
-    assert ws.lookup("t.s", "a" * 64) is None          # not a result until committed
+    assert ws.lookup("t.s", "a" * 64) is None  # not a result until committed
     stamp = ws.commit("t.s", "a" * 64, tmp, ["out.npy"])
     assert not tmp.exists()
     assert ws.lookup("t.s", "a" * 64) == stamp
@@ -97,6 +98,7 @@ def test_a_result_whose_output_was_deleted_is_not_reused(tmp_path):
 def test_written_files_are_not_private(tmp_path):
     """Reports and archives are for other people too: not mkstemp's 0600."""
     from targets.common.contract import atomic_write_json
+
     mask = os.umask(0o022)
     try:
         atomic_write_json(tmp_path / "r.json", {"a": 1})

@@ -5,6 +5,7 @@ output folder, with paths as seen from where the stage runs, and runs
 ``python -m targets.<target>.<stage> <spec.json>``. It raises StageFailed (with the tail of the
 stage's log) on a non-zero exit, a timeout, or a stage that wrote no result.json.
 """
+
 from __future__ import annotations
 
 import abc
@@ -39,8 +40,13 @@ def nvidia_gpus(timeout_s: float = NVIDIA_SMI_TIMEOUT_S) -> tuple[list[dict[str,
     if exe is None:
         return [], "nvidia-smi is not on PATH (the NVIDIA driver's utilities are not installed)"
     try:
-        proc = subprocess.run([exe, f"--query-gpu={','.join(GPU_FIELDS)}", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            [exe, f"--query-gpu={','.join(GPU_FIELDS)}", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            stdin=subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired:
         return [], f"nvidia-smi did not answer within {timeout_s:g} s"
     except OSError as exc:
@@ -48,8 +54,11 @@ def nvidia_gpus(timeout_s: float = NVIDIA_SMI_TIMEOUT_S) -> tuple[list[dict[str,
     if proc.returncode != 0:
         first = (proc.stdout + proc.stderr).strip().splitlines()
         return [], f"nvidia-smi failed (exit {proc.returncode}: {first[0][:160] if first else 'no output'})"
-    gpus = [dict(zip(GPU_FIELDS, (p.strip() for p in line.split(",")), strict=True))
-            for line in proc.stdout.splitlines() if line.count(",") == len(GPU_FIELDS) - 1]
+    gpus = [
+        dict(zip(GPU_FIELDS, (p.strip() for p in line.split(",")), strict=True))
+        for line in proc.stdout.splitlines()
+        if line.count(",") == len(GPU_FIELDS) - 1
+    ]
     return (gpus, None) if gpus else ([], "nvidia-smi answered but lists no GPU")
 
 
@@ -83,8 +92,10 @@ def engine_gpu_reason(info: dict[str, Any]) -> str | None:
     for d in info.get("DiscoveredDevices") or []:
         if isinstance(d, dict) and str(d.get("ID", "")).startswith("nvidia.com/gpu"):
             return None
-    return ("the Docker engine lists no nvidia runtime and no CDI nvidia.com/gpu device (docker info): install "
-            "the NVIDIA container toolkit and run `nvidia-ctk runtime configure --runtime=docker`")
+    return (
+        "the Docker engine lists no nvidia runtime and no CDI nvidia.com/gpu device (docker info): install "
+        "the NVIDIA container toolkit and run `nvidia-ctk runtime configure --runtime=docker`"
+    )
 
 
 def device_fingerprint(target: TargetDef, device_ids: list[str] | None = None) -> str:
@@ -126,8 +137,10 @@ def ascend_device_reason(device_ids: list[int], dev: Path = Path("/dev")) -> str
     found = sorted(p.name for p in dev.glob("davinci[0-9]*"))
     for i in device_ids:
         if not (dev / f"davinci{i}").exists():
-            return (f"device id {i}: {dev / f'davinci{i}'} does not exist on this host (found: "
-                    f"{', '.join(found) or 'no davinci device'}); set targets.ascend.params.device_id")
+            return (
+                f"device id {i}: {dev / f'davinci{i}'} does not exist on this host (found: "
+                f"{', '.join(found) or 'no davinci device'}); set targets.ascend.params.device_id"
+            )
     return None
 
 
@@ -135,8 +148,10 @@ def device_reason(target: TargetDef, stage: str | None = None) -> str | None:
     """None when the host has every device the target (or one of its stages) requires, else a one-line reason."""
     for kind in stage_requires(target, stage).get("devices", []):
         if kind not in DEVICE_PROBES:
-            return (f"targets/{target.name}/target.yaml: requires.devices: unknown kind {kind!r} "
-                    f"(known: {', '.join(DEVICE_PROBES)})")
+            return (
+                f"targets/{target.name}/target.yaml: requires.devices: unknown kind {kind!r} "
+                f"(known: {', '.join(DEVICE_PROBES)})"
+            )
         missing = DEVICE_PROBES[kind]()
         if missing:
             return f"{target.name} needs {kind} (requires.devices): {missing}"
@@ -147,12 +162,12 @@ def device_reason(target: TargetDef, stage: str | None = None) -> str | None:
 class StageRequest:
     target: TargetDef
     stage: str
-    workspace: Path                  # host path of the workspace root
-    inputs: dict[str, str]           # name -> path relative to the workspace root
-    out_dir: str                     # relative to the workspace root; created by the caller
+    workspace: Path  # host path of the workspace root
+    inputs: dict[str, str]  # name -> path relative to the workspace root
+    out_dir: str  # relative to the workspace root; created by the caller
     params: dict[str, Any] = field(default_factory=dict)
     timeout_s: float = 3600.0
-    origins: dict[str, str] = field(default_factory=dict)   # for messages only; not part of any key
+    origins: dict[str, str] = field(default_factory=dict)  # for messages only; not part of any key
 
     @property
     def label(self) -> str:
@@ -165,14 +180,17 @@ class StageRequest:
     def write_spec(self, root_seen_by_stage: str) -> Path:
         """Write spec.json into the out dir; returns its host path."""
         path = self.workspace / self.out_dir / SPEC_NAME
-        atomic_write_json(path, spec_to_json(self.target.name, self.stage, root_seen_by_stage,
-                                             self.inputs, self.out_dir, self.params, self.origins))
+        atomic_write_json(
+            path,
+            spec_to_json(
+                self.target.name, self.stage, root_seen_by_stage, self.inputs, self.out_dir, self.params, self.origins
+            ),
+        )
         return path
 
     def check_result(self, log_tail: str) -> None:
         if not (self.workspace / self.out_dir / RESULT_NAME).is_file():
-            raise StageFailed(f"exited 0 but wrote no {RESULT_NAME} "
-                              f"in {self.out_dir}; the stage is broken", log_tail)
+            raise StageFailed(f"exited 0 but wrote no {RESULT_NAME} in {self.out_dir}; the stage is broken", log_tail)
 
 
 class LogTail:
@@ -186,9 +204,9 @@ class LogTail:
 
     def feed(self, line: str) -> None:
         line = line.rstrip("\n")
-        stage_log.debug("  [%s] %s", self.label, line)       # progress lines are relayed from here
+        stage_log.debug("  [%s] %s", self.label, line)  # progress lines are relayed from here
         if line.startswith(PROGRESS_PREFIX):
-            return                                            # not the stage's log
+            return  # not the stage's log
         self.lines.append(line)
         self.everything.append(line)
 

@@ -10,11 +10,12 @@ carries labels (io.modelmatrix.session = the run, io.modelmatrix.owner.* = the c
 io.modelmatrix.stage) so that leftovers of a crash can be found: :func:`clean`. An engine fault
 while a stage runs is a one-line StageFailed, never a docker/requests traceback.
 """
+
 from __future__ import annotations
 
 import codecs
-import json
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -37,8 +38,18 @@ from .. import REPO_ROOT, images
 from ..config import Matrix, TargetDef
 from ..docker_client import SESSION_LABEL, Engine, engine_reason, owner_labels, owner_state
 from ..errors import ConfigError, DockerError, ImageMissing, ModelMatrixError, StageFailed, TargetUnavailable
-from .base import (LogTail, Runner, StageRequest, device_fingerprint, device_reason, engine_gpu_reason,
-                   gpu_request_reason, nvidia_gpus, stage_exit_failure, stage_requires)
+from .base import (
+    LogTail,
+    Runner,
+    StageRequest,
+    device_fingerprint,
+    device_reason,
+    engine_gpu_reason,
+    gpu_request_reason,
+    nvidia_gpus,
+    stage_exit_failure,
+    stage_requires,
+)
 
 CONTAINER_WORKSPACE = "/workspace"
 STAGE_LABEL = "io.modelmatrix.stage"
@@ -48,8 +59,8 @@ LOG_DRAIN_S = 10.0
 
 #: Every stage container runs with these (Engine.create_container keywords).
 HARDENING: dict[str, Any] = {
-    "cap_drop": ["ALL"],                      # a stage reads files and computes: no capability needed
-    "security_opt": ["no-new-privileges"],    # no setuid/file-capability gain inside the container
+    "cap_drop": ["ALL"],  # a stage reads files and computes: no capability needed
+    "security_opt": ["no-new-privileges"],  # no setuid/file-capability gain inside the container
     # A fork bomb or a thread leak stops here instead of exhausting the host's pids. Threads count
     # as pids: torch/OpenMP start about one thread per core per pool (a few hundred on a big host),
     # DataLoader workers add their own; 4096 is ten times that and still far below the kernel's
@@ -66,11 +77,11 @@ STAGE_ENVIRONMENT = {"HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1"}
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DockerRunner", "StageContainer", "engine_reason", "clean", "bench_container_overhead",
-           "device_reason"]
+__all__ = ["DockerRunner", "StageContainer", "engine_reason", "clean", "bench_container_overhead", "device_reason"]
 
 
 # --------------------------------------------------------------------------- devices
+
 
 def ascend_options(container: dict[str, Any], device_ids: list[int], dev: Path = Path("/dev")) -> dict[str, Any]:
     """An Ascend stage's devices, from the validated container options (targets/ascend/target.yaml,
@@ -79,6 +90,7 @@ def ascend_options(container: dict[str, Any], device_ids: list[int], dev: Path =
     and the numeric groups that own those devices (mode 0660 HwHiAiUser; the container runs as the
     caller's uid). A device id the host lacks is a one-line ConfigError."""
     from .base import ascend_device_reason
+
     wrong = ascend_device_reason(device_ids, dev)
     if wrong:
         raise ConfigError(f"targets.ascend: {wrong}")
@@ -89,23 +101,31 @@ def ascend_options(container: dict[str, Any], device_ids: list[int], dev: Path =
             paths.append(host)
     missing = [p for p in paths if not Path(p).exists()]
     if missing:
-        raise ConfigError(f"targets.ascend.container.devices: {missing[0]} does not exist on this host; is the "
-                          "Ascend driver installed (npu-smi info)?")
+        raise ConfigError(
+            f"targets.ascend.container.devices: {missing[0]} does not exist on this host; is the "
+            "Ascend driver installed (npu-smi info)?"
+        )
     groups = sorted({str(os.stat(p).st_gid) for p in paths})
-    return {"devices": [f"{p}:{p}:rwm" for p in paths],
-            "binds": [f"{b}:{b}:ro" for b in container.get("binds_ro") or [] if Path(b).exists()],
-            "group_add": groups}
+    return {
+        "devices": [f"{p}:{p}:rwm" for p in paths],
+        "binds": [f"{b}:{b}:ro" for b in container.get("binds_ro") or [] if Path(b).exists()],
+        "group_add": groups,
+    }
 
 
 #: requires.devices kind -> the container options that give a stage that device
 DEVICE_OPTIONS = {
     "nvidia-gpu": lambda: {"gpus": True},
-    "ascend-npu": lambda: {},          # from the container options: ascend_options
+    "ascend-npu": lambda: {},  # from the container options: ascend_options
 }
 
 
-def _device_options(target: TargetDef, container: dict[str, Any] | None = None, stage: str | None = None,
-                    params: dict[str, Any] | None = None) -> dict[str, Any]:
+def _device_options(
+    target: TargetDef,
+    container: dict[str, Any] | None = None,
+    stage: str | None = None,
+    params: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """What the engine is asked for: the devices of requires.devices, and from the target's validated
     container options (targets/<t>/target.yaml ``container:``, overridden per matrix.yaml stanza) the
     GPU request (count or device_ids; all GPUs when a GPU target names none), shm size and ulimits."""
@@ -126,8 +146,9 @@ def _device_options(target: TargetDef, container: dict[str, Any] | None = None, 
     return out
 
 
-def device_options(matrix: Matrix, target: TargetDef, stage: str | None = None,
-                   params: dict[str, Any] | None = None) -> dict[str, Any]:
+def device_options(
+    matrix: Matrix, target: TargetDef, stage: str | None = None, params: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The device options :meth:`DockerRunner.container_for` gives a stage of ``target`` (the
     stage's own requires.devices; the target's when ``stage`` is None)."""
     return _device_options(target, matrix.target_cfg(target.name).get("container"), stage, params)
@@ -135,17 +156,36 @@ def device_options(matrix: Matrix, target: TargetDef, stage: str | None = None,
 
 # --------------------------------------------------------------------------- one container
 
+
 class StageContainer:
     """create -> start -> stream logs -> wait (real timeout; kill) -> remove, as a context manager."""
 
-    def __init__(self, engine: Engine, image_id: str, command: list[str], *, label: str, user: str,
-                 mounts: list[tuple[str, str, bool]], labels: dict[str, str], environment: dict[str, str],
-                 mem_limit: str | None, device_options: dict[str, Any] | None = None,
-                 volumes: list[str] | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        image_id: str,
+        command: list[str],
+        *,
+        label: str,
+        user: str,
+        mounts: list[tuple[str, str, bool]],
+        labels: dict[str, str],
+        environment: dict[str, str],
+        mem_limit: str | None,
+        device_options: dict[str, Any] | None = None,
+        volumes: list[str] | None = None,
+    ):
         self.engine, self.image_id, self.command, self.label = engine, image_id, command, label
         self.kwargs: dict[str, Any] = dict(
-            user=user, mounts=mounts, labels=labels, environment={**STAGE_ENVIRONMENT, **environment},
-            mem_limit=mem_limit, network_mode="none", device_options=device_options, **HARDENING)
+            user=user,
+            mounts=mounts,
+            labels=labels,
+            environment={**STAGE_ENVIRONMENT, **environment},
+            mem_limit=mem_limit,
+            network_mode="none",
+            device_options=device_options,
+            **HARDENING,
+        )
         if volumes:
             self.kwargs["volumes"] = list(volumes)
         self.cid: str | None = None
@@ -175,8 +215,11 @@ class StageContainer:
             self.engine.kill(self.cid)
             self.engine.wait(self.cid, KILL_GRACE_S)
             pump.join(LOG_DRAIN_S)
-            raise StageFailed(f"{self.label}: timed out after {timeout_s:g}s; the container was killed "
-                              "(raise stage_timeout_s if the stage needs longer)", tail.text())
+            raise StageFailed(
+                f"{self.label}: timed out after {timeout_s:g}s; the container was killed "
+                "(raise stage_timeout_s if the stage needs longer)",
+                tail.text(),
+            )
         pump.join(LOG_DRAIN_S)
         if self.log_error:
             tail.feed(f"[modelmatrix: the log stream broke: {self.log_error}]")
@@ -201,6 +244,7 @@ class StageContainer:
 
 
 # --------------------------------------------------------------------------- the runner
+
 
 def _memory_limit(matrix: Matrix) -> str:
     value = str(matrix.raw["images"]["memory_limit"]).strip()
@@ -232,7 +276,7 @@ class DockerRunner(Runner):
         self.user = user or f"{os.getuid()}:{os.getgid()}"
         self._engine = engine
         self._images: dict[str, tuple[str, str]] = {}
-        self._remote: dict[str, Engine] = {}      # docker_host -> its engine
+        self._remote: dict[str, Engine] = {}  # docker_host -> its engine
 
     def remote_host(self, target: TargetDef) -> str | None:
         """The target stanza's ``docker_host``: its stages run on that engine, with their inputs copied
@@ -314,8 +358,9 @@ class DockerRunner(Runner):
         if gpus.get("device_ids"):
             return device_fingerprint(target, list(gpus["device_ids"]))
         count = gpus.get("count")
-        return device_fingerprint(target, [str(i) for i in range(count)] if isinstance(count, int) and count >= 0
-                                  else None)
+        return device_fingerprint(
+            target, [str(i) for i in range(count)] if isinstance(count, int) and count >= 0 else None
+        )
 
     def image_for(self, target: TargetDef) -> tuple[str, str]:
         """(image ID, tag) of the target's current recipe; ImageMissing when it is not built."""
@@ -329,8 +374,11 @@ class DockerRunner(Runner):
     def run(self, req: StageRequest) -> str:
         image_id, tag = self.image_for(req.target)
         remote = self.remote_host(req.target)
-        reason = remote_device_reason(req.target, self.engine_for(req.target)) if remote else \
-            device_reason(req.target, req.stage)
+        reason = (
+            remote_device_reason(req.target, self.engine_for(req.target))
+            if remote
+            else device_reason(req.target, req.stage)
+        )
         if reason:
             raise StageFailed(f"{req.label}: {reason}")
         workspace = req.workspace.resolve()
@@ -351,17 +399,24 @@ class DockerRunner(Runner):
                     copy_out(container, req)
         except ImageMissing:
             self._images.pop(req.target.name, None)
-            raise ImageMissing(f"{req.label}: image {tag} ({image_id[7:19]}) is gone from the engine; "
-                               f"run `invoke build --target {req.target.name}` (the docker runner never pulls)") from None
-        except DockerError as exc:      # the engine failed or the container vanished: this stage failed
+            raise ImageMissing(
+                f"{req.label}: image {tag} ({image_id[7:19]}) is gone from the engine; "
+                f"run `invoke build --target {req.target.name}` (the docker runner never pulls)"
+            ) from None
+        except DockerError as exc:  # the engine failed or the container vanished: this stage failed
             if "no such container" in str(exc).lower():
-                raise StageFailed(f"{req.label}: its container was removed while the stage ran (by `docker rm`, "
-                                  f"or `invoke clean --force` on a host sharing this engine?); run it again",
-                                  tail.text()) from None
+                raise StageFailed(
+                    f"{req.label}: its container was removed while the stage ran (by `docker rm`, "
+                    f"or `invoke clean --force` on a host sharing this engine?); run it again",
+                    tail.text(),
+                ) from None
             raise StageFailed(f"{req.label}: Docker engine error: {exc}", tail.text()) from None
         if code != 0:
-            why = f" (killed: out of memory, images.memory_limit {_memory_limit(self.matrix)})" \
-                if container.oom_killed else _signal_note(code)
+            why = (
+                f" (killed: out of memory, images.memory_limit {_memory_limit(self.matrix)})"
+                if container.oom_killed
+                else _signal_note(code)
+            )
             raise stage_exit_failure(req.label, code, tail, f" in {tag}{why}")
         req.check_result(tail.text())
         return tail.text()
@@ -375,20 +430,36 @@ class DockerRunner(Runner):
         # stderr joined to stdout inside the container: Docker copies the two streams separately,
         # so their lines would otherwise interleave out of order (a traceback before the print
         # that preceded it) and the last line would not be the error.
-        command = ["sh", "-c", 'exec "$@" 2>&1', "stage",
-                   "python3", "-m", req.module, f"{CONTAINER_WORKSPACE}/{rel}/{SPEC_NAME}"]
+        command = [
+            "sh",
+            "-c",
+            'exec "$@" 2>&1',
+            "stage",
+            "python3",
+            "-m",
+            req.module,
+            f"{CONTAINER_WORKSPACE}/{rel}/{SPEC_NAME}",
+        ]
         remote = self.remote_host(req.target)
         return StageContainer(
-            self.engine_for(req.target), image_id, command, label=req.label, user=self.user,
+            self.engine_for(req.target),
+            image_id,
+            command,
+            label=req.label,
+            user=self.user,
             # a remote engine's bind mounts would name its own filesystem: a volume, filled by copy_in
-            mounts=[] if remote else [(str(workspace), CONTAINER_WORKSPACE, True),
-                                      (str(out), f"{CONTAINER_WORKSPACE}/{rel}", False)],
+            mounts=[]
+            if remote
+            else [(str(workspace), CONTAINER_WORKSPACE, True), (str(out), f"{CONTAINER_WORKSPACE}/{rel}", False)],
             volumes=[CONTAINER_WORKSPACE] if remote else None,
             labels={**owner_labels(self.session), STAGE_LABEL: req.label, IMAGE_LABEL: tag},
-            environment={**STAGE_ENVIRONMENT,
-                         **(self.matrix.target_cfg(req.target.name).get("container") or {}).get("env", {})},
+            environment={
+                **STAGE_ENVIRONMENT,
+                **(self.matrix.target_cfg(req.target.name).get("container") or {}).get("env", {}),
+            },
             mem_limit=_memory_limit(self.matrix),
-            device_options=device_options(self.matrix, req.target, req.stage, req.params))
+            device_options=device_options(self.matrix, req.target, req.stage, req.params),
+        )
 
     def close(self) -> None:
         """Remove whatever this runner's session left behind (normally nothing)."""
@@ -397,8 +468,12 @@ class DockerRunner(Runner):
                 for c in engine.containers(f"{SESSION_LABEL}={self.session}"):
                     engine.remove_container(c["Id"])
             except DockerError as exc:
-                log.warning("could not remove the containers of run %s on %s (`invoke clean` will): %s",
-                            self.session, engine.address, exc)
+                log.warning(
+                    "could not remove the containers of run %s on %s (`invoke clean` will): %s",
+                    self.session,
+                    engine.address,
+                    exc,
+                )
 
 
 # --------------------------------------------------------------------------- remote engines
@@ -418,11 +493,16 @@ def remote_device_reason(target: TargetDef, engine: Engine) -> str | None:
             missing = engine_gpu_reason(info)
         elif kind in ENGINE_RUNTIMES:
             runtime = ENGINE_RUNTIMES[kind]
-            missing = None if runtime in (info.get("Runtimes") or {}) else \
-                f"the Docker engine lists no {runtime} runtime (docker info)"
+            missing = (
+                None
+                if runtime in (info.get("Runtimes") or {})
+                else f"the Docker engine lists no {runtime} runtime (docker info)"
+            )
         else:
-            return (f"targets/{target.name}/target.yaml: requires.devices: unknown kind {kind!r} "
-                    f"(known: nvidia-gpu, {', '.join(ENGINE_RUNTIMES)})")
+            return (
+                f"targets/{target.name}/target.yaml: requires.devices: unknown kind {kind!r} "
+                f"(known: nvidia-gpu, {', '.join(ENGINE_RUNTIMES)})"
+            )
         if missing:
             return f"{target.name} needs {kind} (requires.devices) on {engine.address}: {missing}"
     return None
@@ -443,6 +523,7 @@ def copy_in(container: StageContainer, req: StageRequest, user: str) -> None:
     seen: set[str] = set()
     with tempfile.TemporaryFile() as fh:
         with tarfile.open(fileobj=fh, mode="w") as tar:
+
             def folder(rel: str, mode: int, owner: tuple[int, int]) -> None:
                 parts = Path(rel).parts
                 for i in range(1, len(parts) + 1):
@@ -468,7 +549,7 @@ def copy_in(container: StageContainer, req: StageRequest, user: str) -> None:
                         tar.addfile(info, src)
 
             out_rel = Path(req.out_dir).as_posix()
-            top = tarfile.TarInfo(".")                 # /workspace itself: not the stage's to write
+            top = tarfile.TarInfo(".")  # /workspace itself: not the stage's to write
             top.type, top.mode, top.mtime = tarfile.DIRTYPE, 0o555, int(time.time())
             tar.addfile(top)
             folder(str(Path(out_rel).parent), 0o555, (0, 0))
@@ -491,12 +572,14 @@ def copy_out(container: StageContainer, req: StageRequest) -> None:
         fh.seek(0)
         with tarfile.open(fileobj=fh, mode="r:") as tar:
             for member in tar:
-                parts = Path(member.name).parts[1:]          # the archive's top is the folder itself
+                parts = Path(member.name).parts[1:]  # the archive's top is the folder itself
                 if not parts:
                     continue
                 if member.name.startswith("/") or ".." in parts or not (member.isfile() or member.isdir()):
-                    raise StageFailed(f"{req.label}: the container's output holds {member.name!r}, which is not "
-                                      "a plain file or folder inside the output folder; refused")
+                    raise StageFailed(
+                        f"{req.label}: the container's output holds {member.name!r}, which is not "
+                        "a plain file or folder inside the output folder; refused"
+                    )
                 dest = out.joinpath(*parts)
                 if member.isdir():
                     dest.mkdir(parents=True, exist_ok=True)
@@ -509,6 +592,7 @@ def copy_out(container: StageContainer, req: StageRequest) -> None:
 
 
 # --------------------------------------------------------------------------- housekeeping
+
 
 def clean(all_images: bool = False, force: bool = False, engine: Engine | None = None) -> dict[str, Any]:
     """Remove leftover modelmatrix containers: those whose creating run is known to be gone
@@ -547,8 +631,9 @@ def clean(all_images: bool = False, force: bool = False, engine: Engine | None =
     return {"containers": removed, "kept": kept, "failed": failed, "images": removed_images}
 
 
-def bench_container_overhead(matrix: Matrix, runs: int = 5, target: str | None = None,
-                             engine: Engine | None = None) -> dict[str, Any]:
+def bench_container_overhead(
+    matrix: Matrix, runs: int = 5, target: str | None = None, engine: Engine | None = None
+) -> dict[str, Any]:
     """Seconds from create to removal of a container running a no-op stage (``python3 -m
     targets.common.contract``: interpreter start + the contract import), against the same command run
     locally. The issue's goal is under 1 s per container."""
@@ -562,10 +647,17 @@ def bench_container_overhead(matrix: Matrix, runs: int = 5, target: str | None =
     seconds = []
     for i in range(runs):
         t0 = time.perf_counter()
-        with StageContainer(engine, chosen["image_id"], command, label=f"bench.{i}",
-                            user=f"{os.getuid()}:{os.getgid()}", mounts=[],
-                            labels={**owner_labels(f"bench-{uuid.uuid4().hex[:8]}"), STAGE_LABEL: "bench"},
-                            environment=dict(STAGE_ENVIRONMENT), mem_limit=_memory_limit(matrix)) as c:
+        with StageContainer(
+            engine,
+            chosen["image_id"],
+            command,
+            label=f"bench.{i}",
+            user=f"{os.getuid()}:{os.getgid()}",
+            mounts=[],
+            labels={**owner_labels(f"bench-{uuid.uuid4().hex[:8]}"), STAGE_LABEL: "bench"},
+            environment=dict(STAGE_ENVIRONMENT),
+            mem_limit=_memory_limit(matrix),
+        ) as c:
             tail = LogTail("bench")
             code = c.run(tail, 60)
         seconds.append(time.perf_counter() - t0)
@@ -577,9 +669,16 @@ def bench_container_overhead(matrix: Matrix, runs: int = 5, target: str | None =
         subprocess.run([sys.executable, "-m", "targets.common.contract"], cwd=REPO_ROOT, check=True)
         local.append(time.perf_counter() - t0)
     median = statistics.median(seconds)
-    return {"target": chosen["target"], "image": chosen["tag"], "runs": runs,
-            "seconds": [round(s, 3) for s in seconds], "median_s": round(median, 3),
-            "min_s": round(min(seconds), 3), "max_s": round(max(seconds), 3),
-            "local_median_s": round(statistics.median(local), 3),
-            "overhead_s": round(median - statistics.median(local), 3), "goal_s": 1.0,
-            "meets_goal": median < 1.0}
+    return {
+        "target": chosen["target"],
+        "image": chosen["tag"],
+        "runs": runs,
+        "seconds": [round(s, 3) for s in seconds],
+        "median_s": round(median, 3),
+        "min_s": round(min(seconds), 3),
+        "max_s": round(max(seconds), 3),
+        "local_median_s": round(statistics.median(local), 3),
+        "overhead_s": round(median - statistics.median(local), 3),
+        "goal_s": 1.0,
+        "meets_goal": median < 1.0,
+    }

@@ -1,4 +1,5 @@
 """The embedded default: run a stage as a subprocess of this host's Python."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -60,9 +61,15 @@ class LocalRunner(Runner):
         env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         env.setdefault("PYTHONUNBUFFERED", "1")
         tail = LogTail(req.label)
-        proc = subprocess.Popen([sys.executable, "-m", req.module, str(spec)], cwd=root, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", req.module, str(spec)],
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         timed_out = threading.Event()
 
         def kill() -> None:
@@ -85,8 +92,11 @@ class LocalRunner(Runner):
         finally:
             timer.cancel()
         if timed_out.is_set():
-            raise StageFailed(f"timed out after {req.timeout_s:g} s and was killed "
-                              "(raise stage_timeout_s in matrix.yaml if it needs longer)", tail.text())
+            raise StageFailed(
+                f"timed out after {req.timeout_s:g} s and was killed "
+                "(raise stage_timeout_s in matrix.yaml if it needs longer)",
+                tail.text(),
+            )
         if code != 0:
             raise stage_exit_failure(req.label, code, tail)
         req.check_result(tail.text())

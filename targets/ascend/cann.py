@@ -6,6 +6,7 @@ imported only where arrays are read. The real toolkit was NOT executed on this p
 (it is proprietary and there is no Ascend device): the layouts below follow Huawei's documentation
 and the guide, and the tests exercise them against a test double (tests/fake_cann).
 """
+
 from __future__ import annotations
 
 import os
@@ -26,7 +27,8 @@ CHIPS_PER_CARD = 4
 BENCHMARK = "benchmark.x86_64"
 #: the ONNX operators ATC 5.0.1 converts (default domain), transcribed from Huawei's "ATC ONNX operator
 #: list" for CANN 5.0.x; not checked against the toolkit here (it was not available)
-ATC_ONNX_OPS = frozenset("""
+ATC_ONNX_OPS = frozenset(
+    """
 Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization BitShift Cast
 Ceil Celu Clip Compress Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DepthToSpace
 DequantizeLinear Div Dropout Elu Equal Erf Exp Expand EyeLike Flatten Floor GRU Gather GatherElements
@@ -38,20 +40,24 @@ Reciprocal ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean R
 ReduceSum ReduceSumSquare Relu Reshape Resize ReverseSequence RoiAlign Round Scatter ScatterElements
 ScatterND Selu Shape Shrink Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth
 Split Sqrt Squeeze Sub Sum Tan Tanh ThresholdedRelu Tile TopK Transpose Unsqueeze Upsample Where Xor
-""".split())
+""".split()
+)
 PRECISION_MODES = ("force_fp16", "force_fp32", "allow_mix_precision", "allow_fp32_to_fp16", "must_keep_origin_dtype")
 LOG_LEVELS = ("debug", "info", "warning", "error", "null")
 
 
 # --------------------------------------------------------------------------- checks before atc
 
+
 def check_onnx_for_atc(info: Dict[str, Any], path: Path) -> None:
     """Refuse, in one line, an ONNX that ATC 5.0.1 cannot take: an opset other than 11, or operators
     outside its list (all of them named, with their counts)."""
     opset = info["opsets"].get("")
     if opset != ATC_OPSET:
-        raise StageError("%s: ONNX opset %s; ATC (CANN %s) takes opset %d: export with model.export.opset: %d"
-                         % (path, opset, TOOLKIT_VERSION, ATC_OPSET, ATC_OPSET))
+        raise StageError(
+            "%s: ONNX opset %s; ATC (CANN %s) takes opset %d: export with model.export.opset: %d"
+            % (path, opset, TOOLKIT_VERSION, ATC_OPSET, ATC_OPSET)
+        )
     missing: Dict[str, int] = {}
     for domain, op, _name in info["ops"]:
         key = op if not domain else "%s:%s" % (domain, op)
@@ -59,15 +65,28 @@ def check_onnx_for_atc(info: Dict[str, Any], path: Path) -> None:
             missing[key] = missing.get(key, 0) + 1
     if missing:
         listed = ", ".join("%s (%d node%s)" % (k, n, "s" if n > 1 else "") for k, n in sorted(missing.items()))
-        raise StageError("%s: operators ATC (CANN %s) does not convert: %s; change the model or its export"
-                         % (path, TOOLKIT_VERSION, listed))
+        raise StageError(
+            "%s: operators ATC (CANN %s) does not convert: %s; change the model or its export"
+            % (path, TOOLKIT_VERSION, listed)
+        )
 
 
 # --------------------------------------------------------------------------- command lines
 
-def atc_command(model: str, output: str, input_name: str, batch: int, height: int, width: int,
-                soc_version: str = "Ascend310", precision_mode: str = "force_fp16", log: str = "error",
-                auto_tune_mode: str = "", atc: str = "atc") -> List[str]:
+
+def atc_command(
+    model: str,
+    output: str,
+    input_name: str,
+    batch: int,
+    height: int,
+    width: int,
+    soc_version: str = "Ascend310",
+    precision_mode: str = "force_fp16",
+    log: str = "error",
+    auto_tune_mode: str = "",
+    atc: str = "atc",
+) -> List[str]:
     """The guide's conversion, one batch size: ``atc --framework=5 --model=... --output=<stem>
     --input_format=NCHW --input_shape=image:<bs>,3,256,128 --log=... --soc_version=Ascend310``,
     plus --precision_mode (atc's own default is force_fp16) and --auto_tune_mode when given."""
@@ -76,24 +95,43 @@ def atc_command(model: str, output: str, input_name: str, batch: int, height: in
     if log not in LOG_LEVELS:
         raise StageError("atc_log %r: expected one of %s" % (log, ", ".join(LOG_LEVELS)))
     if auto_tune_mode and not re.fullmatch(r"(RL|GA)(,(RL|GA))?", auto_tune_mode):
-        raise StageError("auto_tune_mode %r: expected RL, GA or RL,GA (the guide tunes bs16 with RL,GA)"
-                         % auto_tune_mode)
-    cmd = [atc, "--framework=5", "--model=%s" % model, "--output=%s" % output, "--input_format=NCHW",
-           "--input_shape=%s:%d,3,%d,%d" % (input_name, batch, height, width), "--log=%s" % log,
-           "--soc_version=%s" % soc_version, "--precision_mode=%s" % precision_mode]
+        raise StageError(
+            "auto_tune_mode %r: expected RL, GA or RL,GA (the guide tunes bs16 with RL,GA)" % auto_tune_mode
+        )
+    cmd = [
+        atc,
+        "--framework=5",
+        "--model=%s" % model,
+        "--output=%s" % output,
+        "--input_format=NCHW",
+        "--input_shape=%s:%d,3,%d,%d" % (input_name, batch, height, width),
+        "--log=%s" % log,
+        "--soc_version=%s" % soc_version,
+        "--precision_mode=%s" % precision_mode,
+    ]
     if auto_tune_mode:
         cmd.append("--auto_tune_mode=%s" % auto_tune_mode)
     return cmd
 
 
-def benchmark_command(om: str, info: str, batch: int, height: int, width: int, device_id: int = 0,
-                      exe: str = "./" + BENCHMARK) -> List[str]:
+def benchmark_command(
+    om: str, info: str, batch: int, height: int, width: int, device_id: int = 0, exe: str = "./" + BENCHMARK
+) -> List[str]:
     """The guide's inference: ``./benchmark.x86_64 -model_type=vision -device_id=0 -batch_size=1
     -om_path=... -input_text_path=./prep_bin.info -input_width=128 -input_height=256
     -output_binary=True -useDvpp=False``."""
-    return [exe, "-model_type=vision", "-device_id=%d" % device_id, "-batch_size=%d" % batch,
-            "-om_path=%s" % om, "-input_text_path=%s" % info, "-input_width=%d" % width,
-            "-input_height=%d" % height, "-output_binary=True", "-useDvpp=False"]
+    return [
+        exe,
+        "-model_type=vision",
+        "-device_id=%d" % device_id,
+        "-batch_size=%d" % batch,
+        "-om_path=%s" % om,
+        "-input_text_path=%s" % info,
+        "-input_width=%d" % width,
+        "-input_height=%d" % height,
+        "-output_binary=True",
+        "-useDvpp=False",
+    ]
 
 
 def om_name(batch: int) -> str:
@@ -102,13 +140,17 @@ def om_name(batch: int) -> str:
 
 def batch_sizes(params: Dict[str, Any]) -> List[int]:
     sizes = params.get("batch_sizes", [1, 16])
-    if not (isinstance(sizes, list) and sizes and all(isinstance(b, int) and not isinstance(b, bool)
-                                                         and b >= 1 for b in sizes)):
+    if not (
+        isinstance(sizes, list)
+        and sizes
+        and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sizes)
+    ):
         raise StageError("batch_sizes: expected a list of integers >= 1, got %r" % (sizes,))
     return sorted(set(sizes))
 
 
 # --------------------------------------------------------------------------- the installed toolkit
+
 
 def find_tool(name: str, where: str) -> str:
     """The path of a toolkit executable on PATH, or a one-line StageError saying how to get it."""
@@ -136,6 +178,7 @@ def toolkit_version(install_path: str = "") -> Dict[str, Any]:
 
 # --------------------------------------------------------------------------- benchmark files
 
+
 def read_info(path: Path) -> List[Tuple[int, str, int, int]]:
     """prep_bin.info (gen_dataset_info.py bin): lines ``<index> <path> <width> <height>``, indices 0..N-1."""
     rows = []
@@ -148,8 +191,9 @@ def read_info(path: Path) -> List[Tuple[int, str, int, int]]:
             continue
         parts = line.split()
         if len(parts) != 4 or not (parts[0].isdigit() and parts[2].isdigit() and parts[3].isdigit()):
-            raise StageError("%s: line %d is not '<index> <path> <width> <height>': %r; run prepare again"
-                             % (path, n, line[:120]))
+            raise StageError(
+                "%s: line %d is not '<index> <path> <width> <height>': %r; run prepare again" % (path, n, line[:120])
+            )
         rows.append((int(parts[0]), parts[1], int(parts[2]), int(parts[3])))
     if [r[0] for r in rows] != list(range(len(rows))):
         raise StageError("%s: indices are not 0..%d in order; run prepare again" % (path, len(rows) - 1))
@@ -163,8 +207,10 @@ def rewrite_info(rows: Sequence[Tuple[int, str, int, int]], bins_dir: Path) -> s
     for index, rel, width, height in rows:
         path = Path(bins_dir) / Path(rel).name
         if any(ch.isspace() for ch in str(path)):
-            raise StageError("%s: the path contains whitespace, which would split its prep_bin.info line; "
-                             "move the workspace to a path without spaces" % path)
+            raise StageError(
+                "%s: the path contains whitespace, which would split its prep_bin.info line; "
+                "move the workspace to a path without spaces" % path
+            )
         out.append("%d %s %d %d\n" % (index, path, width, height))
     return "".join(out)
 
@@ -175,15 +221,21 @@ def check_bins(rows: Sequence[Tuple[int, str, int, int]], bins_dir: Path, chw: T
     for index, rel, width, height in rows:
         path = Path(bins_dir) / Path(rel).name
         if (width, height) != (chw[2], chw[1]):
-            raise StageError("%s: line %d says %dx%d, the model takes %dx%d (W x H); run prepare with the "
-                             "model's input_size" % (bins_dir / "prep_bin.info", index, width, height, chw[2], chw[1]))
+            raise StageError(
+                "%s: line %d says %dx%d, the model takes %dx%d (W x H); run prepare with the "
+                "model's input_size" % (bins_dir / "prep_bin.info", index, width, height, chw[2], chw[1])
+            )
         try:
             size = path.stat().st_size
         except FileNotFoundError:
-            raise StageError("%s: not found (prep_bin.info line %d names it); run prepare again" % (path, index)) from None
+            raise StageError(
+                "%s: not found (prep_bin.info line %d names it); run prepare again" % (path, index)
+            ) from None
         if size != expected:
-            raise StageError("%s: %d bytes, expected %d (float32 %dx%dx%d, no header); run prepare again"
-                             % (path, size, expected, chw[0], chw[1], chw[2]))
+            raise StageError(
+                "%s: %d bytes, expected %d (float32 %dx%dx%d, no header); run prepare again"
+                % (path, size, expected, chw[0], chw[1], chw[2])
+            )
 
 
 def dump_dir(result_dir: Path, device_id: int) -> Path:
@@ -199,14 +251,17 @@ def read_dump(result_dir: Path, device_id: int, stems: Sequence[str], dim: Optio
     (prep_bin.info's, which is inputs.npy's and index.json's), never the folder's. A missing or
     wrong-sized file is named (with how many more are missing)."""
     import numpy as np
+
     folder = dump_dir(result_dir, device_id)
     if not folder.is_dir():
         raise StageError("%s: the benchmark tool wrote no output folder; see its log" % folder)
     missing = [s for s in stems if not (folder / ("%s_1.bin" % s)).is_file()]
     if missing:
         more = " (and %d more)" % (len(missing) - 1) if len(missing) > 1 else ""
-        raise StageError("%s: no output for %s%s of %d inputs; the benchmark tool stopped early (see its log)"
-                         % (folder, "%s_1.bin" % missing[0], more, len(stems)))
+        raise StageError(
+            "%s: no output for %s%s of %d inputs; the benchmark tool stopped early (see its log)"
+            % (folder, "%s_1.bin" % missing[0], more, len(stems))
+        )
     out = None
     for i, stem in enumerate(stems):
         path = folder / ("%s_1.bin" % stem)
@@ -243,17 +298,25 @@ def parse_perf(path: Path, chips_per_card: int = CHIPS_PER_CARD) -> Dict[str, An
             continue
         m = _PERF_LINE.match(line.strip())
         if not m:
-            raise StageError("%s: line %d is not '[stage] key: value, ...': %r (unexpected format; is this "
-                             "benchmark tool CANN %s's?)" % (path, n, line[:120], TOOLKIT_VERSION))
+            raise StageError(
+                "%s: line %d is not '[stage] key: value, ...': %r (unexpected format; is this "
+                "benchmark tool CANN %s's?)" % (path, n, line[:120], TOOLKIT_VERSION)
+            )
         items: Dict[str, float] = {}
         for part in m.group("rest").split(","):
             im = _PERF_ITEM.match(part)
             if not im:
-                raise StageError("%s: line %d: %r is not 'key: number' (unexpected format)" % (path, n, part.strip()[:80]))
+                raise StageError(
+                    "%s: line %d: %r is not 'key: number' (unexpected format)" % (path, n, part.strip()[:80])
+                )
             items[im.group("key").strip()] = float(im.group("value"))
         stages[m.group("stage").strip()] = items
     chip = stages.get("infer", {}).get("Interface throughputRate")
     if chip is None:
         raise StageError("%s: no '[infer] ... Interface throughputRate: N' line (unexpected format)" % path)
-    return {"stages": stages, "chip_fps": chip, "chips_per_card": chips_per_card,
-            "card_fps": round(chip * chips_per_card, 3)}
+    return {
+        "stages": stages,
+        "chip_fps": chip,
+        "chips_per_card": chips_per_card,
+        "card_fps": round(chip * chips_per_card, 3),
+    }

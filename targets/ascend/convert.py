@@ -12,6 +12,7 @@ image. atc's own logs (ASCEND_PROCESS_LOG_PATH) and its console output are kept 
 lost in the container's /tmp. After each run: the .om exists and is not empty, and a sidecar JSON
 (batch, shapes, precision, atc version, ONNX and OM sha256, the command line) is written beside it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,8 +28,10 @@ from targets.common.contract import Spec, StageError, atomic_write_json, main
 from . import cann
 from .onnxinfo import image_input, output_dim, read_onnx
 
-NO_TOOLKIT = ("this environment has no CANN toolkit (atc); run the stage in the ascend image "
-              "(`invoke build --target ascend --file toolkit=Ascend-cann-toolkit_5.0.1_linux-x86_64.run`)")
+NO_TOOLKIT = (
+    "this environment has no CANN toolkit (atc); run the stage in the ascend image "
+    "(`invoke build --target ascend --file toolkit=Ascend-cann-toolkit_5.0.1_linux-x86_64.run`)"
+)
 #: the first bytes of an offline model (unverified for 5.0.1: a mismatch is noted, not refused)
 OM_MAGIC = b"IMOD"
 
@@ -47,25 +50,34 @@ def conversions(spec: Spec, info: Dict[str, Any], onnx_path: Path, atc: str = "a
     out = []
     for batch in cann.batch_sizes(spec.params):
         stem = spec.out_dir / "om" / cann.om_name(batch)[:-3]
-        cmd = cann.atc_command(str(onnx_path), str(stem), name, batch, height, width,
-                               soc_version=str(spec.param("soc_version", "Ascend310")),
-                               precision_mode=str(spec.param("precision_mode", "force_fp16")),
-                               log=str(spec.param("atc_log", "error")),
-                               auto_tune_mode=str(spec.param("auto_tune_mode", "") or ""), atc=atc)
+        cmd = cann.atc_command(
+            str(onnx_path),
+            str(stem),
+            name,
+            batch,
+            height,
+            width,
+            soc_version=str(spec.param("soc_version", "Ascend310")),
+            precision_mode=str(spec.param("precision_mode", "force_fp16")),
+            log=str(spec.param("atc_log", "error")),
+            auto_tune_mode=str(spec.param("auto_tune_mode", "") or ""),
+            atc=atc,
+        )
         out.append({"batch": batch, "stem": stem, "command": cmd})
     return out
 
 
 def _run_atc(cmd: List[str], log_path: Path, log_dir: Path, work: Path) -> int:
     env = dict(os.environ)
-    env["ASCEND_PROCESS_LOG_PATH"] = str(log_dir)     # atc's plog, else under $HOME/ascend/log
+    env["ASCEND_PROCESS_LOG_PATH"] = str(log_dir)  # atc's plog, else under $HOME/ascend/log
     env.setdefault("ASCEND_SLOG_PRINT_TO_STDOUT", "0")
-    work.mkdir(parents=True, exist_ok=True)           # atc writes fusion_result.json, kernel_meta/ here
+    work.mkdir(parents=True, exist_ok=True)  # atc writes fusion_result.json, kernel_meta/ here
     with open(str(log_path), "wb") as log:
         log.write(("$ " + " ".join(cmd) + "\n").encode())
         log.flush()
-        proc = subprocess.run(cmd, cwd=str(work), env=env, stdout=log, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            cmd, cwd=str(work), env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
     return proc.returncode
 
 
@@ -96,28 +108,45 @@ def run(spec: Spec) -> Dict[str, Any]:
         om = Path(str(stem) + ".om")
         if code != 0:
             # not the user's input (it passed the checks above): a toolkit failure, exit 1
-            print("atc exited %d for batch %d: %s (log: %s)" % (code, batch, _last_error(log_path), log_path),
-                  file=sys.stderr)
+            print(
+                "atc exited %d for batch %d: %s (log: %s)" % (code, batch, _last_error(log_path), log_path),
+                file=sys.stderr,
+            )
             sys.exit(1)
         if not om.is_file() or om.stat().st_size == 0:
-            print("atc exited 0 for batch %d but wrote %s %s (log: %s)"
-                  % (batch, "an empty" if om.is_file() else "no", om.name, log_path), file=sys.stderr)
+            print(
+                "atc exited 0 for batch %d but wrote %s %s (log: %s)"
+                % (batch, "an empty" if om.is_file() else "no", om.name, log_path),
+                file=sys.stderr,
+            )
             sys.exit(1)
         with open(str(om), "rb") as fh:
             magic = fh.read(4)
-        sidecar = {"batch": batch, "om": om.name, "om_sha256": _sha256(om), "om_bytes": om.stat().st_size,
-                   "om_magic_ok": magic == OM_MAGIC,
-                   "input": {"name": name, "shape": [batch, channels, height, width], "format": "NCHW",
-                             "dtype": "float32"},
-                   "output": {"name": info["outputs"][0][0], "shape": [batch, dim], "dtype": "float32"},
-                   "precision_mode": str(spec.param("precision_mode", "force_fp16")),
-                   "soc_version": str(spec.param("soc_version", "Ascend310")),
-                   "atc_version": toolkit.get("version", "?"), "toolkit_test_double": toolkit["test_double"],
-                   "onnx_sha256": info["sha256"], "command": conv["command"], "seconds": round(seconds, 3)}
+        sidecar = {
+            "batch": batch,
+            "om": om.name,
+            "om_sha256": _sha256(om),
+            "om_bytes": om.stat().st_size,
+            "om_magic_ok": magic == OM_MAGIC,
+            "input": {"name": name, "shape": [batch, channels, height, width], "format": "NCHW", "dtype": "float32"},
+            "output": {"name": info["outputs"][0][0], "shape": [batch, dim], "dtype": "float32"},
+            "precision_mode": str(spec.param("precision_mode", "force_fp16")),
+            "soc_version": str(spec.param("soc_version", "Ascend310")),
+            "atc_version": toolkit.get("version", "?"),
+            "toolkit_test_double": toolkit["test_double"],
+            "onnx_sha256": info["sha256"],
+            "command": conv["command"],
+            "seconds": round(seconds, 3),
+        }
         atomic_write_json(Path(str(om) + ".json"), sidecar)
         models.append(sidecar)
-    result = {"models": models, "onnx_sha256": info["sha256"], "opset": info["opsets"].get(""),
-              "toolkit": toolkit, "operators": len(info["ops"])}
+    result = {
+        "models": models,
+        "onnx_sha256": info["sha256"],
+        "opset": info["opsets"].get(""),
+        "toolkit": toolkit,
+        "operators": len(info["ops"]),
+    }
     if toolkit["test_double"]:
         result["note"] = "produced with the project's FAKE CANN toolkit (tests/fake_cann), not Huawei's"
     return result
@@ -134,6 +163,7 @@ def dry_run(spec: Spec) -> List[str]:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--dry-run":
         from targets.common.contract import load_spec
+
         try:
             print("\n".join(dry_run(load_spec(sys.argv[2]))))
         except StageError as exc:

@@ -6,6 +6,7 @@ and domain) of the main graph, and the graph's real inputs (initializers exclude
 their shapes. Initializer payloads are skipped by length, never decoded. Operators inside
 subgraphs (If/Loop bodies) are not listed: ReID exports have none.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,14 +52,14 @@ def _fields(buf: memoryview) -> Iterator[Tuple[int, Union[int, memoryview]]]:
         if wire == 0:
             value, i = _varint(buf, i)
         elif wire == 1:
-            value, i = buf[i:i + 8], i + 8
+            value, i = buf[i : i + 8], i + 8
         elif wire == 2:
             length, i = _varint(buf, i)
             if i + length > n:
                 raise _Malformed("a field runs past the end of its message")
-            value, i = buf[i:i + length], i + length
+            value, i = buf[i : i + length], i + length
         elif wire == 5:
-            value, i = buf[i:i + 4], i + 4
+            value, i = buf[i : i + 4], i + 4
         else:
             raise _Malformed("unknown wire type %d" % wire)
         if i > n:
@@ -73,9 +74,9 @@ def _text(value: Union[int, memoryview]) -> str:
 def _shape(type_proto: memoryview) -> List[Union[int, str]]:
     dims: List[Union[int, str]] = []
     for f, v in _fields(type_proto):
-        if f == 1 and isinstance(v, memoryview):               # tensor_type
+        if f == 1 and isinstance(v, memoryview):  # tensor_type
             for tf, tv in _fields(v):
-                if tf == 2 and isinstance(tv, memoryview):     # shape
+                if tf == 2 and isinstance(tv, memoryview):  # shape
                     for df, dv in _fields(tv):
                         if df == 1 and isinstance(dv, memoryview):
                             dim: Union[int, str] = "?"
@@ -89,7 +90,7 @@ def _shape(type_proto: memoryview) -> List[Union[int, str]]:
 
 
 def _value_info(buf: memoryview) -> Tuple[str, List[Union[int, str]]]:
-    name, shape = "", []                                        # type: Tuple[str, List[Union[int, str]]]
+    name, shape = "", []  # type: Tuple[str, List[Union[int, str]]]
     for f, v in _fields(buf):
         if f == 1:
             name = _text(v)
@@ -151,27 +152,36 @@ def read_onnx(path: Path) -> Dict[str, Any]:
         raise StageError("%s: not a valid ONNX file (%s); export it again" % (path, exc)) from None
     if not graph_seen or not opsets:
         raise StageError("%s: not an ONNX model (no graph or no opset import); export it again" % path)
-    return {"opsets": opsets, "ops": ops, "inputs": [i for i in inputs if i[0] not in initializers],
-            "outputs": outputs, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    return {
+        "opsets": opsets,
+        "ops": ops,
+        "inputs": [i for i in inputs if i[0] not in initializers],
+        "outputs": outputs,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+    }
 
 
 def image_input(info: Dict[str, Any], path: Path) -> Tuple[str, int, int, int]:
     """(name, C, H, W) of the one image input (N, C, H, W) with fixed C, H and W."""
     if len(info["inputs"]) != 1:
-        raise StageError("%s: %d graph inputs (%s); the Ascend target takes a model with one image input"
-                         % (path, len(info["inputs"]), ", ".join(n for n, _ in info["inputs"]) or "none"))
+        raise StageError(
+            "%s: %d graph inputs (%s); the Ascend target takes a model with one image input"
+            % (path, len(info["inputs"]), ", ".join(n for n, _ in info["inputs"]) or "none")
+        )
     name, shape = info["inputs"][0]
     if len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
-        raise StageError("%s: input %r has shape %s; expected (N, C, H, W) with fixed C, H and W"
-                         % (path, name, shape))
+        raise StageError("%s: input %r has shape %s; expected (N, C, H, W) with fixed C, H and W" % (path, name, shape))
     return name, int(shape[1]), int(shape[2]), int(shape[3])
 
 
 def output_dim(info: Dict[str, Any], path: Path) -> Optional[int]:
     """The feature length of the one output (N, D), when the file says it."""
     if len(info["outputs"]) != 1:
-        raise StageError("%s: %d graph outputs; the Ascend target takes a model with one feature output"
-                         % (path, len(info["outputs"])))
+        raise StageError(
+            "%s: %d graph outputs; the Ascend target takes a model with one feature output"
+            % (path, len(info["outputs"]))
+        )
     shape = info["outputs"][0][1]
     if len(shape) == 2 and isinstance(shape[1], int) and shape[1] > 0:
         return int(shape[1])

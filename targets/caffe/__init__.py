@@ -6,6 +6,7 @@ know CPUs released after 2020 (AMD Zen 4, Intel Sapphire Rapids) and falls back 
 "Prescott" kernel, measured 5x slower for sgemm than "SkylakeX" on an AVX-512 CPU. A
 user-set ``OPENBLAS_CORETYPE`` is left alone; the choice is reported in every result.json.
 """
+
 import os
 
 AVX512 = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}

@@ -6,6 +6,7 @@ or as many as fit in ``seconds``; batches cycle through inputs.npy. Each timed c
 ``caffe.infer`` times: input copy (with a reshape when the size changes), ``net.forward()``, the
 output view. Writes bench.json (the same dict as result.json).
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict
@@ -26,8 +27,12 @@ def run(spec: Spec) -> Dict[str, Any]:
     for bs in cfg["batch_sizes"]:
         batches = cycled_batches(arr, bs, MAX_DISTINCT_BATCHES)
         results.append(measure(lambda b: forward(net, input_name, output, b), batches, cfg))
-    report = {"target": spec.target, "results": results, "versions": versions(caffe),
-              "params": {k: v for k, v in cfg.items() if k != "batch_sizes"}}
+    report = {
+        "target": spec.target,
+        "results": results,
+        "versions": versions(caffe),
+        "params": {k: v for k, v in cfg.items() if k != "batch_sizes"},
+    }
     atomic_write_json(spec.output("bench.json"), report)
     return report
 

@@ -10,6 +10,7 @@
 3. The weights are assigned blob by blob (shapes checked), the caffemodel is saved under a
    temporary name, and only then are both files renamed into place.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List
 
-os.environ.setdefault("GLOG_minloglevel", "2")   # before pycaffe loads glog
+os.environ.setdefault("GLOG_minloglevel", "2")  # before pycaffe loads glog
 
 
 from targets.common.contract import Spec, StageError, main, temp_path  # noqa: E402
@@ -34,11 +35,16 @@ def _temp_path(final: Path) -> Path:
 def check_round_mode(net: oc.CaffeNet, proto: Path) -> None:
     if round_mode_supported():
         return
-    floor = [layer.name for layer in net.layers
-             if str(layer.params.get("pooling_param", {}).get("round_mode", "")) == "FLOOR"]
+    floor = [
+        layer.name
+        for layer in net.layers
+        if str(layer.params.get("pooling_param", {}).get("round_mode", "")) == "FLOOR"
+    ]
     if floor:
-        raise StageError(f"{proto}: pooling layer {floor[0]!r} needs round_mode: FLOOR, which this Caffe "
-                         "lacks (BVLC master >= 2018-03-07 has it); use the caffe image")
+        raise StageError(
+            f"{proto}: pooling layer {floor[0]!r} needs round_mode: FLOOR, which this Caffe "
+            "lacks (BVLC master >= 2018-03-07 has it); use the caffe image"
+        )
 
 
 def assign_weights(cnet, net: oc.CaffeNet, proto: Path) -> int:
@@ -46,18 +52,24 @@ def assign_weights(cnet, net: oc.CaffeNet, proto: Path) -> int:
     blobs = oc.param_blobs(net)
     missing = sorted(set(cnet.params) - set(blobs))
     if missing:
-        raise StageError(f"{proto}: Caffe created weights for layer(s) {', '.join(missing[:3])} that the "
-                         "conversion has no values for; this is a converter bug, nothing was written")
+        raise StageError(
+            f"{proto}: Caffe created weights for layer(s) {', '.join(missing[:3])} that the "
+            "conversion has no values for; this is a converter bug, nothing was written"
+        )
     copied = 0
     for name, arrays in blobs.items():
         params = cnet.params[name]
         if len(params) != len(arrays):
-            raise StageError(f"{proto}: layer {name!r} has {len(params)} blobs in Caffe, the conversion "
-                             f"made {len(arrays)}; nothing was written")
+            raise StageError(
+                f"{proto}: layer {name!r} has {len(params)} blobs in Caffe, the conversion "
+                f"made {len(arrays)}; nothing was written"
+            )
         for i, (param, array) in enumerate(zip(params, arrays)):
             if tuple(param.data.shape) != tuple(array.shape):
-                raise StageError(f"{proto}: layer {name!r} blob {i} is {param.data.shape} in Caffe, "
-                                 f"{array.shape} from the ONNX graph; nothing was written")
+                raise StageError(
+                    f"{proto}: layer {name!r} blob {i} is {param.data.shape} in Caffe, "
+                    f"{array.shape} from the ONNX graph; nothing was written"
+                )
             param.data[...] = array
             copied += array.size
     return copied
@@ -91,14 +103,25 @@ def summary(net: oc.CaffeNet) -> Dict[str, Any]:
     for layer in net.layers:
         p = layer.params.get("pooling_param")
         if p is not None:
-            pools.append({"layer": layer.name, "pool": str(p["pool"]),
-                          "round_mode": str(p["round_mode"]) if "round_mode" in p else None,
-                          "global": bool(p.get("global_pooling", False)),
-                          "top_shape": list(net.expected[layer.tops[0]])})
-    return {"layers": len(net.layers), "layer_types": dict(sorted(Counter(l.type for l in net.layers).items())),
-            "pooling": pools, "input_name": net.input_name, "input_shape": list(net.input_shape),
-            "output_name": net.output_name, "output_shape_at_probe": list(net.expected[net.output_name]),
-            "probe_batch": net.probe_batch}
+            pools.append(
+                {
+                    "layer": layer.name,
+                    "pool": str(p["pool"]),
+                    "round_mode": str(p["round_mode"]) if "round_mode" in p else None,
+                    "global": bool(p.get("global_pooling", False)),
+                    "top_shape": list(net.expected[layer.tops[0]]),
+                }
+            )
+    return {
+        "layers": len(net.layers),
+        "layer_types": dict(sorted(Counter(l.type for l in net.layers).items())),
+        "pooling": pools,
+        "input_name": net.input_name,
+        "input_shape": list(net.input_shape),
+        "output_name": net.output_name,
+        "output_shape_at_probe": list(net.expected[net.output_name]),
+        "probe_batch": net.probe_batch,
+    }
 
 
 def run(spec: Spec) -> Dict[str, Any]:
@@ -108,14 +131,19 @@ def run(spec: Spec) -> Dict[str, Any]:
     t0 = time.perf_counter()
     model = oc.load_onnx(onnx_path)
     net = oc.convert_model(model, output_name=output_name, source=str(onnx_path))
-    oc.check_shapes(net, oc.simulate_shapes(net), str(onnx_path))    # Caffe's formulas, no Caffe yet
+    oc.check_shapes(net, oc.simulate_shapes(net), str(onnx_path))  # Caffe's formulas, no Caffe yet
     text = oc.render_prototxt(net)
     map_s = time.perf_counter() - t0
     caffe = import_caffe()
     check_round_mode(net, proto_final)
     built = build(caffe, net, text, proto_final, model_final)
-    result = {"map_seconds": map_s, "shape_guard": "passed", "versions": versions(caffe),
-              "onnx_nodes": len(model.graph.node), "onnx_opset": oc.opset_of(model)}
+    result = {
+        "map_seconds": map_s,
+        "shape_guard": "passed",
+        "versions": versions(caffe),
+        "onnx_nodes": len(model.graph.node),
+        "onnx_opset": oc.opset_of(model),
+    }
     result.update(summary(net))
     result.update(built)
     return result

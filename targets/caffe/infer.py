@@ -12,6 +12,7 @@ both are checked here and refused with one line:
 Then the input blob is reshaped per batch (the last one partial), ``net.forward()`` runs, and the
 blob named by ``output_name`` is flattened to (B, D) into ``features.npy``.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
-os.environ.setdefault("GLOG_minloglevel", "2")   # before pycaffe loads glog: no INFO spam
+os.environ.setdefault("GLOG_minloglevel", "2")  # before pycaffe loads glog: no INFO spam
 
 import numpy as np  # noqa: E402
 
@@ -38,14 +39,16 @@ def import_caffe():
     try:
         import caffe
     except ImportError as exc:
-        raise StageError(f"pycaffe is not importable here ({exc}); run the caffe stages in the caffe "
-                         "image (images/caffe/Dockerfile)") from None
+        raise StageError(
+            f"pycaffe is not importable here ({exc}); run the caffe stages in the caffe image (images/caffe/Dockerfile)"
+        ) from None
     caffe.set_mode_cpu()
     return caffe
 
 
 def caffe_pb2():
     from caffe.proto import caffe_pb2 as pb2
+
     return pb2
 
 
@@ -69,16 +72,21 @@ def versions(caffe) -> Dict[str, Any]:
     import google.protobuf
     import onnx
     from google.protobuf.internal import api_implementation
-    return {"caffe": getattr(caffe, "__version__", "unknown"),
-            "caffe_deb": deb_version("python3-caffe"),
-            "round_mode_supported": round_mode_supported(),
-            "numpy": np.__version__, "onnx": onnx.__version__,
-            "protobuf": google.protobuf.__version__,
-            "protobuf_implementation": api_implementation.Type(),
-            "blas": os.path.realpath(BLAS_ALTERNATIVE) if BLAS_ALTERNATIVE.exists() else "unknown",
-            "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", "auto"),
-            "openblas_coretype_source": os.environ.get("MM_OPENBLAS_CORETYPE_SOURCE", "environment")
-            if "OPENBLAS_CORETYPE" in os.environ else "OpenBLAS detection"}
+
+    return {
+        "caffe": getattr(caffe, "__version__", "unknown"),
+        "caffe_deb": deb_version("python3-caffe"),
+        "round_mode_supported": round_mode_supported(),
+        "numpy": np.__version__,
+        "onnx": onnx.__version__,
+        "protobuf": google.protobuf.__version__,
+        "protobuf_implementation": api_implementation.Type(),
+        "blas": os.path.realpath(BLAS_ALTERNATIVE) if BLAS_ALTERNATIVE.exists() else "unknown",
+        "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", "auto"),
+        "openblas_coretype_source": os.environ.get("MM_OPENBLAS_CORETYPE_SOURCE", "environment")
+        if "OPENBLAS_CORETYPE" in os.environ
+        else "OpenBLAS detection",
+    }
 
 
 def write_image_versions(path: str) -> None:
@@ -86,13 +94,16 @@ def write_image_versions(path: str) -> None:
     build when pycaffe lacks round_mode or protobuf is not the pure-Python implementation."""
     import json
     import platform
+
     caffe = import_caffe()
     found = versions(caffe)
     if not found["round_mode_supported"]:
         raise SystemExit("this Caffe has no PoolingParameter.round_mode (needs BVLC master >= 2018-03-07)")
     if found["protobuf_implementation"] != "python":
-        raise SystemExit(f"protobuf implementation is {found['protobuf_implementation']!r}; set "
-                         "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python")
+        raise SystemExit(
+            f"protobuf implementation is {found['protobuf_implementation']!r}; set "
+            "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python"
+        )
     keep = ("caffe", "caffe_deb", "onnx", "numpy", "protobuf", "protobuf_implementation", "blas")
     out = {key: str(found[key]) for key in keep}
     out.update(round_mode="supported", python=platform.python_version())
@@ -106,6 +117,7 @@ def write_image_versions(path: str) -> None:
 def read_prototxt(path: Path):
     """The NetParameter of a prototxt, or one line saying why it is not a usable one."""
     from google.protobuf import text_format
+
     path = Path(path)
     if not path.is_file():
         raise StageError(f"{path}: not found; run caffe.convert first")
@@ -130,12 +142,15 @@ def check_prototxt(path: Path, net, registered: List[str]) -> Dict[str, str]:
     produced = {name: "input" for name in net.input}
     for layer in net.layer:
         if layer.type not in registered:
-            raise StageError(f"{path}: layer {layer.name!r} has type {layer.type!r}, unknown to this "
-                             "Caffe; run caffe.convert again")
+            raise StageError(
+                f"{path}: layer {layer.name!r} has type {layer.type!r}, unknown to this Caffe; run caffe.convert again"
+            )
         for bottom in layer.bottom:
             if bottom not in produced:
-                raise StageError(f"{path}: layer {layer.name!r} reads blob {bottom!r} that no earlier "
-                                 "layer produces; run caffe.convert again")
+                raise StageError(
+                    f"{path}: layer {layer.name!r} reads blob {bottom!r} that no earlier "
+                    "layer produces; run caffe.convert again"
+                )
         for top in layer.top:
             produced[top] = layer.name
     return produced
@@ -202,15 +217,15 @@ def _blob_shape(buf: memoryview, start: int, end: int) -> Tuple[Tuple[int, ...],
     legacy: Dict[int, int] = {}
     count = 0
     for number, wire, value in _fields(buf, start, end):
-        if number == 7 and wire == 2:                       # BlobShape shape
+        if number == 7 and wire == 2:  # BlobShape shape
             for sub, sub_wire, sub_value in _fields(buf, *value):
                 if sub == 1:
                     shape.extend(_packed_varints(buf, sub_value) if sub_wire == 2 else [sub_value])
-        elif number == 5:                                   # float data (packed or not)
+        elif number == 5:  # float data (packed or not)
             count += (value[1] - value[0]) // 4 if wire == 2 else 1
-        elif number == 8:                                   # double data
+        elif number == 8:  # double data
             count += (value[1] - value[0]) // 8 if wire == 2 else 1
-        elif number in (1, 2, 3, 4) and wire == 0:         # legacy num/channels/height/width
+        elif number in (1, 2, 3, 4) and wire == 0:  # legacy num/channels/height/width
             legacy[number] = value
     if not shape and legacy:
         shape = [legacy.get(k, 1) for k in (1, 2, 3, 4)]
@@ -233,13 +248,15 @@ def scan_caffemodel(path: Path) -> Dict[str, List[Tuple[int, ...]]]:
             name, blobs = None, []  # type: Tuple[Any, List[Any]]
             for sub, sub_wire, sub_value in _fields(data, *value):
                 if sub == 1 and sub_wire == 2:
-                    name = bytes(data[sub_value[0]:sub_value[1]]).decode("utf-8", "replace")
+                    name = bytes(data[sub_value[0] : sub_value[1]]).decode("utf-8", "replace")
                 elif sub == 7 and sub_wire == 2:
                     shape, count = _blob_shape(data, *sub_value)
                     expect = int(np.prod(shape)) if shape else 0
                     if count != expect:
-                        raise _Corrupt(f"layer {name!r} blob {len(blobs)} holds {count} values for shape "
-                                       f"{'x'.join(map(str, shape)) or '()'}")
+                        raise _Corrupt(
+                            f"layer {name!r} blob {len(blobs)} holds {count} values for shape "
+                            f"{'x'.join(map(str, shape)) or '()'}"
+                        )
                     blobs.append(shape)
             if name is None:
                 raise _Corrupt("a layer without a name")
@@ -262,12 +279,16 @@ def check_weights(net, stored: Dict[str, List[Tuple[int, ...]]], proto: Path, mo
         got = stored[name]
         if got != want:
             show = lambda shapes: ", ".join("x".join(map(str, s)) for s in shapes)  # noqa: E731
-            raise StageError(f"{model}: does not match {proto}: layer {name!r} has blobs [{show(got)}] in "
-                             f"the caffemodel, [{show(want)}] in the prototxt; {fix}")
+            raise StageError(
+                f"{model}: does not match {proto}: layer {name!r} has blobs [{show(got)}] in "
+                f"the caffemodel, [{show(want)}] in the prototxt; {fix}"
+            )
     extra = sorted(set(stored) - set(net.params))
     if extra:
-        raise StageError(f"{model}: does not match {proto}: weights for layer(s) {', '.join(map(repr, extra[:3]))} "
-                         f"that the prototxt lacks; {fix}")
+        raise StageError(
+            f"{model}: does not match {proto}: weights for layer(s) {', '.join(map(repr, extra[:3]))} "
+            f"that the prototxt lacks; {fix}"
+        )
 
 
 def open_net(caffe, proto: Path, model: Path):
@@ -294,8 +315,10 @@ def load_inputs(path: Path, chw: Tuple[int, ...], proto: Path) -> np.ndarray:
 def output_blob(net, name: str, proto: Path) -> str:
     if name not in net.blobs:
         last = list(net.blobs)[-1]
-        raise StageError(f"output_name: {name!r} is not a blob of {proto} (its last blob is {last!r}); "
-                         "set the same output_name for caffe.convert and caffe.infer")
+        raise StageError(
+            f"output_name: {name!r} is not a blob of {proto} (its last blob is {last!r}); "
+            "set the same output_name for caffe.convert and caffe.infer"
+        )
     return name
 
 
@@ -342,9 +365,16 @@ def run(spec: Spec) -> Dict[str, Any]:
     caffe, net, input_name, output, arr, batch_size = prepare(spec)
     features, seconds = infer(net, input_name, output, arr, batch_size)
     save_npy(spec.output("features.npy"), features)
-    return {"batch_size": batch_size, "images": int(arr.shape[0]), "batch_seconds": seconds,
-            "images_per_second": arr.shape[0] / sum(seconds), "input_name": input_name,
-            "output_name": output, "feature_dim": int(features.shape[1]), "versions": versions(caffe)}
+    return {
+        "batch_size": batch_size,
+        "images": int(arr.shape[0]),
+        "batch_seconds": seconds,
+        "images_per_second": arr.shape[0] / sum(seconds),
+        "input_name": input_name,
+        "output_name": output,
+        "feature_dim": int(features.shape[1]),
+        "versions": versions(caffe),
+    }
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ needs and nothing that needs pycaffe:
 
 Everything that cannot be mapped exactly is refused, as a whole list, before anything is written.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,7 +45,7 @@ class Layer:
     type: str
     bottoms: List[str]
     tops: List[str]
-    params: Dict[str, Any] = field(default_factory=dict)   # e.g. {"pooling_param": {...}}
+    params: Dict[str, Any] = field(default_factory=dict)  # e.g. {"pooling_param": {...}}
     blobs: List[np.ndarray] = field(default_factory=list)
     onnx_node: str = ""
     onnx_op: str = ""
@@ -54,12 +55,12 @@ class Layer:
 class CaffeNet:
     name: str
     input_name: str
-    input_shape: Shape              # as written in the prototxt (batch 1 when the ONNX batch is dynamic)
+    input_shape: Shape  # as written in the prototxt (batch 1 when the ONNX batch is dynamic)
     layers: List[Layer]
     output_name: str
     probe_batch: int
-    expected: Dict[str, Shape]      # top -> shape at probe_batch (from ONNX shape inference)
-    onnx_tensor: Dict[str, str]     # top -> the ONNX tensor it stands for ("" when internal)
+    expected: Dict[str, Shape]  # top -> shape at probe_batch (from ONNX shape inference)
+    onnx_tensor: Dict[str, str]  # top -> the ONNX tensor it stands for ("" when internal)
     dynamic_batch: bool = True
 
     def layer(self, name: str) -> Layer:
@@ -87,8 +88,9 @@ def load_onnx(path: Path) -> onnx.ModelProto:
         model = onnx.load(str(path))
     except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError/RuntimeError/ValueError by version
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise StageError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {first}); "
-                         "run torch.export again") from None
+        raise StageError(
+            f"{path}: not a readable ONNX model ({type(exc).__name__}: {first}); run torch.export again"
+        ) from None
     if not model.graph.node:
         raise StageError(f"{path}: the ONNX graph has no nodes; run torch.export again")
     return model
@@ -130,8 +132,9 @@ def _fmt(shape: Sequence[int]) -> str:
 # --------------------------------------------------------------------------- constant folding
 
 
-def _fold_node(node: onnx.NodeProto, values: List[Optional[np.ndarray]],
-               in_shapes: List[Optional[Shape]]) -> Optional[List[np.ndarray]]:
+def _fold_node(
+    node: onnx.NodeProto, values: List[Optional[np.ndarray]], in_shapes: List[Optional[Shape]]
+) -> Optional[List[np.ndarray]]:
     """numpy evaluation of the shape/constant ops torch exports; None when not foldable."""
     op, at = node.op_type, _attrs(node)
     if op == "Constant":
@@ -148,8 +151,8 @@ def _fold_node(node: onnx.NodeProto, values: List[Optional[np.ndarray]],
         shape = in_shapes[0]
         if shape is None:
             return None
-        end = at.get("end")                    # opset >= 15: a slice of the shape
-        return [np.array(shape[at.get("start", 0):end], dtype=np.int64)]
+        end = at.get("end")  # opset >= 15: a slice of the shape
+        return [np.array(shape[at.get("start", 0) : end], dtype=np.int64)]
     if not values or any(v is None for v, name in zip(values, node.input) if name):
         return None
     x = values[0]
@@ -181,7 +184,7 @@ def _fold_node(node: onnx.NodeProto, values: List[Optional[np.ndarray]],
         shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
         return [x.reshape(shape)]
     if op == "Slice":
-        if "starts" in at:   # opset < 10
+        if "starts" in at:  # opset < 10
             starts, ends = at["starts"], at["ends"]
             axes = at.get("axes", list(range(len(starts))))
             steps = [1] * len(starts)
@@ -195,15 +198,29 @@ def _fold_node(node: onnx.NodeProto, values: List[Optional[np.ndarray]],
         return [x[tuple(index)]]
     if op in ("Add", "Sub", "Mul", "Div") and len(values) == 2:
         a, b = values
-        if op == "Div" and np.issubdtype(a.dtype, np.integer):     # ONNX truncates toward zero
+        if op == "Div" and np.issubdtype(a.dtype, np.integer):  # ONNX truncates toward zero
             return [np.trunc(np.true_divide(a, b)).astype(a.dtype)]
         fn = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}[op]
         return [fn(a, b).astype(a.dtype)]
     return None
 
 
-FOLDABLE = {"Constant", "Shape", "Identity", "Cast", "Gather", "Unsqueeze", "Squeeze", "Concat",
-            "Reshape", "Slice", "Add", "Sub", "Mul", "Div"}
+FOLDABLE = {
+    "Constant",
+    "Shape",
+    "Identity",
+    "Cast",
+    "Gather",
+    "Unsqueeze",
+    "Squeeze",
+    "Concat",
+    "Reshape",
+    "Slice",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+}
 #: Initializers larger than this are left out of the copy that shape inference sees (their shape
 #: is declared as a graph input instead): inference needs values only for small shape tensors.
 SKELETON_MIN_ELEMENTS = 4096
@@ -254,8 +271,10 @@ def _infer_shapes(model: onnx.ModelProto, source: str) -> Dict[str, Optional[Sha
         inferred = shape_inference.infer_shapes(_skeleton(model), strict_mode=True)
     except Exception as exc:  # noqa: BLE001 - InferenceError's class moved between onnx versions
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise StageError(f"{source}: ONNX shape inference failed ({first}); "
-                         "check the export (onnx.checker) and run torch.export again") from None
+        raise StageError(
+            f"{source}: ONNX shape inference failed ({first}); "
+            "check the export (onnx.checker) and run torch.export again"
+        ) from None
     table: Dict[str, Optional[Shape]] = {}
     graph = inferred.graph
     for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
@@ -277,8 +296,9 @@ def fold_constants(model: onnx.ModelProto, source: str) -> Tuple[Dict[str, Optio
         kept, changed = [], False
         for node in model.graph.node:
             outs = None
-            if node.op_type in FOLDABLE and (node.op_type in ("Constant", "Shape") or
-                                             all(name in consts for name in node.input if name)):
+            if node.op_type in FOLDABLE and (
+                node.op_type in ("Constant", "Shape") or all(name in consts for name in node.input if name)
+            ):
                 values = [consts.get(name) if name else None for name in node.input]
                 outs = _fold_node(node, values, [shapes.get(name) for name in node.input])
             if outs is None or len(outs) < len([o for o in node.output if o]):
@@ -328,19 +348,21 @@ def _graph_input(model: onnx.ModelProto, source: str) -> Tuple[onnx.ValueInfoPro
     inputs = [vi for vi in model.graph.input if vi.name not in inits]
     if len(inputs) != 1:
         names = ", ".join(vi.name for vi in inputs) or "none"
-        raise StageError(f"{source}: the graph has {len(inputs)} inputs ({names}); Caffe conversion "
-                         "needs exactly one image input")
+        raise StageError(
+            f"{source}: the graph has {len(inputs)} inputs ({names}); Caffe conversion needs exactly one image input"
+        )
     vi = inputs[0]
     if vi.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
         raise StageError(f"{source}: input {vi.name!r} is not float32; export the model in fp32")
     dims = _dims(vi)
     if dims is None or len(dims) != 4:
-        raise StageError(f"{source}: input {vi.name!r} has shape {dims}, expected "
-                         "(batch, channels, height, width)")
+        raise StageError(f"{source}: input {vi.name!r} has shape {dims}, expected (batch, channels, height, width)")
     if not all(isinstance(d, int) and d > 0 for d in dims[1:]):
         shown = "x".join(str(d) if d is not None else "?" for d in dims)
-        raise StageError(f"{source}: input {vi.name!r} has a dynamic channel/spatial size ({shown}); "
-                         "Caffe needs fixed C, H and W: export with only the batch axis dynamic")
+        raise StageError(
+            f"{source}: input {vi.name!r} has a dynamic channel/spatial size ({shown}); "
+            "Caffe needs fixed C, H and W: export with only the batch axis dynamic"
+        )
     return vi, dims
 
 
@@ -361,8 +383,14 @@ def _fix_batch(model: onnx.ModelProto, input_name: str, batch: int) -> None:
 class _Mapper:
     """ONNX nodes -> Caffe layers; each ``op_<Type>`` maps one node or raises _Unsupported."""
 
-    def __init__(self, model: onnx.ModelProto, shapes: Dict[str, Optional[Shape]],
-                 batch_dependent: set, input_name: str, dynamic_batch: bool):
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        shapes: Dict[str, Optional[Shape]],
+        batch_dependent: set,
+        input_name: str,
+        dynamic_batch: bool,
+    ):
         self.shapes = shapes
         self.batch_dependent = batch_dependent
         self.dynamic_batch = dynamic_batch
@@ -376,7 +404,7 @@ class _Mapper:
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
         self.graph_outputs = {o.name for o in model.graph.output}
-        self.skip: set = set()          # nodes already consumed by a fusion
+        self.skip: set = set()  # nodes already consumed by a fusion
         self.layer_names: set = set()
 
     # -- bookkeeping
@@ -411,12 +439,22 @@ class _Mapper:
             self.expected[top] = tuple(int(v) for v in shape)
             self.onnx_tensor[top] = tensor
 
-    def single(self, node: onnx.NodeProto, label: str, ltype: str, params: Dict[str, Any],
-               blobs: Sequence[np.ndarray] = (), bottom: Optional[str] = None) -> None:
+    def single(
+        self,
+        node: onnx.NodeProto,
+        label: str,
+        ltype: str,
+        params: Dict[str, Any],
+        blobs: Sequence[np.ndarray] = (),
+        bottom: Optional[str] = None,
+    ) -> None:
         out = node.output[0]
         bottom = bottom if bottom is not None else self.blob(node.input[0])
-        self.add(Layer(label, ltype, [bottom], [out], params, [np.asarray(b, np.float32) for b in blobs]),
-                 node, {out: (self.shape(out), out)})
+        self.add(
+            Layer(label, ltype, [bottom], [out], params, [np.asarray(b, np.float32) for b in blobs]),
+            node,
+            {out: (self.shape(out), out)},
+        )
         self.alias[out] = out
 
     # -- dispatch
@@ -434,7 +472,7 @@ class _Mapper:
             except _Unsupported as exc:
                 reason = str(exc)
                 problems.append(f"{node.op_type} (node {label}{': ' + reason if reason else ''})")
-                for out in node.output:          # keep going to report every problem at once
+                for out in node.output:  # keep going to report every problem at once
                     self.alias.setdefault(out, out)
         return problems
 
@@ -454,9 +492,16 @@ class _Mapper:
         pads = _symmetric_pads(at, self.shape(node.input[0]), (kh, kw))
         sh, sw = at.get("strides", [1, 1])
         dh, dw = at.get("dilations", [1, 1])
-        conv = {"num_output": int(weight.shape[0]), "bias_term": bias is not None,
-                "pad_h": pads[0], "pad_w": pads[1], "kernel_h": int(kh), "kernel_w": int(kw),
-                "stride_h": int(sh), "stride_w": int(sw)}
+        conv = {
+            "num_output": int(weight.shape[0]),
+            "bias_term": bias is not None,
+            "pad_h": pads[0],
+            "pad_w": pads[1],
+            "kernel_h": int(kh),
+            "kernel_w": int(kw),
+            "stride_h": int(sh),
+            "stride_w": int(sw),
+        }
         if (dh, dw) != (1, 1):
             conv["dilation"] = [int(dh)] if dh == dw else [int(dh), int(dw)]
         if int(at.get("group", 1)) != 1:
@@ -498,9 +543,16 @@ class _Mapper:
             raise _Unsupported(f"padding {pad_h},{pad_w} not smaller than the kernel {kh}x{kw}")
         sh, sw = at.get("strides", [1, 1])
         ceil = bool(int(at.get("ceil_mode", 0)))
-        params = {"pool": Ident(kind), "kernel_h": int(kh), "kernel_w": int(kw),
-                  "stride_h": int(sh), "stride_w": int(sw), "pad_h": pad_h, "pad_w": pad_w,
-                  "round_mode": Ident("CEIL" if ceil else "FLOOR")}
+        params = {
+            "pool": Ident(kind),
+            "kernel_h": int(kh),
+            "kernel_w": int(kw),
+            "stride_h": int(sh),
+            "stride_w": int(sw),
+            "pad_h": pad_h,
+            "pad_w": pad_w,
+            "round_mode": Ident("CEIL" if ceil else "FLOOR"),
+        }
         self.single(node, label, "Pooling", {"pooling_param": params})
 
     def op_GlobalAveragePool(self, node, label):
@@ -529,8 +581,9 @@ class _Mapper:
             return
         pooled = out + "/pooled"
         n, c = in_shape[:2]
-        self.add(Layer(label, "Pooling", [self.blob(node.input[0])], [pooled], pool), node,
-                 {pooled: ((n, c, 1, 1), "")})
+        self.add(
+            Layer(label, "Pooling", [self.blob(node.input[0])], [pooled], pool), node, {pooled: ((n, c, 1, 1), "")}
+        )
         self.add(Layer(label + "/flatten", "Flatten", [pooled], [out], {}), node, {out: (self.shape(out), out)})
         self.alias[out] = out
 
@@ -548,12 +601,23 @@ class _Mapper:
         eps = float(at.get("epsilon", 1e-5))
         out = node.output[0]
         normed = out + "/bn"
-        self.add(Layer(label, "BatchNorm", [self.blob(node.input[0])], [normed],
-                       {"batch_norm_param": {"use_global_stats": True, "eps": eps}},
-                       [mean, var, np.ones(1, np.float32)]),
-                 node, {normed: (self.shape(out), "")})
-        self.add(Layer(label + "/scale", "Scale", [normed], [out], {"scale_param": {"bias_term": True}},
-                       [gamma, beta]), node, {out: (self.shape(out), out)})
+        self.add(
+            Layer(
+                label,
+                "BatchNorm",
+                [self.blob(node.input[0])],
+                [normed],
+                {"batch_norm_param": {"use_global_stats": True, "eps": eps}},
+                [mean, var, np.ones(1, np.float32)],
+            ),
+            node,
+            {normed: (self.shape(out), "")},
+        )
+        self.add(
+            Layer(label + "/scale", "Scale", [normed], [out], {"scale_param": {"bias_term": True}}, [gamma, beta]),
+            node,
+            {out: (self.shape(out), out)},
+        )
         self.alias[out] = out
 
     def op_Add(self, node, label):
@@ -564,8 +628,17 @@ class _Mapper:
             if sa != sb:
                 raise _Unsupported(f"broadcasting add {_fmt(sa)} + {_fmt(sb)}")
             out = node.output[0]
-            self.add(Layer(label, "Eltwise", [self.blob(a), self.blob(b)], [out],
-                           {"eltwise_param": {"operation": Ident("SUM")}}), node, {out: (self.shape(out), out)})
+            self.add(
+                Layer(
+                    label,
+                    "Eltwise",
+                    [self.blob(a), self.blob(b)],
+                    [out],
+                    {"eltwise_param": {"operation": Ident("SUM")}},
+                ),
+                node,
+                {out: (self.shape(out), out)},
+            )
             self.alias[out] = out
             return
         x, c = (a, cb) if cb is not None else (b, ca)
@@ -602,8 +675,11 @@ class _Mapper:
         vec = _per_channel(np.asarray(c, np.float32), x_shape)
         if vec is None:
             raise _Unsupported(f"constant of shape {_fmt(np.shape(c))} is not per-channel for input {_fmt(x_shape)}")
-        params = {"bias_param": {"axis": 1, "num_axes": 1}} if ltype == "Bias" else \
-            {"scale_param": {"axis": 1, "num_axes": 1, "bias_term": False}}
+        params = (
+            {"bias_param": {"axis": 1, "num_axes": 1}}
+            if ltype == "Bias"
+            else {"scale_param": {"axis": 1, "num_axes": 1, "bias_term": False}}
+        )
         self.single(node, label, ltype, params, [vec], bottom=self.blob(x))
 
     def op_Gemm(self, node, label):
@@ -615,7 +691,7 @@ class _Mapper:
             raise _Unsupported("transA=1")
         in_shape = self.shape(node.input[0])
         weight = np.asarray(weight, np.float32)
-        weight = weight if int(at.get("transB", 0)) else weight.T          # Caffe: (num_output, K)
+        weight = weight if int(at.get("transB", 0)) else weight.T  # Caffe: (num_output, K)
         weight = weight * np.float32(at.get("alpha", 1.0))
         bias = None
         if len(node.input) > 2 and node.input[2]:
@@ -649,8 +725,18 @@ class _Mapper:
             raise _Unsupported(f"input {_fmt(in_shape)} for weight {_fmt(weight.shape)} (need N x K)")
         params = {"inner_product_param": {"num_output": int(weight.shape[0]), "bias_term": bias is not None}}
         blobs = [weight] + ([bias] if bias is not None else [])
-        self.add(Layer(label, "InnerProduct", [self.blob(x)], [out], params,
-                       [np.ascontiguousarray(b, np.float32) for b in blobs]), node, {out: (self.shape(out), out)})
+        self.add(
+            Layer(
+                label,
+                "InnerProduct",
+                [self.blob(x)],
+                [out],
+                params,
+                [np.ascontiguousarray(b, np.float32) for b in blobs],
+            ),
+            node,
+            {out: (self.shape(out), out)},
+        )
         self.alias[out] = out
 
     # -- shape-only operators: data order is kept, only the dims change
@@ -666,8 +752,12 @@ class _Mapper:
         if target is None:
             raise _Unsupported("the target shape is not constant after folding")
         in_shape = self.shape(node.input[0])
-        if (node.input[1] not in self.batch_dependent and len(in_shape) > 0 and
-                int(target.reshape(-1)[0]) not in (0, -1) and self.dynamic_batch):
+        if (
+            node.input[1] not in self.batch_dependent
+            and len(in_shape) > 0
+            and int(target.reshape(-1)[0]) not in (0, -1)
+            and self.dynamic_batch
+        ):
             raise _Unsupported(f"target shape {target.tolist()} fixes the batch size (use x.size(0) or -1)")
         self.reshape_like(node, label)
 
@@ -689,17 +779,20 @@ class _Mapper:
     def reshape_like(self, node, label):
         in_shape, out = self.shape(node.input[0]), node.output[0]
         out_shape = self.shape(out)
-        if not out_shape or out_shape[0] != in_shape[0] or \
-                int(np.prod(out_shape)) != int(np.prod(in_shape)):
+        if not out_shape or out_shape[0] != in_shape[0] or int(np.prod(out_shape)) != int(np.prod(in_shape)):
             raise _Unsupported(f"{_fmt(in_shape)} -> {_fmt(out_shape)} does not keep the batch axis")
         bottom = self.blob(node.input[0])
         if len(out_shape) == 2:
-            self.add(Layer(label, "Flatten", [bottom], [out], {"flatten_param": {"axis": 1}}),
-                     node, {out: (out_shape, out)})
+            self.add(
+                Layer(label, "Flatten", [bottom], [out], {"flatten_param": {"axis": 1}}), node, {out: (out_shape, out)}
+            )
         else:
             dims = [0] + [int(d) for d in out_shape[1:]]
-            self.add(Layer(label, "Reshape", [bottom], [out], {"reshape_param": {"shape": {"dim": dims}}}),
-                     node, {out: (out_shape, out)})
+            self.add(
+                Layer(label, "Reshape", [bottom], [out], {"reshape_param": {"shape": {"dim": dims}}}),
+                node,
+                {out: (out_shape, out)},
+            )
         self.alias[out] = out
 
     def op_Identity(self, node, label):
@@ -767,11 +860,11 @@ def _live_nodes(model: onnx.ModelProto) -> List[Tuple[int, onnx.NodeProto]]:
 # --------------------------------------------------------------------------- entry point
 
 
-def convert_model(model: onnx.ModelProto, output_name: str = "output", probe_batch: int = PROBE_BATCH,
-                  source: str = "model.onnx") -> CaffeNet:
+def convert_model(
+    model: onnx.ModelProto, output_name: str = "output", probe_batch: int = PROBE_BATCH, source: str = "model.onnx"
+) -> CaffeNet:
     """The Caffe net for ``model``; raises StageError (one line) for anything not mapped exactly."""
-    if not isinstance(output_name, str) or not output_name or \
-            any(ch.isspace() or ch in '"\\' for ch in output_name):
+    if not isinstance(output_name, str) or not output_name or any(ch.isspace() or ch in '"\\' for ch in output_name):
         raise StageError(f"output_name: {output_name!r} is not a usable blob name; use e.g. 'output'")
     model_copy = onnx.ModelProto()
     model_copy.CopyFrom(model)
@@ -779,8 +872,10 @@ def convert_model(model: onnx.ModelProto, output_name: str = "output", probe_bat
     if output_name == vi.name:
         raise StageError(f"output_name: {output_name!r} is the name of the input blob; choose another name")
     if len(model_copy.graph.output) != 1:
-        raise StageError(f"{source}: the graph has {len(model_copy.graph.output)} outputs; "
-                         "Caffe conversion needs exactly one (the feature)")
+        raise StageError(
+            f"{source}: the graph has {len(model_copy.graph.output)} outputs; "
+            "Caffe conversion needs exactly one (the feature)"
+        )
     dynamic_batch = not (isinstance(dims[0], int) and dims[0] > 0)
     batch = probe_batch if dynamic_batch else int(dims[0])
     _fix_batch(model_copy, vi.name, batch)
@@ -791,8 +886,10 @@ def convert_model(model: onnx.ModelProto, output_name: str = "output", probe_bat
     nodes = _live_nodes(folded)
     problems = mapper.run(nodes)
     if problems:
-        raise StageError(f"{source}: {len(problems)} ONNX node(s) have no exact Caffe mapping: "
-                         f"{'; '.join(problems)}; nothing was written")
+        raise StageError(
+            f"{source}: {len(problems)} ONNX node(s) have no exact Caffe mapping: "
+            f"{'; '.join(problems)}; nothing was written"
+        )
 
     graph_out = folded.graph.output[0].name
     final = mapper.alias.get(graph_out)
@@ -803,16 +900,24 @@ def convert_model(model: onnx.ModelProto, output_name: str = "output", probe_bat
     mapper.expected[vi.name] = (batch,) + tuple(int(d) for d in dims[1:])
     mapper.onnx_tensor[vi.name] = vi.name
     name = model.graph.name or "onnx_model"
-    return CaffeNet(name=name, input_name=vi.name, input_shape=input_shape, layers=mapper.layers,
-                    output_name=output_name, probe_batch=batch, expected=mapper.expected,
-                    onnx_tensor=mapper.onnx_tensor, dynamic_batch=dynamic_batch)
+    return CaffeNet(
+        name=name,
+        input_name=vi.name,
+        input_shape=input_shape,
+        layers=mapper.layers,
+        output_name=output_name,
+        probe_batch=batch,
+        expected=mapper.expected,
+        onnx_tensor=mapper.onnx_tensor,
+        dynamic_batch=dynamic_batch,
+    )
 
 
 def _rename_top(mapper: _Mapper, old: str, new: str) -> None:
     if old == new:
         return
     taken = {t for layer in mapper.layers for t in layer.tops + layer.bottoms}
-    if new in taken:                       # another blob already has the wanted name: move it aside
+    if new in taken:  # another blob already has the wanted name: move it aside
         _rename_top(mapper, new, new + "_orig")
     for layer in mapper.layers:
         layer.tops = [new if t == old else t for t in layer.tops]
@@ -854,10 +959,19 @@ def _fields(params: Dict[str, Any], indent: int) -> List[str]:
 
 def render_prototxt(net: CaffeNet) -> str:
     """Deterministic prototxt text: an Input layer, then one block per layer."""
-    lines = ["# generated by modelmatrix targets/caffe/onnx2caffe.py from the ONNX graph; do not edit",
-             f"name: {_value(net.name)}"]
-    blocks = [Layer(net.input_name, "Input", [], [net.input_name],
-                    {"input_param": {"shape": {"dim": [int(d) for d in net.input_shape]}}})] + net.layers
+    lines = [
+        "# generated by modelmatrix targets/caffe/onnx2caffe.py from the ONNX graph; do not edit",
+        f"name: {_value(net.name)}",
+    ]
+    blocks = [
+        Layer(
+            net.input_name,
+            "Input",
+            [],
+            [net.input_name],
+            {"input_param": {"shape": {"dim": [int(d) for d in net.input_shape]}}},
+        )
+    ] + net.layers
     for layer in blocks:
         body: Dict[str, Any] = {"name": layer.name, "type": layer.type}
         if layer.bottoms:
@@ -902,8 +1016,12 @@ def caffe_top_shape(layer: Layer, bottoms: List[Shape]) -> Shape:
         if p.get("global_pooling"):
             return (x[0], x[1], 1, 1)
         ceil = str(p.get("round_mode", "CEIL")) == "CEIL"
-        return (x[0], x[1], _pooled(x[2], p["kernel_h"], p["stride_h"], p["pad_h"], ceil),
-                _pooled(x[3], p["kernel_w"], p["stride_w"], p["pad_w"], ceil))
+        return (
+            x[0],
+            x[1],
+            _pooled(x[2], p["kernel_h"], p["stride_h"], p["pad_h"], ceil),
+            _pooled(x[3], p["kernel_w"], p["stride_w"], p["pad_w"], ceil),
+        )
     if kind in ("ReLU", "BatchNorm", "Scale", "Bias"):
         return x
     if kind == "Eltwise":
@@ -947,4 +1065,5 @@ def check_shapes(net: CaffeNet, actual: Mapping[str, Sequence[int]], where: str)
                 raise StageError(
                     f"{where}: shape guard: layer {layer.name!r} ({layer.type}, from ONNX {layer.onnx_op} "
                     f"{layer.onnx_node!r}) gives {top!r} {shown} in Caffe but {_fmt(want)} in the ONNX graph "
-                    f"({tensor}); the conversion is wrong for this layer, nothing was written")
+                    f"({tensor}); the conversion is wrong for this layer, nothing was written"
+                )

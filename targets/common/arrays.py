@@ -2,6 +2,7 @@
 
 numpy is in every target image (Caffe's is Debian's 1.19: keep this module to old numpy APIs).
 """
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,10 @@ def load_inputs(path: Path, chw: Sequence[int], consumer: str = "this model") ->
         raise StageError(f"{path}: not a readable .npy file ({exc}); run the prepare stage again") from None
     chw = tuple(int(v) for v in chw)
     if arr.ndim != 4 or tuple(arr.shape[1:]) != chw:
-        raise StageError(f"{path}: shape {tuple(arr.shape)}, but {consumer} takes (N, "
-                         f"{', '.join(map(str, chw))}); run prepare and export with the same model.input_size")
+        raise StageError(
+            f"{path}: shape {tuple(arr.shape)}, but {consumer} takes (N, "
+            f"{', '.join(map(str, chw))}); run prepare and export with the same model.input_size"
+        )
     if arr.dtype != np.float32:
         raise StageError(f"{path}: dtype {arr.dtype}, expected float32; run the prepare stage again")
     if arr.shape[0] == 0:
@@ -37,20 +40,27 @@ def load_inputs(path: Path, chw: Sequence[int], consumer: str = "this model") ->
 
 # --------------------------------------------------------------------------- bench stages
 
+
 def bench_params(spec: Spec, batch_sizes: List[int], warmup: int = 3, iterations: int = 10) -> Dict[str, Any]:
     """batch_sizes, warmup, and either iterations or seconds (the defaults are the caller's)."""
     sizes = spec.param("batch_sizes", batch_sizes)
-    if not (isinstance(sizes, list) and sizes and
-            all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sizes)):
+    if not (
+        isinstance(sizes, list)
+        and sizes
+        and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sizes)
+    ):
         raise StageError(f"batch_sizes: expected a list of integers >= 1, got {sizes!r}")
     warm = int(spec.param("warmup", warmup))
     seconds = spec.param("seconds", None)
     iters = spec.param("iterations", None if seconds is not None else iterations)
     if warm < 0 or (iters is not None and int(iters) < 1) or (seconds is not None and float(seconds) <= 0):
         raise StageError("warmup must be >= 0, iterations >= 1, seconds > 0")
-    return {"batch_sizes": sizes, "warmup": warm,
-            "iterations": None if iters is None else int(iters),
-            "seconds": None if seconds is None else float(seconds)}
+    return {
+        "batch_sizes": sizes,
+        "warmup": warm,
+        "iterations": None if iters is None else int(iters),
+        "seconds": None if seconds is None else float(seconds),
+    }
 
 
 def cycled_batches(arr: np.ndarray, batch_size: int, distinct: int = 8) -> List[np.ndarray]:
@@ -78,8 +88,12 @@ def measure(call: Callable[[Any], Any], batches: List[Any], cfg: Dict[str, Any])
             break
     lat = np.asarray(latencies)
     bs = batches[0].shape[0]
-    return {"batch_size": bs, "iterations": len(latencies), "warmup": cfg["warmup"],
-            "images_per_second": bs * len(lat) / float(lat.sum()),
-            "latency_ms_p50": float(np.percentile(lat, 50) * 1e3),
-            "latency_ms_p95": float(np.percentile(lat, 95) * 1e3),
-            "latency_ms_mean": float(lat.mean() * 1e3)}
+    return {
+        "batch_size": bs,
+        "iterations": len(latencies),
+        "warmup": cfg["warmup"],
+        "images_per_second": bs * len(lat) / float(lat.sum()),
+        "latency_ms_p50": float(np.percentile(lat, 50) * 1e3),
+        "latency_ms_p95": float(np.percentile(lat, 95) * 1e3),
+        "latency_ms_mean": float(lat.mean() * 1e3),
+    }

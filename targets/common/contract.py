@@ -9,6 +9,7 @@ process exited 0 *and* ``result.json`` exists.
 This module must stay importable with the standard library alone: it runs in
 every target image, including ones whose Python is old (Caffe's bullseye 3.9).
 """
+
 from __future__ import annotations
 
 import errno
@@ -37,18 +38,20 @@ class StageError(Exception):
 class Spec:
     target: str
     stage: str
-    root: Path                      # workspace root as seen by this process
-    inputs: Dict[str, Path]         # absolute paths
-    out_dir: Path                   # absolute path; the only writable place
+    root: Path  # workspace root as seen by this process
+    inputs: Dict[str, Path]  # absolute paths
+    out_dir: Path  # absolute path; the only writable place
     params: Dict[str, Any] = field(default_factory=dict)
-    origins: Dict[str, str] = field(default_factory=dict)   # input -> where the user's file came from
+    origins: Dict[str, str] = field(default_factory=dict)  # input -> where the user's file came from
 
     def input(self, name: str) -> Path:
         try:
             return self.inputs[name]
         except KeyError:
-            raise StageError(f"stage {self.target}.{self.stage}: spec has no input {name!r} "
-                             f"(it has: {', '.join(sorted(self.inputs)) or 'none'})") from None
+            raise StageError(
+                f"stage {self.target}.{self.stage}: spec has no input {name!r} "
+                f"(it has: {', '.join(sorted(self.inputs)) or 'none'})"
+            ) from None
 
     def label(self, name: str) -> str:
         """How to name an input in a message: the user's own path when the host imported it."""
@@ -65,12 +68,26 @@ class Spec:
         return default
 
 
-def spec_to_json(target: str, stage: str, root: str, inputs: Dict[str, str], out_dir: str,
-                 params: Dict[str, Any], origins: Dict[str, str] | None = None) -> Dict[str, Any]:
+def spec_to_json(
+    target: str,
+    stage: str,
+    root: str,
+    inputs: Dict[str, str],
+    out_dir: str,
+    params: Dict[str, Any],
+    origins: Dict[str, str] | None = None,
+) -> Dict[str, Any]:
     """The host side: paths relative to the workspace root, which the runner chooses."""
-    return {"schema": SPEC_SCHEMA, "target": target, "stage": stage, "workspace": str(root),
-            "inputs": dict(inputs), "out_dir": str(out_dir), "params": params,
-            "origins": dict(origins or {})}
+    return {
+        "schema": SPEC_SCHEMA,
+        "target": target,
+        "stage": stage,
+        "workspace": str(root),
+        "inputs": dict(inputs),
+        "out_dir": str(out_dir),
+        "params": params,
+        "origins": dict(origins or {}),
+    }
 
 
 def load_spec(path: str | os.PathLike) -> Spec:
@@ -82,13 +99,19 @@ def load_spec(path: str | os.PathLike) -> Spec:
     except json.JSONDecodeError as exc:
         raise StageError(f"{path}: not valid JSON ({exc})") from None
     if raw.get("schema") != SPEC_SCHEMA:
-        raise StageError(f"{path}: spec schema {raw.get('schema')!r}, this code reads {SPEC_SCHEMA}; "
-                         "rebuild the target image")
+        raise StageError(
+            f"{path}: spec schema {raw.get('schema')!r}, this code reads {SPEC_SCHEMA}; rebuild the target image"
+        )
     root = Path(raw["workspace"])
-    return Spec(target=raw["target"], stage=raw["stage"], root=root,
-                inputs={k: root / v for k, v in raw["inputs"].items()},
-                out_dir=root / raw["out_dir"], params=raw.get("params", {}),
-                origins=raw.get("origins", {}))
+    return Spec(
+        target=raw["target"],
+        stage=raw["stage"],
+        root=root,
+        inputs={k: root / v for k, v in raw["inputs"].items()},
+        out_dir=root / raw["out_dir"],
+        params=raw.get("params", {}),
+        origins=raw.get("origins", {}),
+    )
 
 
 def temp_path(final: Path) -> Path:
@@ -128,6 +151,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 def save_npy(path: Path, array: Any) -> None:
     """np.save through a temporary name (numpy is imported lazily: not every image has it at import time)."""
     import numpy as np
+
     atomic_write(path, lambda fh: np.save(fh, np.ascontiguousarray(array)))
 
 
@@ -144,11 +168,11 @@ def progress(done: int, total: int) -> None:
     sys.stdout.flush()
 
 
-def parse_progress(line: str) -> "tuple[int, int] | None":
+def parse_progress(line: str) -> tuple[int, int] | None:
     """(done, total) of a ``::progress`` line, else None."""
     if not line.startswith(PROGRESS_PREFIX):
         return None
-    done, _, total = line[len(PROGRESS_PREFIX):].strip().partition("/")
+    done, _, total = line[len(PROGRESS_PREFIX) :].strip().partition("/")
     if not (done.isdigit() and total.isdigit()):
         return None
     return int(done), int(total)

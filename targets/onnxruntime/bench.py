@@ -6,6 +6,7 @@ over the whole inputs.npy at ``matrix_batch_size`` (default: ``batch_size``), a 
 ``sess.run(None, {name: batch})`` loop against the infer stage's own loop in the same process, so
 the host can tell the harness's overhead from the runtime's speed. Writes bench.json.
 """
+
 from __future__ import annotations
 
 import time
@@ -26,7 +27,7 @@ def bare_loop(sess, name: str, arr: np.ndarray, batch_size: int) -> float:
     n = arr.shape[0]
     t0 = time.perf_counter()
     for start in range(0, n, batch_size):
-        sess.run(None, {name: arr[start:start + batch_size]})
+        sess.run(None, {name: arr[start : start + batch_size]})
     return n / (time.perf_counter() - t0)
 
 
@@ -45,9 +46,14 @@ def compare(sess, name: str, arr: np.ndarray, batch_size: int, repeats: int) -> 
         order = (bare_loop, matrix_loop) if i % 2 == 0 else (matrix_loop, bare_loop)
         for fn in order:
             (bare if fn is bare_loop else matrix).append(fn(sess, name, arr, batch_size))
-    return {"batch_size": batch_size, "images": int(arr.shape[0]), "repeats": repeats,
-            "bare_images_per_second": max(bare), "matrix_images_per_second": max(matrix),
-            "matrix_over_bare": max(matrix) / max(bare)}
+    return {
+        "batch_size": batch_size,
+        "images": int(arr.shape[0]),
+        "repeats": repeats,
+        "bare_images_per_second": max(bare),
+        "matrix_images_per_second": max(matrix),
+        "matrix_over_bare": max(matrix) / max(bare),
+    }
 
 
 def run(spec: Spec) -> Dict[str, Any]:
@@ -55,8 +61,10 @@ def run(spec: Spec) -> Dict[str, Any]:
     sess, name, arr, batch_size = prepare(spec)
     fixed = sess.get_inputs()[0].shape[0]
     if isinstance(fixed, int) and any(b != fixed for b in cfg["batch_sizes"]):
-        raise StageError(f"{spec.input('onnx')}: exported with a fixed batch of {fixed}; set "
-                         f"batch_sizes: [{fixed}] or export with model.export.dynamic_batch: true")
+        raise StageError(
+            f"{spec.input('onnx')}: exported with a fixed batch of {fixed}; set "
+            f"batch_sizes: [{fixed}] or export with model.export.dynamic_batch: true"
+        )
     results = []
     for bs in cfg["batch_sizes"]:
         batches = cycled_batches(arr, bs)
@@ -67,9 +75,14 @@ def run(spec: Spec) -> Dict[str, Any]:
     if repeats < 1:
         raise StageError(f"compare_repeats must be >= 1, got {repeats}")
     comparison = compare(sess, name, arr, matrix_bs, repeats)
-    report = {"target": spec.target, "results": results, "comparison": comparison,
-              "providers": sess.get_providers(), "versions": versions(),
-              "params": {k: v for k, v in cfg.items() if k != "batch_sizes"}}
+    report = {
+        "target": spec.target,
+        "results": results,
+        "comparison": comparison,
+        "providers": sess.get_providers(),
+        "versions": versions(),
+        "params": {k: v for k, v in cfg.items() if k != "batch_sizes"},
+    }
     atomic_write_json(spec.output("bench.json"), report)
     return report
 

@@ -3,6 +3,7 @@
 The loop is kept as bare as a hand-written ``sess.run`` loop: contiguous slices of the
 (memory-mapped) input, one ``run`` per batch, the output copied once into a preallocated array.
 """
+
 from __future__ import annotations
 
 import re
@@ -24,9 +25,15 @@ OPT_LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 #: What ONNX Runtime raises for a file it cannot use as a model.
-LOAD_ERRORS = (ort_state.InvalidProtobuf, ort_state.InvalidGraph, ort_state.Fail,
-               ort_state.NoSuchFile, ort_state.InvalidArgument, ort_state.NotImplemented,
-               ort_state.RuntimeException)
+LOAD_ERRORS = (
+    ort_state.InvalidProtobuf,
+    ort_state.InvalidGraph,
+    ort_state.Fail,
+    ort_state.NoSuchFile,
+    ort_state.InvalidArgument,
+    ort_state.NotImplemented,
+    ort_state.RuntimeException,
+)
 
 
 def versions() -> Dict[str, str]:
@@ -48,8 +55,10 @@ def session_options(params: Dict[str, Any]) -> Tuple[ort.SessionOptions, List[st
     available = ort.get_available_providers()
     unknown = [p for p in providers if p not in available]
     if unknown:
-        raise StageError(f"providers: {', '.join(map(str, unknown))} not available in this ONNX Runtime "
-                         f"{ort.__version__} (available: {', '.join(available)})")
+        raise StageError(
+            f"providers: {', '.join(map(str, unknown))} not available in this ONNX Runtime "
+            f"{ort.__version__} (available: {', '.join(available)})"
+        )
     return opts, providers
 
 
@@ -64,8 +73,9 @@ def open_session(path: Path, params: Dict[str, Any]) -> ort.InferenceSession:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         first = re.sub(r"^\[ONNXRuntimeError\] : \d+ : ", "", first)
         first = first.replace(f"Load model from {path} failed:", "").strip()[:200]
-        raise StageError(f"{path}: ONNX Runtime cannot load it ({first}); truncated or corrupt? "
-                         "run torch.export again") from None
+        raise StageError(
+            f"{path}: ONNX Runtime cannot load it ({first}); truncated or corrupt? run torch.export again"
+        ) from None
 
 
 def input_spec(sess: ort.InferenceSession, onnx_path: Path) -> Tuple[str, Any, int, int]:
@@ -89,9 +99,11 @@ def check_batch(batch_size: int, fixed_batch, n_images: int, onnx_path: Path) ->
     if batch_size < 1:
         raise StageError(f"batch_size must be >= 1, got {batch_size}")
     if fixed_batch is not None and (batch_size != fixed_batch or n_images % fixed_batch):
-        raise StageError(f"{onnx_path}: exported with a fixed batch of {fixed_batch}, cannot run "
-                         f"{n_images} images in batches of {batch_size}; export with "
-                         "model.export.dynamic_batch: true")
+        raise StageError(
+            f"{onnx_path}: exported with a fixed batch of {fixed_batch}, cannot run "
+            f"{n_images} images in batches of {batch_size}; export with "
+            "model.export.dynamic_batch: true"
+        )
 
 
 def infer(sess: ort.InferenceSession, name: str, arr: np.ndarray, batch_size: int):
@@ -100,7 +112,7 @@ def infer(sess: ort.InferenceSession, name: str, arr: np.ndarray, batch_size: in
     features = None
     seconds = []
     for start, stop in batched_timings(arr.shape[0], batch_size):
-        feed = {name: np.ascontiguousarray(arr[start:stop])}   # a view: slices are contiguous
+        feed = {name: np.ascontiguousarray(arr[start:stop])}  # a view: slices are contiguous
         t0 = time.perf_counter()
         out = run(None, feed)[0]
         seconds.append(time.perf_counter() - t0)
@@ -127,9 +139,14 @@ def run(spec: Spec) -> Dict[str, Any]:
     sess, name, arr, batch_size = prepare(spec)
     features, seconds = infer(sess, name, arr, batch_size)
     save_npy(spec.output("features.npy"), features)
-    return {"batch_size": batch_size, "images": int(arr.shape[0]), "batch_seconds": seconds,
-            "images_per_second": arr.shape[0] / sum(seconds),
-            "providers": sess.get_providers(), "versions": versions()}
+    return {
+        "batch_size": batch_size,
+        "images": int(arr.shape[0]),
+        "batch_seconds": seconds,
+        "images_per_second": arr.shape[0] / sum(seconds),
+        "providers": sess.get_providers(),
+        "versions": versions(),
+    }
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Stage ``onnxruntime_fp16.bench`` (run by ``invoke bench``): as ``onnxruntime.bench``, on the fp16 model."""
+
 from __future__ import annotations
 
 import resource

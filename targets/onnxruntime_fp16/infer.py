@@ -1,5 +1,6 @@
 """Stage ``onnxruntime_fp16.infer``: features from the shared fp16 model (quantize.fp16) with ONNX
 Runtime's CPU provider: the same loop as ``onnxruntime.infer``, on the reduced-precision file."""
+
 from __future__ import annotations
 
 from typing import Any, Dict

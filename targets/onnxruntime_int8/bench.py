@@ -1,4 +1,5 @@
 """Stage ``onnxruntime_int8.bench`` (run by ``invoke bench``): as ``onnxruntime.bench``, on the QDQ model."""
+
 from __future__ import annotations
 
 import resource

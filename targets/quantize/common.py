@@ -1,4 +1,5 @@
 """What both quantize stages share: reading model.onnx, naming the ops a tool cannot handle, the opset upgrade."""
+
 from __future__ import annotations
 
 import hashlib
@@ -14,9 +15,11 @@ from targets.common.contract import StageError
 
 def versions() -> Dict[str, str]:
     import onnxruntime
+
     out = {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
     try:
         import onnxconverter_common
+
         out["onnxconverter_common"] = onnxconverter_common.__version__
     except ImportError:
         pass
@@ -41,9 +44,11 @@ def load_model(path: Path) -> onnx.ModelProto:
         raise StageError(f"{path}: not a readable ONNX model ({type(exc).__name__}); run torch.export again") from None
     unknown = unsupported_ops(model)
     if unknown:
-        raise StageError(f"{path}: the quantiser cannot handle {unknown[0]}"
-                         f"{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''}: not a standard "
-                         "ONNX operator; export the model with standard ONNX ops only")
+        raise StageError(
+            f"{path}: the quantiser cannot handle {unknown[0]}"
+            f"{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''}: not a standard "
+            "ONNX operator; export the model with standard ONNX ops only"
+        )
     return model
 
 

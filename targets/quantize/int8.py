@@ -16,6 +16,7 @@ backend reads; all of them, said in the sidecar and the log, when there are fewe
 entropy or percentile. Sidecar quantization.json: method, N (requested and used), the sha256 of the
 calibration images' bytes, opset, source sha256, tool versions.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,8 +33,11 @@ from targets.common.contract import Spec, StageError, atomic_write_bytes, atomic
 
 from .common import default_opset, load_model, sha256_file, upgrade, versions
 
-METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-           "percentile": CalibrationMethod.Percentile}
+METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+}
 CALIBRATION_BATCH = 8
 KEEP_FP32 = ("none", "stem")
 
@@ -57,7 +61,7 @@ class Reader(CalibrationDataReader):
     def get_next(self):
         if self.pos >= self.images.shape[0]:
             return None
-        batch = np.ascontiguousarray(self.images[self.pos:self.pos + CALIBRATION_BATCH])
+        batch = np.ascontiguousarray(self.images[self.pos : self.pos + CALIBRATION_BATCH])
         self.pos += CALIBRATION_BATCH
         return {self.name: batch}
 
@@ -100,10 +104,18 @@ def run(spec: Spec) -> Dict[str, Any]:
         onnx.save(model, str(src))
         dst = Path(tmp) / "model.qdq.onnx"
         try:
-            quantize_static(str(src), str(dst), Reader(inp.name, images), quant_format=QuantFormat.QDQ,
-                            per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=METHODS[method], extra_options=extra,
-                            nodes_to_exclude=exclude)
+            quantize_static(
+                str(src),
+                str(dst),
+                Reader(inp.name, images),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=METHODS[method],
+                extra_options=extra,
+                nodes_to_exclude=exclude,
+            )
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise StageError(f"{path}: ONNX Runtime's quantize_static failed ({type(exc).__name__}: {first})") from None
@@ -116,13 +128,23 @@ def run(spec: Spec) -> Dict[str, Any]:
     if not counts.get("QuantizeLinear"):
         raise StageError(f"{path}: quantize_static wrote no QuantizeLinear node: nothing was quantised")
     atomic_write_bytes(spec.output("model.qdq.onnx"), data)
-    side = {"method": method, "calibration_images": used, "calibration_images_requested": requested,
-            "calibration_sha256": calib_sha, "calibration_source": spec.label("calibration"),
-            "opset": default_opset(qmodel), "source_sha256": sha256_file(path),
-            "weights": "int8 symmetric per-channel", "activations": "int8 symmetric per-tensor",
-            "percentile": extra.get("CalibPercentile"), "qdq_nodes": counts, "notes": notes,
-            "keep_fp32": keep, "fp32_nodes": exclude,
-            "versions": versions()}
+    side = {
+        "method": method,
+        "calibration_images": used,
+        "calibration_images_requested": requested,
+        "calibration_sha256": calib_sha,
+        "calibration_source": spec.label("calibration"),
+        "opset": default_opset(qmodel),
+        "source_sha256": sha256_file(path),
+        "weights": "int8 symmetric per-channel",
+        "activations": "int8 symmetric per-tensor",
+        "percentile": extra.get("CalibPercentile"),
+        "qdq_nodes": counts,
+        "notes": notes,
+        "keep_fp32": keep,
+        "fp32_nodes": exclude,
+        "versions": versions(),
+    }
     atomic_write_json(spec.output("quantization.json"), side)
     return side
 

@@ -13,6 +13,7 @@ can do at its precision.
 Params: ``gemm_n`` (default 1024), ``seconds`` per kernel (default 1.0), ``threads`` (0 = the
 libraries' default, as the backends' benches use). Writes roofline.json.
 """
+
 from __future__ import annotations
 
 import platform
@@ -64,15 +65,19 @@ def best_rate(fn: Callable[[], Any], flop: float, seconds: float) -> Dict[str, A
         fn()
         times.append(time.perf_counter() - t0)
     best = min(times)
-    return {"gflops": round(flop / best / 1e9, 1), "runs": len(times), "best_ms": round(best * 1e3, 3),
-            "median_ms": round(float(np.median(times)) * 1e3, 3)}
+    return {
+        "gflops": round(flop / best / 1e9, 1),
+        "runs": len(times),
+        "best_ms": round(best * 1e3, 3),
+        "median_ms": round(float(np.median(times)) * 1e3, 3),
+    }
 
 
 def gemm_fp32(n: int, seconds: float) -> Dict[str, Any]:
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
-    out = best_rate(lambda: a @ b, 2.0 * n ** 3, seconds)
+    out = best_rate(lambda: a @ b, 2.0 * n**3, seconds)
     return {**out, "kernel": f"numpy.matmul float32 {n}x{n}x{n}", "numpy_blas": _blas()}
 
 
@@ -86,11 +91,16 @@ def _blas() -> str:
 
 def gemm_int8(n: int, seconds: float, threads: int) -> Dict[str, Any]:
     import onnxruntime as ort
+
     graph = helper.make_graph(
-        [helper.make_node("MatMulInteger", ["a", "b"], ["y"], name="mmi")], "int8_gemm",
-        [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n]),
-         helper.make_tensor_value_info("b", TensorProto.INT8, [n, n])],
-        [helper.make_tensor_value_info("y", TensorProto.INT32, [n, n])])
+        [helper.make_node("MatMulInteger", ["a", "b"], ["y"], name="mmi")],
+        "int8_gemm",
+        [
+            helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n]),
+            helper.make_tensor_value_info("b", TensorProto.INT8, [n, n]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [n, n])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     so = ort.SessionOptions()
     if threads > 0:
@@ -99,9 +109,12 @@ def gemm_int8(n: int, seconds: float, threads: int) -> Dict[str, Any]:
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (n, n), dtype=np.uint8)
     b = rng.integers(-128, 128, (n, n), dtype=np.int8)
-    out = best_rate(lambda: sess.run(None, {"a": a, "b": b}), 2.0 * n ** 3, seconds)
-    return {**out, "kernel": f"onnxruntime MatMulInteger uint8 x int8 -> int32 {n}x{n}x{n}",
-            "unit": "GOP/s (int8 multiply-accumulates x 2)"}
+    out = best_rate(lambda: sess.run(None, {"a": a, "b": b}), 2.0 * n**3, seconds)
+    return {
+        **out,
+        "kernel": f"onnxruntime MatMulInteger uint8 x int8 -> int32 {n}x{n}x{n}",
+        "unit": "GOP/s (int8 multiply-accumulates x 2)",
+    }
 
 
 def gemm_bf16(n: int, seconds: float, flags: List[str]) -> Dict[str, Any]:
@@ -109,13 +122,17 @@ def gemm_bf16(n: int, seconds: float, flags: List[str]) -> Dict[str, Any]:
         import torch
     except ImportError:
         return {"status": "not measured", "reason": "torch is not in this environment (bf16 GEMM needs it)"}
-    n = min(n, 512)              # emulated bf16 runs at well under 1 GFLOP/s: keep it to a second
+    n = min(n, 512)  # emulated bf16 runs at well under 1 GFLOP/s: keep it to a second
     a = torch.randn(n, n, dtype=torch.bfloat16)
     b = torch.randn(n, n, dtype=torch.bfloat16)
-    out = best_rate(lambda: a @ b, 2.0 * n ** 3, seconds)
+    out = best_rate(lambda: a @ b, 2.0 * n**3, seconds)
     native = any(f in flags for f in ("avx512_bf16", "amx_bf16"))
-    return {**out, "kernel": f"torch.matmul bfloat16 {n}x{n}x{n} (torch {torch.__version__})",
-            "native": native, "note": "" if native else "no avx512_bf16/amx_bf16: bf16 is emulated here"}
+    return {
+        **out,
+        "kernel": f"torch.matmul bfloat16 {n}x{n}x{n} (torch {torch.__version__})",
+        "native": native,
+        "note": "" if native else "no avx512_bf16/amx_bf16: bf16 is emulated here",
+    }
 
 
 def _dims(vi: onnx.ValueInfoProto) -> Optional[List[int]]:
@@ -178,9 +195,14 @@ def run(spec: Spec) -> Dict[str, Any]:
     fp32 = gemm_fp32(n, seconds)
     int8 = gemm_int8(n, seconds, threads)
     bf16 = gemm_bf16(n, seconds, flags)
-    report = {"cpu": cpu_model(), "flags": flags, "gemm": {"fp32": fp32, "int8": int8, "bf16": bf16},
-              "int8_over_fp32": round(int8["gflops"] / fp32["gflops"], 2),
-              "model": flops, "versions": versions()}
+    report = {
+        "cpu": cpu_model(),
+        "flags": flags,
+        "gemm": {"fp32": fp32, "int8": int8, "bf16": bf16},
+        "int8_over_fp32": round(int8["gflops"] / fp32["gflops"], 2),
+        "model": flops,
+        "versions": versions(),
+    }
     atomic_write_json(spec.output("roofline.json"), report)
     return report
 

@@ -3,6 +3,7 @@
 Written to NVIDIA's documented TensorRT 10.x/11.x Python API and type-checked against its stubs
 (tests/test_tensorrt.py); NOT executed on the project's machines (no GPU, TensorRT not installable).
 """
+
 from __future__ import annotations
 
 from targets.common.contract import StageError
@@ -16,9 +17,13 @@ def require_tensorrt() -> str:
     try:
         import tensorrt as trt
     except ImportError as exc:
-        raise StageError(f"TensorRT is not installed here ({exc}); the tensorrt image has it "
-                         "(its base is NVIDIA's nvcr.io/nvidia/tensorrt container)") from None
+        raise StageError(
+            f"TensorRT is not installed here ({exc}); the tensorrt image has it "
+            "(its base is NVIDIA's nvcr.io/nvidia/tensorrt container)"
+        ) from None
     if not hasattr(trt, "Builder"):
-        raise StageError("the `tensorrt` found here is only its type stubs (tensorrt-stubs), not TensorRT; "
-                         "run the target in its image")
+        raise StageError(
+            "the `tensorrt` found here is only its type stubs (tensorrt-stubs), not TensorRT; "
+            "run the target in its image"
+        )
     return str(getattr(trt, "__version__", "?"))

@@ -5,6 +5,7 @@ Standard library only (the host imports this; it never imports a toolchain). ``f
 ``inputs`` (name -> path) and ``out_dir``. The engine build itself goes through TensorRT's Python
 API (convert.py); ``trtexec`` with these flags builds the same strongly typed engine by hand.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,9 +20,21 @@ def commands(stage: str, params: Dict[str, Any], facts: Dict[str, Any]) -> List[
     height, width = (int(v) for v in facts["input_size"])
     inputs = {k: Path(str(v)) for k, v in facts.get("inputs", {}).items()}
     name, file, producer = planning.PRECISION_INPUTS[str(params["precision"])]
-    onnx = inputs.get(name, Path(producer) / file)          # it may not exist yet: nothing is read
-    profile = planning.plan_profile(str(facts.get("input_name", "image")), (-1, 3, height, width),
-                                    int(params["batch_size"]), int(params["max_batch"]))
+    onnx = inputs.get(name, Path(producer) / file)  # it may not exist yet: nothing is read
+    profile = planning.plan_profile(
+        str(facts.get("input_name", "image")),
+        (-1, 3, height, width),
+        int(params["batch_size"]),
+        int(params["max_batch"]),
+    )
     out_dir = Path(str(facts.get("out_dir", ".")))
-    return [planning.trtexec_command(onnx, profile, int(params["workspace_mib"]), out_dir / planning.ENGINE_NAME,
-                                     out_dir / planning.TIMING_CACHE_NAME, bool(params.get("tf32", False)))]
+    return [
+        planning.trtexec_command(
+            onnx,
+            profile,
+            int(params["workspace_mib"]),
+            out_dir / planning.ENGINE_NAME,
+            out_dir / planning.TIMING_CACHE_NAME,
+            bool(params.get("tf32", False)),
+        )
+    ]

@@ -14,6 +14,7 @@ build on the same GPU and TensorRT; the engine written atomically with a sidecar
 ``python -m targets.tensorrt.convert --dry-run SPEC`` prints what would be built (and the equivalent
 ``trtexec`` line) without TensorRT.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -47,9 +48,13 @@ PREVIOUS = Path("targets") / "tensorrt" / "convert"
 
 
 def build_params(params: Dict[str, Any]) -> Dict[str, Any]:
-    out: Dict[str, Any] = {"precision": str(params.get("precision", "fp32")), "batch_size": int(params.get("batch_size", 16)),
-           "max_batch": int(params.get("max_batch", 32)), "workspace_mib": int(params.get("workspace_mib", 1024)),
-           "tf32": bool(params.get("tf32", False))}
+    out: Dict[str, Any] = {
+        "precision": str(params.get("precision", "fp32")),
+        "batch_size": int(params.get("batch_size", 16)),
+        "max_batch": int(params.get("max_batch", 32)),
+        "workspace_mib": int(params.get("workspace_mib", 1024)),
+        "tf32": bool(params.get("tf32", False)),
+    }
     if out["workspace_mib"] < 16:
         raise StageError(f"workspace_mib must be >= 16, got {out['workspace_mib']}")
     return out
@@ -57,13 +62,21 @@ def build_params(params: Dict[str, Any]) -> Dict[str, Any]:
 
 # --------------------------------------------------------------------------- TensorRT (lazy)
 
+
 def parser_errors(parser: Any) -> List[Dict[str, Any]]:
     """Every error of an ``OnnxParser``, as plain dicts (node index, node name, op, code, message)."""
     out = []
     for i in range(int(parser.num_errors)):
         e = parser.get_error(i)
-        out.append({"node": int(e.node()), "node_name": str(e.node_name()), "op": str(e.node_operator()),
-                    "code": getattr(e.code(), "name", str(e.code())), "desc": str(e.desc())})
+        out.append(
+            {
+                "node": int(e.node()),
+                "node_name": str(e.node_name()),
+                "op": str(e.node_operator()),
+                "code": getattr(e.code(), "name", str(e.code())),
+                "desc": str(e.desc()),
+            }
+        )
     return out
 
 
@@ -101,13 +114,14 @@ def build(onnx_path: Path, params: Dict[str, Any], out_dir: Path, root: Path) ->
     if network.num_inputs != 1:
         raise StageError(f"{onnx_path}: has {network.num_inputs} inputs, expected one image input")
     image = network.get_input(0)
-    profile = plan_profile(image.name, dims(image.shape), params["batch_size"], params["max_batch"],
-                           where=str(onnx_path))
+    profile = plan_profile(
+        image.name, dims(image.shape), params["batch_size"], params["max_batch"], where=str(onnx_path)
+    )
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, params["workspace_mib"] << 20)
     if not params["tf32"] and hasattr(trt.BuilderFlag, "TF32"):
-        config.clear_flag(trt.BuilderFlag.TF32)     # fp32 layers in fp32: parity with the reference
+        config.clear_flag(trt.BuilderFlag.TF32)  # fp32 layers in fp32: parity with the reference
     lo, opt, hi = profile.shapes()
     trt_profile = builder.create_optimization_profile()
     trt_profile.set_shape(profile.input, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
@@ -123,9 +137,11 @@ def build(onnx_path: Path, params: Dict[str, Any], out_dir: Path, root: Path) ->
     t1 = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise StageError(f"{onnx_path}: TensorRT could not build an engine (precision {params['precision']}, "
-                         f"workspace {params['workspace_mib']} MiB); its log above says why (raise "
-                         "workspace_mib if a tactic ran out of memory)")
+        raise StageError(
+            f"{onnx_path}: TensorRT could not build an engine (precision {params['precision']}, "
+            f"workspace {params['workspace_mib']} MiB); its log above says why (raise "
+            "workspace_mib if a tactic ran out of memory)"
+        )
     build_s = time.perf_counter() - t1
     engine_bytes = bytes(memoryview(serialized))
 
@@ -138,20 +154,44 @@ def build(onnx_path: Path, params: Dict[str, Any], out_dir: Path, root: Path) ->
     for i in range(engine.num_io_tensors):
         name = engine.get_tensor_name(i)
         mode = "input" if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "output"
-        io.append({"name": name, "mode": mode, "dtype": engine.get_tensor_dtype(name).name,
-                   "shape": list(dims(engine.get_tensor_shape(name)))})
+        io.append(
+            {
+                "name": name,
+                "mode": mode,
+                "dtype": engine.get_tensor_dtype(name).name,
+                "shape": list(dims(engine.get_tensor_shape(name))),
+            }
+        )
 
     atomic_write_bytes(out_dir / ENGINE_NAME, engine_bytes)
     atomic_write_bytes(out_dir / TIMING_CACHE_NAME, bytes(memoryview(config.get_timing_cache().serialize())))
-    sidecar = make_sidecar(tensorrt_version=version, device=device, precision=params["precision"],
-                           profile=profile, io=io, onnx_file=onnx_path.name, onnx_sha256=file_sha256(onnx_path),
-                           engine_sha256=hashlib.sha256(engine_bytes).hexdigest(),
-                           builder={"strongly_typed": bool(flags), "workspace_mib": params["workspace_mib"],
-                                    "tf32": params["tf32"], "timing_cache": cache_note})
+    sidecar = make_sidecar(
+        tensorrt_version=version,
+        device=device,
+        precision=params["precision"],
+        profile=profile,
+        io=io,
+        onnx_file=onnx_path.name,
+        onnx_sha256=file_sha256(onnx_path),
+        engine_sha256=hashlib.sha256(engine_bytes).hexdigest(),
+        builder={
+            "strongly_typed": bool(flags),
+            "workspace_mib": params["workspace_mib"],
+            "tf32": params["tf32"],
+            "timing_cache": cache_note,
+        },
+    )
     atomic_write_json(out_dir / SIDECAR_NAME, sidecar)
-    return {"precision": params["precision"], "profile": profile.as_json(), "engine_bytes": len(engine_bytes),
-            "parse_seconds": parse_s, "build_seconds": build_s, "timing_cache": cache_note,
-            "device": device, "versions": {"tensorrt": version}}
+    return {
+        "precision": params["precision"],
+        "profile": profile.as_json(),
+        "engine_bytes": len(engine_bytes),
+        "parse_seconds": parse_s,
+        "build_seconds": build_s,
+        "timing_cache": cache_note,
+        "device": device,
+        "versions": {"tensorrt": version},
+    }
 
 
 def run(spec: Spec) -> Dict[str, Any]:
@@ -161,6 +201,7 @@ def run(spec: Spec) -> Dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- dry run (no TensorRT)
+
 
 def onnx_image_input(path: Path) -> Tuple[str, Tuple[int, ...]]:
     """Name and shape (-1 for a symbolic dim) of the ONNX's one input, read with the onnx package."""
@@ -185,8 +226,7 @@ def dry_run(spec: Spec) -> List[str]:
     _name, onnx_path = onnx_input(params["precision"], spec.inputs)
     name, shape = onnx_image_input(onnx_path)
     profile: Profile = plan_profile(name, shape, params["batch_size"], params["max_batch"], where=str(onnx_path))
-    return dry_run_lines(params["precision"], onnx_path, profile, params["workspace_mib"], spec.out_dir,
-                         params["tf32"])
+    return dry_run_lines(params["precision"], onnx_path, profile, params["workspace_mib"], spec.out_dir, params["tf32"])
 
 
 def _cli(argv: List[str]) -> Optional[int]:

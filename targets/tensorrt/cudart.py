@@ -5,6 +5,7 @@ cuda-python calls return tuples ``(cudaError_t, *values)``; :func:`_check` turns
 StageError line. Without a driver (a container started without the GPU) the bindings raise
 RuntimeError "Failed to dlopen libcuda.so.1": that is one line too, naming what to do.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -12,8 +13,10 @@ from typing import Any, Dict, Optional, Tuple
 
 from targets.common.contract import StageError
 
-NO_DRIVER = ("no CUDA driver in this container ({why}); run it on a host with an NVIDIA GPU and the NVIDIA "
-             "container toolkit, through the docker runner (it requests the GPU)")
+NO_DRIVER = (
+    "no CUDA driver in this container ({why}); run it on a host with an NVIDIA GPU and the NVIDIA "
+    "container toolkit, through the docker runner (it requests the GPU)"
+)
 
 
 def runtime() -> Any:
@@ -24,8 +27,9 @@ def runtime() -> Any:
         try:
             from cuda import cudart as rt
         except ImportError:
-            raise StageError("cuda-python is not installed here (pip install cuda-python; the tensorrt "
-                             "image has it)") from None
+            raise StageError(
+                "cuda-python is not installed here (pip install cuda-python; the tensorrt image has it)"
+            ) from None
     return rt
 
 
@@ -45,7 +49,7 @@ def call(what: str, fn_name: str, *args: Any) -> Tuple[Any, ...]:
     rt = runtime()
     try:
         return _check(getattr(rt, fn_name)(*args), what)
-    except RuntimeError as exc:          # the bindings could not load libcuda.so.1
+    except RuntimeError as exc:  # the bindings could not load libcuda.so.1
         raise StageError(NO_DRIVER.format(why=str(exc).strip().splitlines()[0][:120])) from None
 
 
@@ -58,8 +62,13 @@ def device_info() -> Dict[str, Any]:
     (prop,) = call("device properties", "cudaGetDeviceProperties", dev)
     (driver,) = call("driver version", "cudaDriverGetVersion")
     name = prop.name.split(b"\0", 1)[0].decode() if isinstance(prop.name, bytes) else str(prop.name)
-    return {"index": int(dev), "name": name, "compute_capability": f"{prop.major}.{prop.minor}",
-            "cuda_driver": f"{driver // 1000}.{(driver % 1000) // 10}", "devices_visible": int(count)}
+    return {
+        "index": int(dev),
+        "name": name,
+        "compute_capability": f"{prop.major}.{prop.minor}",
+        "cuda_driver": f"{driver // 1000}.{(driver % 1000) // 10}",
+        "devices_visible": int(count),
+    }
 
 
 class Stream:
@@ -91,6 +100,7 @@ class Buffer:
     def array(self, shape: Tuple[int, ...], dtype: Any) -> Any:
         """A numpy view of a pinned host buffer (no copy)."""
         import numpy as np
+
         if not self.pinned or self.ptr is None:
             raise StageError("internal: only a pinned host buffer has a numpy view")
         raw = (ctypes.c_byte * self.nbytes).from_address(self.ptr)
@@ -105,8 +115,11 @@ class Buffer:
 
 def copy_async(dst: Buffer, src: Buffer, nbytes: int, stream: Stream) -> None:
     rt = runtime()
-    kind = (rt.cudaMemcpyKind.cudaMemcpyHostToDevice if src.pinned and not dst.pinned
-            else rt.cudaMemcpyKind.cudaMemcpyDeviceToHost)
+    kind = (
+        rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+        if src.pinned and not dst.pinned
+        else rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+    )
     if nbytes > min(dst.nbytes, src.nbytes):
         raise StageError(f"internal: copy of {nbytes} bytes exceeds a {min(dst.nbytes, src.nbytes)}-byte buffer")
     call("async copy", "cudaMemcpyAsync", dst.ptr, src.ptr, int(nbytes), kind, stream.handle)

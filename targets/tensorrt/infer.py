@@ -8,6 +8,7 @@ one stream, pinned host buffers sized for the largest batch, and per batch ``set
 copy in -> ``execute_async_v3`` -> copy out -> synchronize, the last partial batch included. A
 batch larger than the profile's max is refused before any work.
 """
+
 from __future__ import annotations
 
 import time
@@ -31,8 +32,10 @@ def checked_engine(spec: Spec, version: str, device: Dict[str, Any]) -> Tuple[by
     sidecar = read_sidecar(sidecar_path)
     stale = stale_reason(sidecar, version, device)
     if stale:
-        raise StageError(f"{engine_path}: not loaded: {stale}; rebuild it here (invoke matrix --target "
-                         "tensorrt --force): an engine only runs on the TensorRT and GPU that built it")
+        raise StageError(
+            f"{engine_path}: not loaded: {stale}; rebuild it here (invoke matrix --target "
+            "tensorrt --force): an engine only runs on the TensorRT and GPU that built it"
+        )
     return check_engine_file(engine_path, sidecar, sidecar_path), sidecar
 
 
@@ -40,8 +43,10 @@ def io_plan(sidecar: Dict[str, Any], where: Path) -> Tuple[Dict[str, Any], Dict[
     inp, out = io_tensor(sidecar, "input", where), io_tensor(sidecar, "output", where)
     for t in (inp, out):
         if t.get("dtype") not in DTYPES:
-            raise StageError(f"{where}: {t['mode']} {t['name']!r} is {t.get('dtype')}; expected FLOAT or HALF "
-                             "(export the reduced-precision ONNX with fp32 inputs/outputs)")
+            raise StageError(
+                f"{where}: {t['mode']} {t['name']!r} is {t.get('dtype')}; expected FLOAT or HALF "
+                "(export the reduced-precision ONNX with fp32 inputs/outputs)"
+            )
     if len(inp.get("shape", [])) != 4:
         raise StageError(f"{where}: input {inp['name']!r} has shape {inp.get('shape')}, expected (batch, 3, H, W)")
     return inp, out
@@ -66,8 +71,10 @@ def run(spec: Spec) -> Dict[str, Any]:
     runtime = trt.Runtime(logger)
     engine = runtime.deserialize_cuda_engine(engine_bytes)
     if engine is None:
-        raise StageError(f"{spec.input('engine')}: TensorRT {version} cannot deserialize it (corrupt, or "
-                         "built by another TensorRT); run tensorrt.convert again")
+        raise StageError(
+            f"{spec.input('engine')}: TensorRT {version} cannot deserialize it (corrupt, or "
+            "built by another TensorRT); run tensorrt.convert again"
+        )
     context = engine.create_execution_context()
     if context is None:
         raise StageError(f"{spec.input('engine')}: no execution context (out of GPU memory?)")
@@ -116,9 +123,16 @@ def run(spec: Spec) -> Dict[str, Any]:
             buf.close()
         stream.close()
     save_npy(spec.output("features.npy"), features)
-    return {"batch_size": batch_size, "images": int(arr.shape[0]), "batch_seconds": seconds,
-            "images_per_second": arr.shape[0] / sum(seconds), "precision": sidecar.get("precision"),
-            "profile": prof, "device": device, "versions": {"tensorrt": version, "numpy": np.__version__}}
+    return {
+        "batch_size": batch_size,
+        "images": int(arr.shape[0]),
+        "batch_seconds": seconds,
+        "images_per_second": arr.shape[0] / sum(seconds),
+        "precision": sidecar.get("precision"),
+        "profile": prof,
+        "device": device,
+        "versions": {"tensorrt": version, "numpy": np.__version__},
+    }
 
 
 if __name__ == "__main__":

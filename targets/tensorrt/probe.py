@@ -9,6 +9,7 @@ label, so `invoke images` shows TensorRT, CUDA and the minimum driver.
 TensorRT (tests/docker/test_tensorrt_recipe.py); the default, ``required``, fails the build when
 ``import tensorrt`` does.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -48,8 +49,10 @@ def image_versions(env: Mapping[str, str], mode: str) -> Dict[str, str]:
         try:
             out["tensorrt"] = require_tensorrt()
         except StageError as exc:
-            raise SystemExit(f"error: {exc} (the base must be NVIDIA's nvcr.io/nvidia/tensorrt image; "
-                             "MM_TENSORRT=absent builds the rest of the recipe without it)") from None
+            raise SystemExit(
+                f"error: {exc} (the base must be NVIDIA's nvcr.io/nvidia/tensorrt image; "
+                "MM_TENSORRT=absent builds the rest of the recipe without it)"
+            ) from None
     out["cuda"] = env.get("CUDA_VERSION", "absent")
     floor = driver_floor(env.get("NVIDIA_REQUIRE_CUDA", ""))
     out["cuda_driver_min"] = env.get("MM_CUDA_DRIVER_MIN") or "?"

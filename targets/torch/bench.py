@@ -4,6 +4,7 @@ Inputs as ``torch.infer`` (weights, meta, inputs). Params: ``batch_sizes`` (defa
 [1, 8, 16, 32]), ``warmup`` runs (default 3), then ``iterations`` runs (default 10) or as many as
 fit in ``seconds``; ``threads`` as in infer. Batches cycle through inputs.npy. Writes bench.json.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict
@@ -29,8 +30,13 @@ def run(spec: Spec) -> Dict[str, Any]:
         for bs in cfg["batch_sizes"]:
             # torch.from_numpy shares memory: nothing is copied inside the timed call
             results.append(measure(lambda b: model(torch.from_numpy(b)), cycled_batches(arr, bs), cfg))
-    report = {"target": spec.target, "results": results, "threads": torch.get_num_threads(),
-              "versions": versions(), "params": {k: v for k, v in cfg.items() if k != "batch_sizes"}}
+    report = {
+        "target": spec.target,
+        "results": results,
+        "threads": torch.get_num_threads(),
+        "versions": versions(),
+        "params": {k: v for k, v in cfg.items() if k != "batch_sizes"},
+    }
     atomic_write_json(spec.output("bench.json"), report)
     return report
 

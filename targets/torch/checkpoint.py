@@ -5,6 +5,7 @@ a plain state dict (reid-strong-baseline's released weight), fast-reid's ``{"mod
 and ``{"state_dict": sd, ...}``; ``module.`` prefixes (DataParallel) are stripped and the
 training-only classifier is ignored, as upstream's ``load_param`` does.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -20,39 +21,72 @@ from targets.common.contract import StageError
 
 from .models import is_classifier_key
 
-SHOW = 5    # keys listed per problem in an error message
+SHOW = 5  # keys listed per problem in an error message
 
 #: Modules a pickle names only to run code when it is loaded.
-CODE_RUNNING_MODULES = {"os", "posix", "nt", "subprocess", "builtins", "__builtin__", "sys",
-                        "shutil", "socket", "runpy", "importlib", "pty", "code", "ctypes",
-                        "webbrowser", "commands", "multiprocessing", "pickle", "marshal", "types"}
+CODE_RUNNING_MODULES = {
+    "os",
+    "posix",
+    "nt",
+    "subprocess",
+    "builtins",
+    "__builtin__",
+    "sys",
+    "shutil",
+    "socket",
+    "runpy",
+    "importlib",
+    "pty",
+    "code",
+    "ctypes",
+    "webbrowser",
+    "commands",
+    "multiprocessing",
+    "pickle",
+    "marshal",
+    "types",
+}
 
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
 
 
 def whole_model_fix(path: str) -> str:
-    return ("this file is a whole pickled model, not a state dict; re-save it where its class is "
-            f"importable with torch.save(torch.load({str(path)!r}, weights_only=False).state_dict(), "
-            "'model_sd.pth') (only if you trust the file)")
+    return (
+        "this file is a whole pickled model, not a state dict; re-save it where its class is "
+        f"importable with torch.save(torch.load({str(path)!r}, weights_only=False).state_dict(), "
+        "'model_sd.pth') (only if you trust the file)"
+    )
 
 
 def _unpickling_message(path: str, exc: pickle.UnpicklingError) -> str:
     text = str(exc)
     found = _GLOBAL_RE.search(text)
     if found is None:
-        reason = next((ln.strip() for ln in reversed(text.splitlines())
-                       if ln.strip() and "documentation of torch.load" not in ln), "unknown reason")
-        return (f"{path}: not a PyTorch state-dict checkpoint, or truncated or corrupt (weights-only "
-                f"unpickler: {reason[:160]}); download it again or save the weights with "
-                "torch.save(model.state_dict(), PATH)")
+        reason = next(
+            (
+                ln.strip()
+                for ln in reversed(text.splitlines())
+                if ln.strip() and "documentation of torch.load" not in ln
+            ),
+            "unknown reason",
+        )
+        return (
+            f"{path}: not a PyTorch state-dict checkpoint, or truncated or corrupt (weights-only "
+            f"unpickler: {reason[:160]}); download it again or save the weights with "
+            "torch.save(model.state_dict(), PATH)"
+        )
     name = found.group(1)
     if name.split(".")[0] in CODE_RUNNING_MODULES or "is blocked" in text:
-        return (f"{path}: refused: the pickle would call {name} when loaded (it can run code); "
-                "it was not loaded; use a checkpoint saved with torch.save(model.state_dict(), PATH)")
+        return (
+            f"{path}: refused: the pickle would call {name} when loaded (it can run code); "
+            "it was not loaded; use a checkpoint saved with torch.save(model.state_dict(), PATH)"
+        )
     if name.rsplit(".", 1)[-1][:1].isupper():
         return f"{path}: {whole_model_fix(path)}"
-    return (f"{path}: refused: the pickle references {name}, which a weights-only load does not "
-            "allow; use a checkpoint saved with torch.save(model.state_dict(), PATH)")
+    return (
+        f"{path}: refused: the pickle references {name}, which a weights-only load does not "
+        "allow; use a checkpoint saved with torch.save(model.state_dict(), PATH)"
+    )
 
 
 def read_checkpoint(path: Path, shown: Optional[str] = None) -> object:
@@ -64,7 +98,7 @@ def read_checkpoint(path: Path, shown: Optional[str] = None) -> object:
     if not path.is_file():
         raise StageError(f"{where}: checkpoint file not found; check model.checkpoint")
     try:
-        with warnings.catch_warnings():   # e.g. "Detected pickle protocol 4": every outcome is reported below
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": every outcome is reported below
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -72,15 +106,18 @@ def read_checkpoint(path: Path, shown: Optional[str] = None) -> object:
     except (RuntimeError, EOFError, KeyError, ValueError, OSError, IndexError) as exc:
         first = str(exc).strip().splitlines()[0][:100] if str(exc).strip() else ""
         detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-        raise StageError(f"{where}: not a readable PyTorch checkpoint, truncated or corrupt "
-                         f"({detail}); download or save it again") from None
+        raise StageError(
+            f"{where}: not a readable PyTorch checkpoint, truncated or corrupt ({detail}); download or save it again"
+        ) from None
 
 
 def extract_state_dict(path: str, obj: Any) -> Dict[str, torch.Tensor]:
     """The state dict inside ``obj``: module. stripped, classifier dropped."""
     if not isinstance(obj, Mapping):
-        raise StageError(f"{path}: not a state dict (the file holds a {type(obj).__name__}); "
-                         "save one with torch.save(model.state_dict(), PATH)")
+        raise StageError(
+            f"{path}: not a state dict (the file holds a {type(obj).__name__}); "
+            "save one with torch.save(model.state_dict(), PATH)"
+        )
     for wrapper in ("model", "state_dict"):
         if isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
@@ -88,13 +125,15 @@ def extract_state_dict(path: str, obj: Any) -> Dict[str, torch.Tensor]:
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad or not obj:
         what = f"key {bad[0]!r} holds a {type(obj[bad[0]]).__name__}" if bad else "it is empty"
-        raise StageError(f"{path}: not a state dict ({what}); expected parameter names -> tensors, "
-                         "plain or under 'model' / 'state_dict'")
+        raise StageError(
+            f"{path}: not a state dict ({what}); expected parameter names -> tensors, "
+            "plain or under 'model' / 'state_dict'"
+        )
     out = {}
     for key, value in obj.items():
         key = str(key)
         while key.startswith("module."):
-            key = key[len("module."):]
+            key = key[len("module.") :]
         if not is_classifier_key(key):
             out[key] = value
     return out
@@ -124,20 +163,30 @@ def apply_state_dict(model: nn.Module, given: Dict[str, torch.Tensor], path: str
             parts.append(f"missing {len(missing)} keys ({_listed(missing)})")
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} keys ({_listed(unexpected)})")
-        raise StageError(f"{path}: does not fit {getattr(model, 'arch', 'the model')}: "
-                         f"{'; '.join(parts)}{_guess_arch(given) if unexpected else ''}")
-    wrong = [f"{k}: got {tuple(given[k].shape)} expected {tuple(v.shape)}"
-             for k, v in expected.items() if k in given and given[k].shape != v.shape]
+        raise StageError(
+            f"{path}: does not fit {getattr(model, 'arch', 'the model')}: "
+            f"{'; '.join(parts)}{_guess_arch(given) if unexpected else ''}"
+        )
+    wrong = [
+        f"{k}: got {tuple(given[k].shape)} expected {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in given and given[k].shape != v.shape
+    ]
     if wrong:
-        raise StageError(f"{path}: {len(wrong)} tensors have the wrong shape ({_listed(wrong)}); "
-                         "check model.arch: the checkpoint is of another network")
+        raise StageError(
+            f"{path}: {len(wrong)} tensors have the wrong shape ({_listed(wrong)}); "
+            "check model.arch: the checkpoint is of another network"
+        )
     # NaN/inf weights (a diverged training run) make every feature NaN: refuse them here, naming
     # the tensors, instead of exporting a model whose reference is not finite.
-    nonfinite = [k for k in expected if k in given and given[k].is_floating_point()
-                 and not bool(torch.isfinite(given[k]).all())]
+    nonfinite = [
+        k for k in expected if k in given and given[k].is_floating_point() and not bool(torch.isfinite(given[k]).all())
+    ]
     if nonfinite:
-        raise StageError(f"{path}: {len(nonfinite)} tensors hold NaN or infinite values ({_listed(nonfinite)}); "
-                         "the checkpoint is from a diverged run: use an earlier one")
+        raise StageError(
+            f"{path}: {len(nonfinite)} tensors hold NaN or infinite values ({_listed(nonfinite)}); "
+            "the checkpoint is from a diverged run: use an earlier one"
+        )
     full = model.state_dict()
     full.update(given)
     model.load_state_dict(full, strict=True)

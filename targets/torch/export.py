@@ -12,6 +12,7 @@ Outputs (each written under a temporary name, then renamed):
 - ``meta.json``   the same description plus ``random_weights`` and either ``checkpoint_sha256``
   or ``seed`` and ``calibration`` (source, image count, sha256 of the sample used).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -74,8 +75,11 @@ def check_model_cfg(cfg: Any) -> Dict[str, Any]:
         raise _bad("export", f"missing {', '.join(missing)}")
     opset = cfg["export"]["opset"]
     if not (isinstance(opset, int) and MIN_OPSET <= opset <= MAX_OPSET):
-        raise _bad("export.opset", f"torch {torch.__version__}'s TorchScript exporter writes opsets "
-                   f"{MIN_OPSET}..{MAX_OPSET}, got {opset!r} (ATC 5.0.1 needs 11)")
+        raise _bad(
+            "export.opset",
+            f"torch {torch.__version__}'s TorchScript exporter writes opsets "
+            f"{MIN_OPSET}..{MAX_OPSET}, got {opset!r} (ATC 5.0.1 needs 11)",
+        )
     cfg = dict(cfg)
     cfg.setdefault("seed", 0)
     cfg.setdefault("calibration_batches", 4)
@@ -97,14 +101,16 @@ def calibration_sample(path: Path, cfg: Dict[str, Any]) -> Tuple[torch.Tensor, L
     arr = load_inputs(path, cfg["input_size"])
     count = min(arr.shape[0], calibration_count(cfg))
     if count < 2:
-        raise StageError(f"{path}: {arr.shape[0]} image(s); calibrating random weights needs at "
-                         "least 2 (or give model.checkpoint)")
+        raise StageError(
+            f"{path}: {arr.shape[0]} image(s); calibrating random weights needs at least 2 (or give model.checkpoint)"
+        )
     index = sorted({int(i) for i in np.linspace(0, arr.shape[0] - 1, count).round()})
     return torch.from_numpy(np.array(arr[index])), index
 
 
-def make_model(cfg: Dict[str, Any], checkpoint: Optional[Path],
-               calibration: Optional[Path], shown: Optional[str] = None) -> Tuple[torch.nn.Module, Dict[str, Any]]:
+def make_model(
+    cfg: Dict[str, Any], checkpoint: Optional[Path], calibration: Optional[Path], shown: Optional[str] = None
+) -> Tuple[torch.nn.Module, Dict[str, Any]]:
     """The model, and how its weights came about (for meta.json). ``shown`` names the checkpoint
     in messages (the user's path; ``checkpoint`` may be the workspace copy)."""
     if checkpoint is not None:
@@ -117,15 +123,19 @@ def make_model(cfg: Dict[str, Any], checkpoint: Optional[Path],
         return init_random_model(cfg), how
     images, index = calibration_sample(calibration, cfg)
     # the hash of the images used, not of the file: inputs.npy of the full Market1501 is 7.6 GB
-    how["calibration"] = {"source": calibration.name, "images": len(index),
-                          "sample_sha256": hashlib.sha256(images.numpy().tobytes()).hexdigest()}
+    how["calibration"] = {
+        "source": calibration.name,
+        "images": len(index),
+        "sample_sha256": hashlib.sha256(images.numpy().tobytes()).hexdigest(),
+    }
     return init_random_model(cfg, images), how
 
 
 def describe(cfg: Dict[str, Any], weights_from: Dict[str, Any]) -> Dict[str, Any]:
     """meta.json: everything torch.infer needs to rebuild the model, and what it was made from."""
-    meta = {key: cfg[key] for key in ("arch", "num_classes", "last_stride", "neck_feat",
-                                      "input_size", "contract", "export")}
+    meta = {
+        key: cfg[key] for key in ("arch", "num_classes", "last_stride", "neck_feat", "input_size", "contract", "export")
+    }
     meta.update(producer=PRODUCER, random_weights="checkpoint" not in weights_from, versions=versions())
     meta.update(weights_from)
     return meta
@@ -153,17 +163,24 @@ def export_onnx(model: torch.nn.Module, cfg: Dict[str, Any], props: Dict[str, st
     exp = cfg["export"]
     height, width = cfg["input_size"]
     dummy = torch.zeros(1, 3, height, width)
-    axes = {exp["input_name"]: {0: "batch"}, exp["output_name"]: {0: "batch"}} \
-        if exp["dynamic_batch"] else None
+    axes = {exp["input_name"]: {0: "batch"}, exp["output_name"]: {0: "batch"}} if exp["dynamic_batch"] else None
     buf = io.BytesIO()
     with warnings.catch_warnings():
         # dynamo=False is deliberate (REFERENCE.md: the dynamo exporter needs onnxscript and
         # cannot write opset 11); its deprecation notice is not news to the user.
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (dummy,), buf, dynamo=False, export_params=True,
-                          opset_version=int(exp["opset"]), do_constant_folding=True,
-                          input_names=[exp["input_name"]], output_names=[exp["output_name"]],
-                          dynamic_axes=axes)
+        torch.onnx.export(
+            model,
+            (dummy,),
+            buf,
+            dynamo=False,
+            export_params=True,
+            opset_version=int(exp["opset"]),
+            do_constant_folding=True,
+            input_names=[exp["input_name"]],
+            output_names=[exp["output_name"]],
+            dynamic_axes=axes,
+        )
     proto = onnx.load_from_string(buf.getvalue())
     for key, value in props.items():
         entry = proto.metadata_props.add()
@@ -176,8 +193,9 @@ def run(spec: Spec) -> Dict[str, Any]:
     cfg = check_model_cfg(spec.param("model"))
     t0 = time.perf_counter()
     checkpoint = spec.inputs.get("checkpoint")
-    model, weights_from = make_model(cfg, checkpoint, spec.inputs.get("calibration"),
-                                     spec.label("checkpoint") if checkpoint else None)
+    model, weights_from = make_model(
+        cfg, checkpoint, spec.inputs.get("calibration"), spec.label("checkpoint") if checkpoint else None
+    )
     model.eval()
     build_s = time.perf_counter() - t0
 
@@ -195,9 +213,14 @@ def run(spec: Spec) -> Dict[str, Any]:
     export_s = time.perf_counter() - t1
     atomic_write_bytes(spec.output("model.onnx"), proto.SerializeToString())
     atomic_write_json(spec.output("meta.json"), meta)
-    return {"versions": versions(), "opset": int(cfg["export"]["opset"]),
-            "random_weights": meta["random_weights"], "feature_dim": meta["feature_dim"],
-            "build_seconds": build_s, "export_seconds": export_s}
+    return {
+        "versions": versions(),
+        "opset": int(cfg["export"]["opset"]),
+        "random_weights": meta["random_weights"],
+        "feature_dim": meta["feature_dim"],
+        "build_seconds": build_s,
+        "export_seconds": export_s,
+    }
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ to score. Outputs: ``checkpoint.pth`` (a plain state dict, classifier included: 
 accepts it and ignores the classifier), ``finetune.json`` (losses per epoch, params, sha256),
 ``eval_features.npy`` and ``eval_features_random.npy`` (with ``eval``).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,10 +50,12 @@ def read_labels(path: Path, n: int) -> np.ndarray:
         raw = json.loads(Path(path).read_text())
         pids = raw["pids"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise StageError(f"{path}: not a labels file ({type(exc).__name__}); expected {{\"pids\": [...]}}") from None
+        raise StageError(f'{path}: not a labels file ({type(exc).__name__}); expected {{"pids": [...]}}') from None
     if not isinstance(pids, list) or len(pids) != n or not all(isinstance(p, int) for p in pids):
-        raise StageError(f"{path}: expected {n} integer pids (one per training image), got "
-                         f"{len(pids) if isinstance(pids, list) else type(pids).__name__}")
+        raise StageError(
+            f"{path}: expected {n} integer pids (one per training image), got "
+            f"{len(pids) if isinstance(pids, list) else type(pids).__name__}"
+        )
     _, labels = np.unique(np.asarray(pids), return_inverse=True)
     return labels.astype(np.int64)
 
@@ -60,8 +63,13 @@ def read_labels(path: Path, n: int) -> np.ndarray:
 def _parts(model: nn.Module, freeze: str) -> Tuple[List[nn.Module], List[nn.Module]]:
     """(frozen modules in order, trained backbone modules in order) for reid-strong-baseline."""
     base = model.base
-    order = [("stem", nn.Sequential(base.conv1, base.bn1, base.maxpool)), ("layer1", base.layer1),
-             ("layer2", base.layer2), ("layer3", base.layer3), ("layer4", base.layer4)]
+    order = [
+        ("stem", nn.Sequential(base.conv1, base.bn1, base.maxpool)),
+        ("layer1", base.layer1),
+        ("layer2", base.layer2),
+        ("layer3", base.layer3),
+        ("layer4", base.layer4),
+    ]
     cut = FREEZE_POINTS.index(freeze)
     return [m for _, m in order[:cut]], [m for _, m in order[cut:]]
 
@@ -71,7 +79,7 @@ def frozen_features(frozen: List[nn.Module], images: np.ndarray, batch: int = 32
     outs = []
     with torch.no_grad():
         for start in range(0, images.shape[0], batch):
-            x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch]))
+            x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch]))
             for m in frozen:
                 x = m(x)
             outs.append(x)
@@ -95,7 +103,7 @@ def pk_batches(labels: np.ndarray, p: int, k: int, rng: np.random.Generator) -> 
     batches = []
     for start in range(0, len(order) - p + 1, p):
         rows = []
-        for i in order[start:start + p]:
+        for i in order[start : start + p]:
             pool = pools[i]
             rows.append(pool[:k] if len(pool) >= k else rng.choice(pool, size=k, replace=True))
         batches.append(np.concatenate(rows))
@@ -107,22 +115,28 @@ def features(model: nn.Module, images: np.ndarray, batch: int = 32) -> np.ndarra
     out = []
     with torch.no_grad():
         for start in range(0, images.shape[0], batch):
-            out.append(model(torch.from_numpy(np.ascontiguousarray(images[start:start + batch]))).numpy())
+            out.append(model(torch.from_numpy(np.ascontiguousarray(images[start : start + batch]))).numpy())
     return np.concatenate(out).astype(np.float32)
 
 
 def check_params(spec: Spec) -> Dict[str, Any]:
-    p = {"epochs": int(spec.param("finetune_epochs", 12)), "lr": float(spec.param("finetune_lr", 1e-3)),
-         "seed": int((spec.param("model") or {}).get("seed", 0)),
-         "freeze": str(spec.param("finetune_freeze", "layer2")),
-         "identities_per_batch": int(spec.param("identities_per_batch", 8)),
-         "images_per_identity": int(spec.param("images_per_identity", 4)),
-         "margin": float(spec.param("margin", 0.3)), "threads": int(spec.param("threads", 0))}
+    p = {
+        "epochs": int(spec.param("finetune_epochs", 12)),
+        "lr": float(spec.param("finetune_lr", 1e-3)),
+        "seed": int((spec.param("model") or {}).get("seed", 0)),
+        "freeze": str(spec.param("finetune_freeze", "layer2")),
+        "identities_per_batch": int(spec.param("identities_per_batch", 8)),
+        "images_per_identity": int(spec.param("images_per_identity", 4)),
+        "margin": float(spec.param("margin", 0.3)),
+        "threads": int(spec.param("threads", 0)),
+    }
     if p["freeze"] not in FREEZE_POINTS:
         raise StageError(f"freeze: expected one of {', '.join(FREEZE_POINTS)}, got {p['freeze']!r}")
     if p["epochs"] < 1 or p["lr"] <= 0 or p["identities_per_batch"] < 2 or p["images_per_identity"] < 2:
-        raise StageError("epochs >= 1, lr > 0, identities_per_batch >= 2 and images_per_identity >= 2 "
-                         "(the triplet loss needs two identities and two images of each per batch)")
+        raise StageError(
+            "epochs >= 1, lr > 0, identities_per_batch >= 2 and images_per_identity >= 2 "
+            "(the triplet loss needs two identities and two images of each per batch)"
+        )
     return p
 
 
@@ -140,8 +154,10 @@ def run(spec: Spec) -> Dict[str, Any]:
     labels = read_labels(spec.input("labels"), train.shape[0])
     n_ids = int(labels.max()) + 1
     if n_ids < p["identities_per_batch"]:
-        raise StageError(f"{spec.input('labels')}: {n_ids} identities, fewer than identities_per_batch "
-                         f"{p['identities_per_batch']}; write a larger training set")
+        raise StageError(
+            f"{spec.input('labels')}: {n_ids} identities, fewer than identities_per_batch "
+            f"{p['identities_per_batch']}; write a larger training set"
+        )
     t0 = time.perf_counter()
     cfg_train = dict(cfg, num_classes=n_ids)
     model = build_model(cfg_train)
@@ -186,26 +202,38 @@ def run(spec: Spec) -> Dict[str, Any]:
             totals["batches"] += 1
         sched.step()
         b = max(1, totals["batches"])
-        history.append({"epoch": epoch + 1, "id_loss": round(totals["id"] / b, 4),
-                        "triplet_loss": round(totals["triplet"] / b, 4)})
-        print(f"epoch {epoch + 1}/{p['epochs']}: id {history[-1]['id_loss']:.3f} "
-              f"triplet {history[-1]['triplet_loss']:.3f}", flush=True)
+        history.append(
+            {"epoch": epoch + 1, "id_loss": round(totals["id"] / b, 4), "triplet_loss": round(totals["triplet"] / b, 4)}
+        )
+        print(
+            f"epoch {epoch + 1}/{p['epochs']}: id {history[-1]['id_loss']:.3f} "
+            f"triplet {history[-1]['triplet_loss']:.3f}",
+            flush=True,
+        )
     model.eval()
     train_s = time.perf_counter() - t0
     state = model.state_dict()
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
-        raise StageError(f"training diverged: {len(bad)} tensors hold NaN or infinite values "
-                         f"(first {bad[0]}); lower lr")
+        raise StageError(
+            f"training diverged: {len(bad)} tensors hold NaN or infinite values (first {bad[0]}); lower lr"
+        )
     buf = io.BytesIO()
     torch.save(state, buf)
     data = buf.getvalue()
     atomic_write_bytes(spec.output("checkpoint.pth"), data)
     if evaluate:
         save_npy(spec.output("eval_features.npy"), features(model, eval_inputs))
-    summary = {"params": p, "identities": n_ids, "images": int(train.shape[0]), "input_size": list(size),
-               "history": history, "train_seconds": round(train_s, 2),
-               "checkpoint_sha256": hashlib.sha256(data).hexdigest(), "versions": versions()}
+    summary = {
+        "params": p,
+        "identities": n_ids,
+        "images": int(train.shape[0]),
+        "input_size": list(size),
+        "history": history,
+        "train_seconds": round(train_s, 2),
+        "checkpoint_sha256": hashlib.sha256(data).hexdigest(),
+        "versions": versions(),
+    }
     atomic_write_json(spec.output("finetune.json"), summary)
     return summary
 

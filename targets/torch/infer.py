@@ -4,6 +4,7 @@ Rebuilds the model from ``meta.json``, loads ``weights.pt`` strictly (no re-init
 runs ``inputs.npy`` in batches of ``batch_size`` (the last one partial) and writes
 ``features.npy`` (float32, N x D, row i = image i).
 """
+
 from __future__ import annotations
 
 import json
@@ -68,7 +69,7 @@ def infer(model: torch.nn.Module, arr: np.ndarray, batch_size: int):
     seconds = []
     with torch.inference_mode():
         for start, stop in batched_timings(arr.shape[0], batch_size):
-            batch = torch.from_numpy(np.array(arr[start:stop]))   # writable copy of the mmap
+            batch = torch.from_numpy(np.array(arr[start:stop]))  # writable copy of the mmap
             t0 = time.perf_counter()
             out = model(batch)
             seconds.append(time.perf_counter() - t0)
@@ -88,9 +89,14 @@ def run(spec: Spec) -> Dict[str, Any]:
     model = load_model(spec.input("weights"), meta)
     features, seconds = infer(model, arr, batch_size)
     save_npy(spec.output("features.npy"), features)
-    return {"batch_size": batch_size, "images": int(arr.shape[0]), "batch_seconds": seconds,
-            "images_per_second": arr.shape[0] / sum(seconds), "threads": torch.get_num_threads(),
-            "versions": versions()}
+    return {
+        "batch_size": batch_size,
+        "images": int(arr.shape[0]),
+        "batch_seconds": seconds,
+        "images_per_second": arr.shape[0] / sum(seconds),
+        "threads": torch.get_num_threads(),
+        "versions": versions(),
+    }
 
 
 if __name__ == "__main__":

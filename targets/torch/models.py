@@ -12,6 +12,7 @@ are measured on images in the model's own input contract: a sample of the prepar
 the caller has one, else smooth random images. Default BN statistics make every image's feature
 nearly the same (cosine >= 0.99), which would make parity checks meaningless.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,7 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: Optional[nn.Module] = None):
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None):
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -80,8 +80,7 @@ class ResNet50(nn.Module):
         downsample = None
         if stride != 1 or self.inplanes != planes * Bottleneck.expansion:
             downsample = nn.Sequential(
-                nn.Conv2d(self.inplanes, planes * Bottleneck.expansion, kernel_size=1,
-                          stride=stride, bias=False),
+                nn.Conv2d(self.inplanes, planes * Bottleneck.expansion, kernel_size=1, stride=stride, bias=False),
                 nn.BatchNorm2d(planes * Bottleneck.expansion),
             )
         layers = [Bottleneck(self.inplanes, planes, stride, downsample)]
@@ -105,12 +104,11 @@ class StrongBaseline(nn.Module):
     def __init__(self, num_classes: int, last_stride: int, neck_feat: str):
         super().__init__()
         self.neck_feat = _check_neck_feat(neck_feat)
-        self.base = ResNet50(last_stride, stem_relu=False,
-                             maxpool=nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+        self.base = ResNet50(last_stride, stem_relu=False, maxpool=nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
         self.gap = nn.AdaptiveAvgPool2d(1)
         self.bottleneck = nn.BatchNorm1d(FEATURE_DIM)
-        self.bottleneck.bias.requires_grad_(False)       # "no shift": frozen at 0, still saved
-        self.classifier = nn.Linear(FEATURE_DIM, num_classes, bias=False)   # training only
+        self.bottleneck.bias.requires_grad_(False)  # "no shift": frozen at 0, still saved
+        self.classifier = nn.Linear(FEATURE_DIM, num_classes, bias=False)  # training only
 
     def forward(self, x: torch.Tensor):
         # Upstream's own form, so the exported graph is the one users get: view(B, -1) exports
@@ -130,8 +128,8 @@ class EmbeddingHead(nn.Module):
         super().__init__()
         self.pool_layer = nn.AdaptiveAvgPool2d(1)
         self.bottleneck = nn.Sequential(nn.BatchNorm2d(FEATURE_DIM))
-        self.bottleneck[0].bias.requires_grad_(False)    # bias_freeze=True
-        self.weight = nn.Parameter(torch.empty(num_classes, FEATURE_DIM))   # training only
+        self.bottleneck[0].bias.requires_grad_(False)  # bias_freeze=True
+        self.weight = nn.Parameter(torch.empty(num_classes, FEATURE_DIM))  # training only
 
 
 class FastReidBagTricks(nn.Module):
@@ -142,16 +140,14 @@ class FastReidBagTricks(nn.Module):
     def __init__(self, num_classes: int, last_stride: int, neck_feat: str):
         super().__init__()
         self.neck_feat = _check_neck_feat(neck_feat)
-        self.backbone = ResNet50(last_stride, stem_relu=True,
-                                 maxpool=nn.MaxPool2d(kernel_size=3, stride=2, padding=0,
-                                                      ceil_mode=True))
+        self.backbone = ResNet50(
+            last_stride, stem_relu=True, maxpool=nn.MaxPool2d(kernel_size=3, stride=2, padding=0, ceil_mode=True)
+        )
         self.heads = EmbeddingHead(num_classes)
         # Not persistent: fast-reid does not save them. Not in place either (fast-reid's
         # sub_/div_ mutates the caller's tensor).
-        self.register_buffer("pixel_mean", torch.tensor(FASTREID_PIXEL_MEAN).view(1, 3, 1, 1),
-                             persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(FASTREID_PIXEL_STD).view(1, 3, 1, 1),
-                             persistent=False)
+        self.register_buffer("pixel_mean", torch.tensor(FASTREID_PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(FASTREID_PIXEL_STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor):
         x = (x - self.pixel_mean) / self.pixel_std
@@ -179,9 +175,11 @@ def build_model(model_cfg: Dict[str, Any]) -> nn.Module:
         raise ValueError(f"unknown arch {arch!r} (known: {', '.join(ARCHS)})")
     # Construction draws torch's default init from the global RNG; keep the caller's RNG intact.
     with torch.random.fork_rng(devices=[]):
-        return ARCHS[arch](num_classes=int(model_cfg["num_classes"]),
-                           last_stride=int(model_cfg["last_stride"]),
-                           neck_feat=model_cfg["neck_feat"])
+        return ARCHS[arch](
+            num_classes=int(model_cfg["num_classes"]),
+            last_stride=int(model_cfg["last_stride"]),
+            neck_feat=model_cfg["neck_feat"],
+        )
 
 
 def is_classifier_key(key: str) -> bool:
@@ -195,6 +193,7 @@ def inference_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------- seeded random weights
+
 
 def seeded_init(model: nn.Module, seed: int) -> None:
     """Upstream-style init from a private generator: conv N(0, sqrt(2/n)), BN weight 1 bias 0,

@@ -6,6 +6,7 @@ under CI=true, where they fail: CI must never silently skip them.
 Images are content-addressed, so what one test (or an earlier run) built is reused: the session
 fixtures below build each image at most once, and a second run of the suite builds nothing.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -62,12 +63,14 @@ def bullseye_base(docker_engine) -> dict:
 def real_matrix(tmp_path_factory, ci_base) -> Matrix:
     """The real torch and onnxruntime targets, built FROM the CI base."""
     root = tmp_path_factory.mktemp("real")
-    path = write_yaml(root / "matrix.yaml", {
-        "workspace": str(root / "ws"),
-        "images": {"memory_limit": "2g",
-                   "bases": {"bookworm-minbase": {"suite": "bookworm", "tag": CI_BASE}}},
-        "targets": {"torch": {"image": {"base": CI_BASE}}, "onnxruntime": {"image": {"base": CI_BASE}}},
-    })
+    path = write_yaml(
+        root / "matrix.yaml",
+        {
+            "workspace": str(root / "ws"),
+            "images": {"memory_limit": "2g", "bases": {"bookworm-minbase": {"suite": "bookworm", "tag": CI_BASE}}},
+            "targets": {"torch": {"image": {"base": CI_BASE}}, "onnxruntime": {"image": {"base": CI_BASE}}},
+        },
+    )
     return load_matrix(path)
 
 

@@ -1,5 +1,6 @@
 """Helpers shared by the docker tests (a plain module: tests/ is not a package, and a package
 named ``docker`` would shadow the Docker SDK)."""
+
 from __future__ import annotations
 
 import os
@@ -13,7 +14,7 @@ import yaml
 from modelmatrix import REPO_ROOT
 from modelmatrix.config import Matrix, load_matrix
 
-CI_BASE = "modelmatrix/base:bookworm-minbase"      # bootstrapped by `invoke bases` (debootstrap)
+CI_BASE = "modelmatrix/base:bookworm-minbase"  # bootstrapped by `invoke bases` (debootstrap)
 BULLSEYE_BASE = "modelmatrix/base:bullseye-minbase"
 
 
@@ -126,14 +127,16 @@ STAGES = {
 }
 
 
-def make_project(root: Path, name: str, dockerfile: str, base: str, stages: dict | None = None,
-                 memory_limit: str = "1g") -> Matrix:
+def make_project(
+    root: Path, name: str, dockerfile: str, base: str, stages: dict | None = None, memory_limit: str = "1g"
+) -> Matrix:
     """A throwaway project (targets/, images/, matrix.yaml) with one target ``name`` whose stages
     are ``stages`` (file name -> code; default :data:`STAGES`; empty: the no-op stage only)."""
     targets = root / "targets"
     if not (targets / "common").is_dir():
-        shutil.copytree(REPO_ROOT / "targets" / "common", targets / "common",
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            REPO_ROOT / "targets" / "common", targets / "common", ignore=shutil.ignore_patterns("__pycache__")
+        )
         shutil.copyfile(REPO_ROOT / "targets" / "__init__.py", targets / "__init__.py")
     tdir = targets / name
     tdir.mkdir(parents=True, exist_ok=True)
@@ -142,14 +145,18 @@ def make_project(root: Path, name: str, dockerfile: str, base: str, stages: dict
     stages = STAGES if stages is None else stages or {"noop.py": STAGES["noop.py"]}
     for fname, text in stages.items():
         (tdir / fname).write_text(textwrap.dedent(text).lstrip())
-    write_yaml(tdir / "target.yaml", {"name": name, "image": {"base": base},
-                                      "stages": {f[:-3]: {} for f in stages}})
+    write_yaml(tdir / "target.yaml", {"name": name, "image": {"base": base}, "stages": {f[:-3]: {} for f in stages}})
     (root / "images" / name).mkdir(parents=True, exist_ok=True)
     (root / "images" / name / "Dockerfile").write_text(textwrap.dedent(dockerfile).lstrip())
-    path = write_yaml(root / f"matrix-{name}.yaml", {
-        "workspace": str(root / "ws"), "verify": {"reference": name},
-        "images": {"memory_limit": memory_limit}, "targets": {name: {}},
-    })
+    path = write_yaml(
+        root / f"matrix-{name}.yaml",
+        {
+            "workspace": str(root / "ws"),
+            "verify": {"reference": name},
+            "images": {"memory_limit": memory_limit},
+            "targets": {name: {}},
+        },
+    )
     return load_matrix(path, targets_dir=targets)
 
 
@@ -160,9 +167,11 @@ ON_TOP = """
     """
 
 
-def stage_request(m: Matrix, target: str, stage: str, ws: Path, out: str, timeout_s: float = 120,
-                  inputs: dict | None = None):
+def stage_request(
+    m: Matrix, target: str, stage: str, ws: Path, out: str, timeout_s: float = 120, inputs: dict | None = None
+):
     """A StageRequest for ``target.stage`` writing to ``ws/out`` (created here, as the pipeline does)."""
     from modelmatrix.runners.base import StageRequest
+
     (ws / out).mkdir(parents=True, exist_ok=True)
     return StageRequest(m.targets[target], stage, ws, inputs or {}, out, timeout_s=timeout_s)

@@ -1,5 +1,6 @@
 """Stage containers: hardened host config, `clean` that only removes what is known to be dead, and
 engine faults that become one-line errors. Real containers on the local engine throughout."""
+
 from __future__ import annotations
 
 import errno
@@ -52,6 +53,7 @@ def wait_running(engine: Engine, runner: DockerRunner, limit_s: float = 60) -> s
 
 # --------------------------------------------------------------------------- hardening
 
+
 def test_stage_container_is_hardened(mm_matrix, mm_image, tmp_path, docker_engine):
     """The container run() would start, created and inspected before it starts."""
     runner = DockerRunner(mm_matrix)
@@ -67,7 +69,7 @@ def test_stage_container_is_hardened(mm_matrix, mm_image, tmp_path, docker_engin
     assert hc["ReadonlyRootfs"] is True
     assert "/tmp" in hc["Tmpfs"]
     assert hc["NetworkMode"] == "none"
-    assert hc["Memory"] == 1 << 30                                   # images.memory_limit: 1g
+    assert hc["Memory"] == 1 << 30  # images.memory_limit: 1g
     assert not hc.get("Privileged")
     mounts = {m["Target"]: m for m in hc["Mounts"]}
     assert set(mounts) == {"/workspace", "/workspace/out/harden"}
@@ -101,9 +103,11 @@ def test_hardened_stage_runs_and_sees_the_limits(mm_matrix, mm_image, tmp_path):
 
 # --------------------------------------------------------------------------- clean
 
+
 def _container(engine: Engine, image_id: str, labels: dict, start: bool) -> str:
-    cid = engine.create_container(image_id, ["sleep", "600"], user="0:0", mounts=[], labels=labels,
-                                  environment={}, mem_limit="64m")
+    cid = engine.create_container(
+        image_id, ["sleep", "600"], user="0:0", mounts=[], labels=labels, environment={}, mem_limit="64m"
+    )
     if start:
         engine.start(cid)
     return cid
@@ -122,23 +126,45 @@ def test_clean_removes_only_containers_whose_owner_is_known_gone(mm_image, docke
     live_start = process_start(live.pid)
     assert live_start and dead_start and process_start(dead.pid) is None
     other_host = f"other-host/{uuid.uuid4()}/4026531836"
-    cases = {   # session -> (labels, started, removed?)
-        f"other-host-{tag}": (_labels(f"other-host-{tag}", **{OWNER_HOST_LABEL: other_host,
-                                                             OWNER_PID_LABEL: str(live.pid),
-                                                             OWNER_START_LABEL: live_start}), True, False),
-        f"other-host-exited-pid-{tag}": (_labels(f"other-host-exited-pid-{tag}", **{
-            OWNER_HOST_LABEL: other_host, OWNER_PID_LABEL: str(dead.pid), OWNER_START_LABEL: dead_start}),
-            False, False),
-        f"dead-pid-{tag}": (_labels(f"dead-pid-{tag}", **{OWNER_PID_LABEL: str(dead.pid),
-                                                          OWNER_START_LABEL: dead_start}), False, True),
-        f"dead-pid-running-{tag}": (_labels(f"dead-pid-running-{tag}", **{OWNER_PID_LABEL: str(dead.pid),
-                                                                          OWNER_START_LABEL: dead_start}),
-                                    True, True),
-        f"live-pid-{tag}": (_labels(f"live-pid-{tag}", **{OWNER_PID_LABEL: str(live.pid),
-                                                          OWNER_START_LABEL: live_start}), True, False),
-        f"pid-reused-{tag}": (_labels(f"pid-reused-{tag}", **{OWNER_PID_LABEL: str(live.pid),
-                                                              OWNER_START_LABEL: str(int(live_start) - 1)}),
-                              True, True),
+    cases = {  # session -> (labels, started, removed?)
+        f"other-host-{tag}": (
+            _labels(
+                f"other-host-{tag}",
+                **{OWNER_HOST_LABEL: other_host, OWNER_PID_LABEL: str(live.pid), OWNER_START_LABEL: live_start},
+            ),
+            True,
+            False,
+        ),
+        f"other-host-exited-pid-{tag}": (
+            _labels(
+                f"other-host-exited-pid-{tag}",
+                **{OWNER_HOST_LABEL: other_host, OWNER_PID_LABEL: str(dead.pid), OWNER_START_LABEL: dead_start},
+            ),
+            False,
+            False,
+        ),
+        f"dead-pid-{tag}": (
+            _labels(f"dead-pid-{tag}", **{OWNER_PID_LABEL: str(dead.pid), OWNER_START_LABEL: dead_start}),
+            False,
+            True,
+        ),
+        f"dead-pid-running-{tag}": (
+            _labels(f"dead-pid-running-{tag}", **{OWNER_PID_LABEL: str(dead.pid), OWNER_START_LABEL: dead_start}),
+            True,
+            True,
+        ),
+        f"live-pid-{tag}": (
+            _labels(f"live-pid-{tag}", **{OWNER_PID_LABEL: str(live.pid), OWNER_START_LABEL: live_start}),
+            True,
+            False,
+        ),
+        f"pid-reused-{tag}": (
+            _labels(
+                f"pid-reused-{tag}", **{OWNER_PID_LABEL: str(live.pid), OWNER_START_LABEL: str(int(live_start) - 1)}
+            ),
+            True,
+            True,
+        ),
         f"old-labels-{tag}": ({SESSION_LABEL: f"old-labels-{tag}", OWNER_LABEL: "gone-host:1"}, False, False),
         f"this-process-{tag}": (owner_labels(f"this-process-{tag}"), True, False),
     }
@@ -169,13 +195,18 @@ def test_clean_removes_only_containers_whose_owner_is_known_gone(mm_image, docke
 
 # --------------------------------------------------------------------------- engine faults
 
+
 def test_image_removed_after_prepare_is_a_one_line_image_missing(shared_root, ort_image, tmp_path, docker_engine):
-    m = make_project(shared_root / "vanish", "vanish",
-                     ON_TOP + "USER root\nRUN echo vanish > /opt/modelmatrix/vanish.txt\n", ort_image["tag"])
+    m = make_project(
+        shared_root / "vanish",
+        "vanish",
+        ON_TOP + "USER root\nRUN echo vanish > /opt/modelmatrix/vanish.txt\n",
+        ort_image["tag"],
+    )
     runner = DockerRunner(m)
-    runner.prepare(m.targets["vanish"])                             # built (or found) ...
+    runner.prepare(m.targets["vanish"])  # built (or found) ...
     tag = images.image_status(m, "vanish", docker_engine)["tag"]
-    docker_engine.remove_image(tag, force=True)                     # ... and gone before the stage runs
+    docker_engine.remove_image(tag, force=True)  # ... and gone before the stage runs
     with pytest.raises(ImageMissing) as err:
         runner.run(stage_request(m, "vanish", "noop", tmp_path, "out/noop"))
     msg = str(err.value)
@@ -191,9 +222,9 @@ def test_container_removed_mid_run_by_another_client(mm_matrix, mm_image, tmp_pa
     def intruder() -> None:
         try:
             cid = wait_running(docker_engine, runner)
-            time.sleep(1.0)                 # the runner is in wait() by now
+            time.sleep(1.0)  # the runner is in wait() by now
             box["removed"] = Engine().remove_container(cid)
-        except BaseException as exc:        # noqa: BLE001 - reported by the assertion below
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
             box["error"] = exc
 
     thread = threading.Thread(target=intruder)
@@ -203,13 +234,16 @@ def test_container_removed_mid_run_by_another_client(mm_matrix, mm_image, tmp_pa
         runner.run(stage_request(mm_matrix, "mmtest", "hang", tmp_path, "out/hang", timeout_s=120))
     thread.join()
     assert box == {"removed": True}
-    assert time.monotonic() - t0 < 60                   # not the stage timeout
+    assert time.monotonic() - t0 < 60  # not the stage timeout
     assert isinstance(err.value, StageFailed)
     msg = str(err.value)
-    assert "\n" not in msg, msg          # (the pipeline names the node on the stage line)
+    assert "\n" not in msg, msg  # (the pipeline names the node on the stage line)
     # the engine kills it first: the runner sees SIGKILL's exit 137, or the container already gone
-    assert ("exited with code 137 in" in msg and "(killed by SIGKILL from outside modelmatrix" in msg
-            or "its container was removed while the stage ran" in msg), msg
+    assert (
+        "exited with code 137 in" in msg
+        and "(killed by SIGKILL from outside modelmatrix" in msg
+        or "its container was removed while the stage ran" in msg
+    ), msg
     assert leftovers(docker_engine, runner) == []
 
 
@@ -267,8 +301,9 @@ class EngineRelay:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def test_engine_lost_during_wait_is_a_one_line_stage_failure(mm_matrix, mm_image, tmp_path, docker_engine,
-                                                             monkeypatch, caplog):
+def test_engine_lost_during_wait_is_a_one_line_stage_failure(
+    mm_matrix, mm_image, tmp_path, docker_engine, monkeypatch, caplog
+):
     host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
     if not host.startswith("unix://"):
         pytest.skip(f"the relay needs a unix-socket engine, not {host}")
@@ -278,13 +313,16 @@ def test_engine_lost_during_wait_is_a_one_line_stage_failure(mm_matrix, mm_image
 
     def cut_when_waiting() -> None:
         wait_running(docker_engine, runner)
-        time.sleep(1.0)                     # the runner is in wait() by now
+        time.sleep(1.0)  # the runner is in wait() by now
         relay.cut()
 
     thread = threading.Thread(target=cut_when_waiting)
     thread.start()
     try:
-        with caplog.at_level(logging.DEBUG, logger="modelmatrix.runners.docker"), pytest.raises(ModelMatrixError) as err:
+        with (
+            caplog.at_level(logging.DEBUG, logger="modelmatrix.runners.docker"),
+            pytest.raises(ModelMatrixError) as err,
+        ):
             runner.run(stage_request(mm_matrix, "mmtest", "hang", tmp_path, "out/hang", timeout_s=120))
         thread.join()
         assert isinstance(err.value, StageFailed)
@@ -294,7 +332,7 @@ def test_engine_lost_during_wait_is_a_one_line_stage_failure(mm_matrix, mm_image
         # the removal in `finally` failed too (no engine): logged, not raised over the real error
         assert any("could not remove container" in r.getMessage() for r in caplog.records)
         left = leftovers(docker_engine, runner)
-        assert len(left) == 1 and left[0]["State"] == "running"     # the real engine still has it
+        assert len(left) == 1 and left[0]["State"] == "running"  # the real engine still has it
     finally:
         thread.join()
         for c in leftovers(docker_engine, runner):

@@ -15,6 +15,7 @@ interpreter's site-packages are not on the venv's path: only what `pip install m
 then run from the checkout (invoke puts tasks.py's folder first on sys.path) with that venv's
 interpreter, so every third-party module they import comes from the bare venv.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,8 @@ from modelmatrix import REPO_ROOT
 from mm_docker_support import write_yaml
 
 TOOLCHAINS = ("torch", "onnx", "onnxruntime")
-IN_IMAGES = ("torch", "onnxruntime", "caffe")       # the shipped runnable targets
-COMPARED = ("onnxruntime", "caffe")                 # checked against the reference, torch
+IN_IMAGES = ("torch", "onnxruntime", "caffe")  # the shipped runnable targets
+COMPARED = ("onnxruntime", "caffe")  # checked against the reference, torch
 PACKAGED = ("pyproject.toml", "README.md", "modelmatrix", "targets")
 
 
@@ -46,8 +47,16 @@ def _env(venv: Path) -> dict[str, str]:
 
 
 def _run(venv: Path, args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, check=False, cwd=cwd, env=_env(venv), text=True,
-                          capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        args,
+        check=False,
+        cwd=cwd,
+        env=_env(venv),
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def _tail(r: subprocess.CompletedProcess[str], n: int = 3000) -> str:
@@ -69,12 +78,31 @@ def bare_venv(tmp_path_factory) -> Path:
     venv = root / "venv"
     # --without-pip (ensurepip costs ~10 s): the test interpreter's pip installs into it (--python);
     # --no-compile: byte-compiling numpy & co. would double the install time.
-    r = subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=False,
-                       text=True, capture_output=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)],
+        check=False,
+        text=True,
+        capture_output=True,
+        timeout=300,
+    )
     assert r.returncode == 0, _tail(r)
     t0 = time.perf_counter()
-    r = _run(venv, [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
-                    "--no-compile", str(src)], root, 900)
+    r = _run(
+        venv,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(venv / "bin" / "python"),
+            "install",
+            "-q",
+            "--no-compile",
+            str(src),
+        ],
+        root,
+        900,
+    )
     assert r.returncode == 0, _tail(r)
     print(f"bare venv: pip install (no extras) took {time.perf_counter() - t0:.1f} s")
     return venv
@@ -105,8 +133,14 @@ print(json.dumps(out))
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["toolchains"] == {t: "ModuleNotFoundError" for t in TOOLCHAINS}, out["toolchains"]
     assert Path(out["file"]).is_relative_to(bare_venv), out["file"]
-    assert {"modelmatrix.pipeline", "modelmatrix.runners.docker", "modelmatrix.runners.local",
-            "modelmatrix.images", "modelmatrix.data", "modelmatrix.verify"} <= set(out["modules"])
+    assert {
+        "modelmatrix.pipeline",
+        "modelmatrix.runners.docker",
+        "modelmatrix.runners.local",
+        "modelmatrix.images",
+        "modelmatrix.data",
+        "modelmatrix.verify",
+    } <= set(out["modules"])
     assert out["loaded_toolchains"] == []
 
     # The tasks load too (rich, invoke from the bare venv).
@@ -122,23 +156,25 @@ def _shipped_copy(tmp_path: Path) -> tuple[dict, Path]:
     cfg = json.loads(json.dumps(shipped))
     cfg["workspace"] = str(tmp_path / "ws")
     cfg["data"]["dataset"] = str(tmp_path / "data" / "market1501-synthetic")
-    assert {k: v for k, v in cfg.items() if k != "workspace"} == \
-        {k: v for k, v in shipped.items() if k != "workspace"} | {"data": cfg["data"]}
-    assert {k: v for k, v in cfg["data"].items() if k != "dataset"} == \
-        {k: v for k, v in shipped["data"].items() if k != "dataset"}
+    assert {k: v for k, v in cfg.items() if k != "workspace"} == {
+        k: v for k, v in shipped.items() if k != "workspace"
+    } | {"data": cfg["data"]}
+    assert {k: v for k, v in cfg["data"].items() if k != "dataset"} == {
+        k: v for k, v in shipped["data"].items() if k != "dataset"
+    }
     return shipped, write_yaml(tmp_path / "matrix.yaml", cfg)
 
 
-def test_bare_install_runs_the_shipped_matrix_with_the_docker_runner(bare_venv, tmp_path, docker_engine,
-                                                                      ci_base, bullseye_base):
-    tmp_path.chmod(0o755)                 # keep the tree readable for the stage containers
+def test_bare_install_runs_the_shipped_matrix_with_the_docker_runner(
+    bare_venv, tmp_path, docker_engine, ci_base, bullseye_base
+):
+    tmp_path.chmod(0o755)  # keep the tree readable for the stage containers
     shipped, cfg = _shipped_copy(tmp_path)
     py = str(bare_venv / "bin" / "python")
 
     r = _run(bare_venv, [py, "-m", "invoke", "data", "--synthetic", "--config", str(cfg)], REPO_ROOT, 600)
     assert r.returncode == 0, _tail(r)
-    r = _run(bare_venv, [py, "-m", "invoke", "matrix", "--runner", "docker", "--config", str(cfg)],
-             REPO_ROOT, 1800)
+    r = _run(bare_venv, [py, "-m", "invoke", "matrix", "--runner", "docker", "--config", str(cfg)], REPO_ROOT, 1800)
     matrix_run = r
 
     ws = tmp_path / "ws"
@@ -157,7 +193,7 @@ def test_bare_install_runs_the_shipped_matrix_with_the_docker_runner(bare_venv, 
         if target not in ran:
             continue
         assert stamp["runner"].startswith("docker:"), (stamp["node"], stamp["runner"])
-        image = docker_engine.image(stamp["runner"][len("docker:"):])
+        image = docker_engine.image(stamp["runner"][len("docker:") :])
         assert image, (stamp["node"], stamp["runner"])
         assert image["Config"]["Labels"]["io.modelmatrix.target"] == target, stamp["node"]
         ran[target].add(stamp["node"])
@@ -167,14 +203,21 @@ def test_bare_install_runs_the_shipped_matrix_with_the_docker_runner(bare_venv, 
     for t in COMPARED:
         res = report["targets"][t]
         assert res["status"] in ("passed", "failed"), (t, res["status"], res.get("reason"))
-        assert {c["name"] for c in res["checks"] if c["enabled"]} == {"allclose", "cosine", "retrieval"}, \
-            (t, res["checks"])
+        assert {c["name"] for c in res["checks"] if c["enabled"]} == {"allclose", "cosine", "retrieval"}, (
+            t,
+            res["checks"],
+        )
         assert res["metrics"]["retrieval"]["num_query"] == report["num_query"]
         for key, value in shipped["targets"][t]["tolerance"].items():
             assert res["tolerance"][key] == value, (t, key)
 
-    assert matrix_run.returncode == 0, _tail(matrix_run) + "\n" + json.dumps(
-        {t: [(c["name"], c["passed"], c["message"]) for c in report["targets"][t]["checks"]] for t in COMPARED})
+    assert matrix_run.returncode == 0, (
+        _tail(matrix_run)
+        + "\n"
+        + json.dumps(
+            {t: [(c["name"], c["passed"], c["message"]) for c in report["targets"][t]["checks"]] for t in COMPARED}
+        )
+    )
     assert report["passed"] is True and report["exit_code"] == 0
     assert sorted(t for t, res in report["targets"].items() if res["status"] == "passed") == sorted(COMPARED)
     # tensorrt and ascend cannot run here: skipped with the shipped allowance, never passed

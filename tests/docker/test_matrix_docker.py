@@ -4,6 +4,7 @@ torch and onnxruntime build FROM the shipped default `python:3.11-slim-bookworm`
 `debian:bullseye-slim`; with no registry here, both resolve to the bootstrapped bases that the
 shipped matrix.yaml declares (`invoke bases`), and the build output says so.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,14 +20,19 @@ from mm_testing import run_invoke, write_matrix
 
 def _matrix(tmp_path):
     shipped = yaml.safe_load((REPO_ROOT / "matrix.yaml").read_text())
-    cfg = write_matrix(tmp_path, runner="docker", images=shipped["images"], targets={
-        "torch": {"params": {"batch_size": 8}},
-        "onnxruntime": {"params": {"batch_size": 8}},
-        "caffe": {"params": {"batch_size": 8}},
-        # as shipped: allowed to be skipped here (no GPU, no CANN), with the reason in the report
-        "tensorrt": {"allow_skip": shipped["targets"]["tensorrt"]["allow_skip"]},
-        "ascend": {"allow_skip": shipped["targets"]["ascend"]["allow_skip"]},
-    })
+    cfg = write_matrix(
+        tmp_path,
+        runner="docker",
+        images=shipped["images"],
+        targets={
+            "torch": {"params": {"batch_size": 8}},
+            "onnxruntime": {"params": {"batch_size": 8}},
+            "caffe": {"params": {"batch_size": 8}},
+            # as shipped: allowed to be skipped here (no GPU, no CANN), with the reason in the report
+            "tensorrt": {"allow_skip": shipped["targets"]["tensorrt"]["allow_skip"]},
+            "ascend": {"allow_skip": shipped["targets"]["ascend"]["allow_skip"]},
+        },
+    )
     m = load_matrix(cfg)
     data.make_synthetic(m.resolve(m.raw["data"]["dataset"]), **m.raw["data"]["synthetic"])
     return cfg
@@ -68,7 +74,7 @@ def test_cli_runner_docker_and_local_agree(tmp_path, ci_base, bullseye_base):
     docker_report = yaml.safe_load((tmp_path / "ws" / "report.json").read_text())
     r = run_invoke(["matrix", "--config", str(cfg), "--runner", "local", "--target", "onnxruntime"])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "built      torch.export" in r.stderr     # not reused from the docker run
+    assert "built      torch.export" in r.stderr  # not reused from the docker run
     local_report = yaml.safe_load((tmp_path / "ws" / "report.json").read_text())
     assert local_report["runner"] == "local" and docker_report["runner"] == "docker"
     for key in ("rank1", "mAP"):
@@ -81,9 +87,16 @@ def test_a_target_whose_image_base_is_not_here_is_skipped_not_failed(tmp_path, c
     shipped matrix red; a Dockerfile step that fails is still FAILED (test_build)."""
     tmp_path.chmod(0o755)
     shipped = yaml.safe_load((REPO_ROOT / "matrix.yaml").read_text())
-    cfg = write_matrix(tmp_path, runner="docker", images=shipped["images"], targets={
-        "torch": {"params": {"batch_size": 8}}, "onnxruntime": {"params": {"batch_size": 8}},
-        "ascend": {"allow_skip": shipped["targets"]["ascend"]["allow_skip"]}})
+    cfg = write_matrix(
+        tmp_path,
+        runner="docker",
+        images=shipped["images"],
+        targets={
+            "torch": {"params": {"batch_size": 8}},
+            "onnxruntime": {"params": {"batch_size": 8}},
+            "ascend": {"allow_skip": shipped["targets"]["ascend"]["allow_skip"]},
+        },
+    )
     m = load_matrix(cfg)
     data.make_synthetic(m.resolve(m.raw["data"]["dataset"]), **m.raw["data"]["synthetic"])
     s = run_matrix(load_matrix(cfg), ci=True)

@@ -6,6 +6,7 @@ start-up removes "the default bridge" it was told not to use), which breaks the 
 networking on a shared kernel; a dedicated bridge interface, made and removed here, touches nothing. The image is moved into it the way
 it would reach another host (save from the main engine, load into the second); the stage's inputs
 are copied in and its outputs copied back, never bind-mounted; device probes ask that engine."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,7 +33,7 @@ def second_engine(docker_engine):
     dockerd = shutil.which("dockerd")
     if dockerd is None:
         unavailable("no dockerd binary to start a second engine with")
-    root = Path(tempfile.mkdtemp(prefix="mm-dockerd2-"))     # short: a unix socket path is <= 107 bytes
+    root = Path(tempfile.mkdtemp(prefix="mm-dockerd2-"))  # short: a unix socket path is <= 107 bytes
     sock = root / "docker.sock"
     bridge = f"mmtest{os.getpid() % 10000}"
     made = subprocess.run(["ip", "link", "add", "name", bridge, "type", "bridge"], capture_output=True, text=True)
@@ -40,10 +41,29 @@ def second_engine(docker_engine):
         unavailable(f"cannot make a bridge interface for the second dockerd: {made.stderr.strip()}")
     subprocess.run(["ip", "addr", "add", "10.213.7.1/24", "dev", bridge], check=True)
     log = open(root / "dockerd.log", "wb")
-    proc = subprocess.Popen([dockerd, "--host", f"unix://{sock}", "--data-root", str(root / "data"),
-                             "--exec-root", str(root / "exec"), "--pidfile", str(root / "docker.pid"),
-                             "--bridge", bridge, "--iptables=false", "--ip-masq=false", "--shutdown-timeout", "2"],
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            dockerd,
+            "--host",
+            f"unix://{sock}",
+            "--data-root",
+            str(root / "data"),
+            "--exec-root",
+            str(root / "exec"),
+            "--pidfile",
+            str(root / "docker.pid"),
+            "--bridge",
+            bridge,
+            "--iptables=false",
+            "--ip-masq=false",
+            "--shutdown-timeout",
+            "2",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         host = f"unix://{sock}"
         deadline = time.monotonic() + 40
@@ -67,7 +87,7 @@ def second_engine(docker_engine):
             proc.kill()
             proc.wait(10)
         log.close()
-        subprocess.run(["umount", "-R", str(root / "data")], capture_output=True)    # leftover overlays, if any
+        subprocess.run(["umount", "-R", str(root / "data")], capture_output=True)  # leftover overlays, if any
         shutil.rmtree(root, ignore_errors=True)
         subprocess.run(["ip", "link", "del", bridge], capture_output=True)
 
@@ -77,37 +97,42 @@ def remote_matrix(second_engine, mm_matrix, mm_image, ort_image, docker_engine, 
     """The mmtest target with docker_host: the second engine, its image (and the base its tag is
     computed from) moved there by save + load."""
     t0 = time.perf_counter()
-    for tag in (ort_image["tag"], mm_image["tag"]):     # the tag is computed from its base: move both
+    for tag in (ort_image["tag"], mm_image["tag"]):  # the tag is computed from its base: move both
         for _ in second_engine["engine"].long.load_image(docker_engine.save(tag)):
             pass
     assert second_engine["engine"].image(mm_image["tag"]), "the image did not load into the second engine"
     moved = time.perf_counter() - t0
-    path = write_yaml(shared_root / "mm" / "matrix-remote.yaml", {
-        "workspace": str(shared_root / "mm" / "ws-remote"), "verify": {"reference": "mmtest"},
-        "images": {"memory_limit": "1g"}, "targets": {"mmtest": {"docker_host": second_engine["host"]}}})
+    path = write_yaml(
+        shared_root / "mm" / "matrix-remote.yaml",
+        {
+            "workspace": str(shared_root / "mm" / "ws-remote"),
+            "verify": {"reference": "mmtest"},
+            "images": {"memory_limit": "1g"},
+            "targets": {"mmtest": {"docker_host": second_engine["host"]}},
+        },
+    )
     m = load_matrix(path, targets_dir=shared_root / "mm" / "targets")
     return {"matrix": m, "moved_s": moved}
 
 
-def test_stage_runs_on_the_remote_engine_inputs_in_outputs_back(remote_matrix, second_engine, docker_engine,
-                                                                tmp_path):
+def test_stage_runs_on_the_remote_engine_inputs_in_outputs_back(remote_matrix, second_engine, docker_engine, tmp_path):
     m = remote_matrix["matrix"]
     runner = DockerRunner(m)
     tdef = m.targets["mmtest"]
     assert runner.unavailable_reason(tdef) is None
-    runner.prepare(tdef)                      # the tag is already in the second engine: nothing built
+    runner.prepare(tdef)  # the tag is already in the second engine: nothing built
     assert runner.engine_for(tdef) is not runner.engine
     ws = tmp_path / "ws"
     (ws / "in").mkdir(parents=True)
     (ws / "in" / "data.txt").write_text("input for the remote probe")
     req = stage_request(m, "mmtest", "probe", ws, "stages/mmtest.probe/.tmp-1", inputs={"data": "in/data.txt"})
     planned = runner.container_for(req)
-    assert planned.kwargs["mounts"] == [] and planned.kwargs["volumes"] == ["/workspace"]   # no host path
+    assert planned.kwargs["mounts"] == [] and planned.kwargs["volumes"] == ["/workspace"]  # no host path
     before = {c["Id"] for c in docker_engine.containers(SESSION_LABEL)}
     runner.run(req)
     out = ws / "stages/mmtest.probe/.tmp-1"
-    facts = json.loads((out / "result.json").read_text())         # copied back
-    assert facts["input"] == "input for the remote probe"         # copied in
+    facts = json.loads((out / "result.json").read_text())  # copied back
+    assert facts["input"] == "input for the remote probe"  # copied in
     assert (out / "owned.txt").read_bytes() == b"mine"
     # the container's /workspace is a volume of that engine, removed with the container: what a stage
     # writes outside its output folder never reaches this host (only the output folder is copied back)
@@ -123,17 +148,22 @@ def test_stage_runs_on_the_remote_engine_inputs_in_outputs_back(remote_matrix, s
 
 def test_device_probe_asks_the_remote_engine(remote_matrix, second_engine):
     m = remote_matrix["matrix"]
-    gpu = dataclasses.replace(m.targets["mmtest"], requires={**m.targets["mmtest"].requires,
-                                                             "devices": ["nvidia-gpu"]})
+    gpu = dataclasses.replace(m.targets["mmtest"], requires={**m.targets["mmtest"].requires, "devices": ["nvidia-gpu"]})
     reason = remote_device_reason(gpu, second_engine["engine"])
     assert reason is not None and second_engine["host"] in reason and "docker info" in reason
     info = second_engine["engine"].info()
-    assert "nvidia" not in (info.get("Runtimes") or {})      # true of that engine, not of this host's /dev
+    assert "nvidia" not in (info.get("Runtimes") or {})  # true of that engine, not of this host's /dev
 
 
 def test_unreachable_remote_engine_is_one_line(remote_matrix, tmp_path):
-    path = write_yaml(tmp_path / "m.yaml", {"workspace": str(tmp_path / "ws"), "verify": {"reference": "mmtest"},
-                                            "targets": {"mmtest": {"docker_host": f"unix://{tmp_path}/none.sock"}}})
+    path = write_yaml(
+        tmp_path / "m.yaml",
+        {
+            "workspace": str(tmp_path / "ws"),
+            "verify": {"reference": "mmtest"},
+            "targets": {"mmtest": {"docker_host": f"unix://{tmp_path}/none.sock"}},
+        },
+    )
     m = load_matrix(path, targets_dir=remote_matrix["matrix"].targets["mmtest"].folder.parent)
     reason = DockerRunner(m).unavailable_reason(m.targets["mmtest"])
     assert reason is not None and reason.startswith(f"Docker engine not reachable at unix://{tmp_path}/none.sock")
@@ -145,15 +175,27 @@ def test_a_remote_gpu_target_is_probed_and_keyed_by_its_engine_not_this_host(tmp
     goes to the engine's `docker info` (no nvidia runtime there: one line naming the engine), the key's
     device part names that engine, and prepare does not check this host's GPUs."""
     from modelmatrix import REPO_ROOT
-    address = docker_engine.api.base_url.replace("http+docker://localhost", "unix:///var/run/docker.sock") \
-        if os.environ.get("DOCKER_HOST") is None else os.environ["DOCKER_HOST"]
-    cfg = write_yaml(tmp_path / "matrix.yaml", {"workspace": str(tmp_path / "ws"), "targets": {
-        "torch": {}, "tensorrt": {"docker_host": address, "container": {"gpus": {"device_ids": ["7"]}}}}})
+
+    address = (
+        docker_engine.api.base_url.replace("http+docker://localhost", "unix:///var/run/docker.sock")
+        if os.environ.get("DOCKER_HOST") is None
+        else os.environ["DOCKER_HOST"]
+    )
+    cfg = write_yaml(
+        tmp_path / "matrix.yaml",
+        {
+            "workspace": str(tmp_path / "ws"),
+            "targets": {
+                "torch": {},
+                "tensorrt": {"docker_host": address, "container": {"gpus": {"device_ids": ["7"]}}},
+            },
+        },
+    )
     m = load_matrix(cfg)
     runner = DockerRunner(m)
     trt = m.targets["tensorrt"]
     why = runner.stage_unavailable_reason(trt, "infer")
     assert why is not None and "nvidia-gpu" in why and address in why and "\n" not in why
-    fp = runner.device_fingerprint(trt)                   # no nvidia-smi consulted (there is none here)
+    fp = runner.device_fingerprint(trt)  # no nvidia-smi consulted (there is none here)
     assert fp.startswith(f"nvidia-gpu@{address}=") and '"device_ids": ["7"]' in fp
     assert (REPO_ROOT / "targets" / "tensorrt" / "target.yaml").is_file()

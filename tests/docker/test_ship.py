@@ -1,4 +1,5 @@
 """Ship and load: docker save (gzip) + a manifest, loaded back with the same image ID."""
+
 from __future__ import annotations
 
 import json

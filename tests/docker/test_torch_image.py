@@ -2,6 +2,7 @@
 
 The slowest build of the suite (pip installs the ~190 MB torch wheel); a no-op once built.
 """
+
 from __future__ import annotations
 
 import json

@@ -4,6 +4,7 @@
 ``python tests/fake_cann/build_run.py OUT_DIR`` or :func:`build_run`. The output is deterministic
 (fixed tar mtimes, no gzip timestamp), so its sha256 is stable across runs.
 """
+
 from __future__ import annotations
 
 import base64
@@ -19,7 +20,7 @@ RUN_NAME = "Ascend-cann-toolkit_5.0.1_linux-x86_64.run"
 BENCHMARK_NAME = "benchmark.x86_64"
 VERSION_INFO = "Version=5.0.1\nversion_dir=5.0.1\ntest_double=true\n"
 
-HEADER = r'''#!/bin/sh
+HEADER = r"""#!/bin/sh
 # FAKE CANN 5.0.1 toolkit installer (modelmatrix tests/fake_cann): a TEST DOUBLE, not Huawei's.
 # Honours --install --quiet [--install-path=DIR] [--install-for-all]; refuses anything else.
 set -eu
@@ -44,17 +45,29 @@ chmod -R a+rX "$path"
 echo "[Toolkit] [INFO]: Ascend-cann-toolkit 5.0.1 (FAKE) install success, path: $dest"
 exit 0
 __PAYLOAD_BELOW__
-'''
+"""
 
 
 def _payload() -> bytes:
     buf = io.BytesIO()
-    entries = [("atc/bin/atc", (HERE / "fake_atc.py").read_bytes(), 0o755),
-               ("version.info", VERSION_INFO.encode(), 0o644),
-               ("atc/version.info", VERSION_INFO.encode(), 0o644)]
+    entries = [
+        ("atc/bin/atc", (HERE / "fake_atc.py").read_bytes(), 0o755),
+        ("version.info", VERSION_INFO.encode(), 0o644),
+        ("atc/version.info", VERSION_INFO.encode(), 0o644),
+    ]
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for d in ("atc", "atc/bin", "atc/lib64", "atc/python", "atc/python/site-packages",
-                  "atc/ccec_compiler", "atc/ccec_compiler/bin", "acllib", "acllib/lib64", "opp"):
+        for d in (
+            "atc",
+            "atc/bin",
+            "atc/lib64",
+            "atc/python",
+            "atc/python/site-packages",
+            "atc/ccec_compiler",
+            "atc/ccec_compiler/bin",
+            "acllib",
+            "acllib/lib64",
+            "opp",
+        ):
             info = tarfile.TarInfo(d)
             info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 315532800
             tf.addfile(info)
@@ -76,8 +89,10 @@ def build_run(out_dir: Path) -> dict:
     bench = out_dir / BENCHMARK_NAME
     bench.write_bytes((HERE / "fake_benchmark.py").read_bytes())
     bench.chmod(0o755)
-    return {name: {"path": p, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-            for name, p in (("toolkit", run), ("benchmark", bench))}
+    return {
+        name: {"path": p, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+        for name, p in (("toolkit", run), ("benchmark", bench))
+    }
 
 
 if __name__ == "__main__":

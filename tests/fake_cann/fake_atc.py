@@ -5,13 +5,23 @@ Accepts the flags the ModelZoo ReID guide uses, rejects any other, checks the ON
 --input_shape with ONNX Runtime, and writes ``<output>.om``: b"IMOD", a 256-byte header holding JSON
 facts (batch, input, precision, fake: true), then the ONNX bytes.
 """
+
 import json
 import os
 import sys
 import time
 
-ALLOWED = {"framework", "model", "output", "input_format", "input_shape", "log", "soc_version",
-           "precision_mode", "auto_tune_mode"}
+ALLOWED = {
+    "framework",
+    "model",
+    "output",
+    "input_format",
+    "input_shape",
+    "log",
+    "soc_version",
+    "precision_mode",
+    "auto_tune_mode",
+}
 REQUIRED = ("framework", "model", "output", "soc_version")
 
 
@@ -40,8 +50,13 @@ def main(argv):
     if opts["soc_version"] not in ("Ascend310", "Ascend910"):
         fail("E10001", "--soc_version=%s is not supported" % opts["soc_version"])
     precision = opts.get("precision_mode", "force_fp16")
-    if precision not in ("force_fp16", "force_fp32", "allow_mix_precision", "allow_fp32_to_fp16",
-                         "must_keep_origin_dtype"):
+    if precision not in (
+        "force_fp16",
+        "force_fp32",
+        "allow_mix_precision",
+        "allow_fp32_to_fp16",
+        "must_keep_origin_dtype",
+    ):
         fail("E10001", "--precision_mode=%s is not supported" % precision)
     if opts.get("auto_tune_mode", "RL,GA") not in ("RL", "GA", "RL,GA", "GA,RL"):
         fail("E10001", "--auto_tune_mode=%s is not supported" % opts["auto_tune_mode"])
@@ -55,6 +70,7 @@ def main(argv):
     if len(shape) != 4:
         fail("E10001", "--input_shape=%s is not name:n,c,h,w" % opts.get("input_shape"))
     import onnxruntime as ort
+
     sess = ort.InferenceSession(opts["model"], providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
     if inp.name != name:
@@ -67,8 +83,16 @@ def main(argv):
         os.makedirs(os.path.join(log_dir, "plog"), exist_ok=True)
         with open(os.path.join(log_dir, "plog", "plog-%d.log" % os.getpid()), "w") as fh:
             fh.write("[INFO] FAKE ATC (tests/fake_cann) %s %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), " ".join(argv)))
-    header = json.dumps({"fake": True, "batch": shape[0], "input": name, "shape": shape,
-                         "precision_mode": precision, "soc_version": opts["soc_version"]}).encode()
+    header = json.dumps(
+        {
+            "fake": True,
+            "batch": shape[0],
+            "input": name,
+            "shape": shape,
+            "precision_mode": precision,
+            "soc_version": opts["soc_version"],
+        }
+    ).encode()
     if len(header) > 252:
         fail("E19999", "header too long")
     onnx = open(opts["model"], "rb").read()

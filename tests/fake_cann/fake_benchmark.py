@@ -7,13 +7,23 @@ ONNX Runtime on the CPU: inputs and outputs rounded to fp16 when the OM is force
 ``result/dumpOutput_device<N>/<stem>_1.bin`` (float32) and ``result/perf_vision_batchsize_<bs>_device_<N>.txt``
 in the guide's format, into the current folder.
 """
+
 import json
 import os
 import sys
 import time
 
-ALLOWED = {"model_type", "device_id", "batch_size", "om_path", "input_text_path", "input_width",
-           "input_height", "output_binary", "useDvpp"}
+ALLOWED = {
+    "model_type",
+    "device_id",
+    "batch_size",
+    "om_path",
+    "input_text_path",
+    "input_width",
+    "input_height",
+    "output_binary",
+    "useDvpp",
+}
 
 
 def fail(msg):
@@ -39,6 +49,7 @@ def main(argv):
     width, height = int(opts["input_width"]), int(opts["input_height"])
     import numpy as np
     import onnxruntime as ort
+
     raw = open(opts["om_path"], "rb").read()
     if raw[:4] != b"IMOD":
         fail("%s is not an offline model" % opts["om_path"])
@@ -58,14 +69,14 @@ def main(argv):
     t0 = time.perf_counter()
     infer_s = 0.0
     for start in range(0, len(rows), batch):
-        chunk = rows[start:start + batch]
+        chunk = rows[start : start + batch]
         arrs = []
         for row in chunk:
             a = np.fromfile(row[1], dtype=np.float32)
             if a.size != c * height * width:
                 fail("%s: %d floats, expected %d" % (row[1], a.size, c * height * width))
             arrs.append(a.reshape(c, height, width))
-        x = np.stack(arrs + [arrs[-1]] * (batch - len(arrs)))      # the last batch padded, as the tool does
+        x = np.stack(arrs + [arrs[-1]] * (batch - len(arrs)))  # the last batch padded, as the tool does
         if fp16:
             x = x.astype(np.float16).astype(np.float32)
         t1 = time.perf_counter()
@@ -84,9 +95,13 @@ def main(argv):
         fh.write("[e2e] throughputRate: %g, latency: %g\n" % (round(fps, 3), round(e2e * 1000, 3)))
         fh.write("[data read] throughputRate: %g, moduleLatency: %g\n" % (round(fps, 3), round(1000 / fps, 5)))
         fh.write("[preprocess] throughputRate: %g, moduleLatency: %g\n" % (round(fps, 3), round(1000 / fps, 5)))
-        fh.write("[infer] throughputRate: %g, Interface throughputRate: %g, moduleLatency: %g\n"
-                 % (round(fps, 3), round(ifps, 3), round(1000 / ifps, 5)))
-        fh.write("[post] throughputRate: %g, moduleLatency: %g\n" % (round(fps / batch, 3), round(batch * 1000 / fps, 5)))
+        fh.write(
+            "[infer] throughputRate: %g, Interface throughputRate: %g, moduleLatency: %g\n"
+            % (round(fps, 3), round(ifps, 3), round(1000 / ifps, 5))
+        )
+        fh.write(
+            "[post] throughputRate: %g, moduleLatency: %g\n" % (round(fps / batch, 3), round(batch * 1000 / fps, 5))
+        )
     print("-----------------Performance Summary------------------")
     print("[e2e] throughputRate: %g, latency: %g" % (round(fps, 3), round(e2e * 1000, 3)))
     return 0
