@@ -75,10 +75,14 @@ def select_targets(matrix: Matrix, targets: list[str]) -> Matrix:
 
 
 def runner_labels(matrix: Matrix, target: str) -> list[str]:
-    """The labels a CI runner needs for ``target``: one per device kind it requires ([] = any CPU runner)."""
+    """The labels a CI runner needs for ``target``: one per device kind it or any of its stages
+    requires (ascend.infer needs the NPU though ascend.convert does not; [] = any CPU runner)."""
     tdef = matrix.targets[target]
+    kinds = list(tdef.requires.get("devices", []))
+    for stage in tdef.matrix_stages.values():
+        kinds += [k for k in stage.requires.get("devices", []) if k not in kinds]
     labels = []
-    for kind in tdef.requires.get("devices", []):
+    for kind in kinds:
         if kind not in DEVICE_LABELS:
             raise ConfigError(
                 f"targets/{target}/target.yaml: requires.devices: no CI runner label for {kind!r} "

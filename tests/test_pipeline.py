@@ -24,7 +24,9 @@ from mm_testing import run_invoke, write_matrix
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """One full run, shared: the synthetic set, the matrix, the first summary."""
+    """One full run, shared: the synthetic set, the matrix, the first summary. These tests are of the
+    plain (not CI) semantics: caffe, tensorrt and ascend are skipped here, which CI=true would make a
+    failure (tests/test_truth.py tests that)."""
     tmp = tmp_path_factory.mktemp("pipe")
     cfg = write_matrix(
         tmp,
@@ -39,7 +41,7 @@ def built(tmp_path_factory):
     m = load_matrix(cfg)
     s = m.raw["data"]["synthetic"]
     data.make_synthetic(m.resolve(m.raw["data"]["dataset"]), **s)
-    first = run_matrix(m, "local")
+    first = run_matrix(m, "local", ci=False)
     return tmp, cfg, first
 
 
@@ -74,7 +76,7 @@ def test_missing_toolchains_are_skipped_with_reason_never_passed(built):
 
 def test_rerun_does_no_work(built):
     _, cfg, _ = built
-    again = run_matrix(load_matrix(cfg), "local")
+    again = run_matrix(load_matrix(cfg), "local", ci=False)
     assert not again.did_work
     assert all(s in (CACHED, SKIPPED) for s in _statuses(again).values())
     assert again.passed
@@ -86,7 +88,7 @@ def test_changing_a_tolerance_reruns_only_verify(built):
     raw["targets"]["onnxruntime"]["tolerance"] = {"rtol": 2e-3}
     cfg2 = tmp / "tol.yaml"
     cfg2.write_text(yaml.safe_dump(raw))
-    s = run_matrix(load_matrix(cfg2), "local")
+    s = run_matrix(load_matrix(cfg2), "local", ci=False)
     done = [k for k, v in _statuses(s).items() if v == DONE]
     assert done == ["verify"]
 
@@ -102,7 +104,7 @@ def test_changing_the_checkpoint_reruns_export_and_after(built):
     raw["model"]["checkpoint"] = str(ckpt)
     cfg2 = tmp / "ckpt.yaml"
     cfg2.write_text(yaml.safe_dump(raw))
-    s = run_matrix(load_matrix(cfg2), "local")
+    s = run_matrix(load_matrix(cfg2), "local", ci=False)
     st = _statuses(s)
     assert st["prepare"] == CACHED
     for node in ("source", "torch.export", "torch.infer", "onnxruntime.infer", "verify"):
@@ -119,7 +121,7 @@ def test_a_killed_stage_leaves_nothing_mistaken_for_a_result(built):
     raw["stage_timeout_s"] = 1
     cfg2 = tmp / "kill.yaml"
     cfg2.write_text(yaml.safe_dump(raw))
-    s = run_matrix(load_matrix(cfg2), "local")
+    s = run_matrix(load_matrix(cfg2), "local", ci=False)
     assert s.outcomes["torch.export"].status == FAILED
     assert "timed out" in s.outcomes["torch.export"].reason
     node_dir = s.workspace / "stages" / "torch.export"
@@ -129,7 +131,7 @@ def test_a_killed_stage_leaves_nothing_mistaken_for_a_result(built):
     assert not s.passed
     raw["stage_timeout_s"] = 600
     cfg2.write_text(yaml.safe_dump(raw))
-    s2 = run_matrix(load_matrix(cfg2), "local")
+    s2 = run_matrix(load_matrix(cfg2), "local", ci=False)
     assert s2.outcomes["torch.export"].status == DONE and s2.passed
 
 
@@ -147,7 +149,7 @@ def test_outputs_are_where_the_report_says(built):
 
 def test_cli_matrix_passes_and_reports(built):
     _, cfg, _ = built
-    r = run_invoke(["matrix", "--config", str(cfg)])
+    r = run_invoke(["matrix", "--config", str(cfg)], env={"CI": ""})
     assert r.returncode == 0, r.stdout + r.stderr
     assert "nothing to do" in r.stderr
     assert "onnxruntime" in r.stdout
@@ -155,7 +157,7 @@ def test_cli_matrix_passes_and_reports(built):
 
 def test_cli_bad_matrix_is_one_line_exit_2(tmp_path):
     cfg = write_matrix(tmp_path, targets={"torch": {}, "onnxruntime": {"tolerance": {"rtol": "x"}}})
-    r = run_invoke(["matrix", "--config", str(cfg)])
+    r = run_invoke(["matrix", "--config", str(cfg)], env={"CI": ""})
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         f"error: {cfg}: targets.onnxruntime.tolerance.rtol: expected a number, got 'x'"
@@ -165,7 +167,7 @@ def test_cli_bad_matrix_is_one_line_exit_2(tmp_path):
 
 def test_cli_missing_dataset(tmp_path):
     cfg = write_matrix(tmp_path)
-    r = run_invoke(["matrix", "--config", str(cfg)])
+    r = run_invoke(["matrix", "--config", str(cfg)], env={"CI": ""})
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()[-1]
     assert "dataset folder not found" in err and "invoke data --synthetic" in err
@@ -181,7 +183,7 @@ def test_cli_bad_checkpoint_fails_export_cleanly(tmp_path):
     raw = yaml.safe_load(cfg.read_text())
     raw["model"]["checkpoint"] = str(bad)
     cfg.write_text(yaml.safe_dump(raw))
-    r = run_invoke(["matrix", "--config", str(cfg)])
+    r = run_invoke(["matrix", "--config", str(cfg)], env={"CI": ""})
     assert r.returncode != 0
     failed = [ln for ln in r.stderr.splitlines() if "FAILED" in ln and "torch.export" in ln]
     assert len(failed) == 1 and str(bad) in failed[0], r.stderr
@@ -208,7 +210,7 @@ def test_random_weights_retrieve_synthetic_identities_well_above_chance(tmp_path
     )
     m = load_matrix(cfg)
     data.make_synthetic(m.resolve(m.raw["data"]["dataset"]), **m.raw["data"]["synthetic"])
-    s = run_matrix(m, "local")
+    s = run_matrix(m, "local", ci=False)
     ret = s.report["reference_retrieval"]
     assert s.report["model"]["random_weights"] is True
     assert ret["num_valid_queries"] == 60
