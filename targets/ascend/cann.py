@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -320,3 +321,17 @@ def parse_perf(path: Path, chips_per_card: int = CHIPS_PER_CARD) -> Dict[str, An
         "chips_per_card": chips_per_card,
         "card_fps": round(chip * chips_per_card, 3),
     }
+
+
+def entry(run: Any, dry_run: Any) -> None:
+    """A stage module's entry point: ``--dry-run SPEC`` prints the command lines, else the stage runs."""
+    from targets.common.contract import load_spec, main
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--dry-run":
+        try:
+            print("\n".join(dry_run(load_spec(sys.argv[2]))))
+        except StageError as exc:
+            print("error: %s" % exc, file=sys.stderr)
+            sys.exit(2)
+    else:
+        main(run)

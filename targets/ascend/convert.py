@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-from targets.common.contract import Spec, StageError, atomic_write_json, main
+from targets.common.contract import Spec, atomic_write_json
 
 from . import cann
 from .onnxinfo import image_input, output_dim, read_onnx
@@ -161,13 +161,4 @@ def dry_run(spec: Spec) -> List[str]:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--dry-run":
-        from targets.common.contract import load_spec
-
-        try:
-            print("\n".join(dry_run(load_spec(sys.argv[2]))))
-        except StageError as exc:
-            print("error: %s" % exc, file=sys.stderr)
-            sys.exit(2)
-    else:
-        main(run)
+    cann.entry(run, dry_run)
