@@ -779,12 +779,17 @@ class Requires(_Strict):
     devices: _NameList = Field(default_factory=list)  # device kinds (runners.base.DEVICE_PROBES)
 
 
+_Reasons = Annotated[dict[str, str], _v(_dict_of(_string(pattern=r".*\S.*", example="a reason")))]
+
+
 class StageSpec(_Strict):
     inputs: Annotated[dict[str, Any], _v(_dict_of(_input_decl))] = Field(default_factory=dict)
     params: Annotated[list[str], _v(_list_of(_string(), unique=True))] = Field(default_factory=list)
     outputs: Annotated[list[str], _v(_list_of(_output_name, unique=True))] = Field(default_factory=list)
     on_demand: Annotated[bool, _v(_boolean)] = False
     requires: Requires = Field(default_factory=Requires)
+    #: output -> why its bytes differ from run to run (a vendor tool's timing); compared by outputs instead
+    nondeterministic: _Reasons = Field(default_factory=dict)
 
 
 class UserFile(_Strict):
@@ -842,6 +847,15 @@ class Manifest(_Strict):
                 )
             if stage is None:
                 self.stages[sname] = stage = StageSpec()
+            for oname in stage.nondeterministic:
+                if oname not in stage.outputs:
+                    raise _err(
+                        f"{oname!r} is not one of this stage's outputs ({', '.join(stage.outputs) or 'none'})",
+                        "stages",
+                        sname,
+                        "nondeterministic",
+                        oname,
+                    )
             for i, pname in enumerate(stage.params):
                 if pname != "model" and pname not in self.params:
                     declared = ", ".join(self.params) or "none"
@@ -890,6 +904,8 @@ class StageDef:
     requires: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in REQUIRE_KINDS})
     #: input name -> {param: [values]}: the input is read only when each param has one of its values
     when: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    #: output -> why it is not byte-identical from run to run (target.yaml ``nondeterministic:``)
+    nondeterministic: dict[str, str] = field(default_factory=dict)
 
     def inputs_for(self, params: dict[str, Any]) -> dict[str, str]:
         """The inputs this stage reads with these (resolved) parameter values."""
@@ -950,7 +966,9 @@ def load_target(folder: Path) -> TargetDef:
         merged = {k: list(getattr(s.requires, k) if k in own else requires[k]) for k in REQUIRE_KINDS}
         refs = {k: (v["from"] if isinstance(v, dict) else v) for k, v in s.inputs.items()}
         when = {k: v["when"] for k, v in s.inputs.items() if isinstance(v, dict)}
-        stages[sname] = StageDef(sname, refs, list(s.params), list(s.outputs), s.on_demand, merged, when)
+        stages[sname] = StageDef(
+            sname, refs, list(s.params), list(s.outputs), s.on_demand, merged, when, dict(s.nondeterministic)
+        )
     given: BaseModel = spec.tolerance
     tolerance = {k: copy.deepcopy(getattr(given, k)) for k in given.model_fields_set}
     return TargetDef(

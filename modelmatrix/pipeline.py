@@ -38,7 +38,8 @@ from targets.common.contract import atomic_write_json
 
 from .config import Matrix, TargetDef
 from .errors import EXIT_UNAVAILABLE, ConfigError, ModelMatrixError, StageFailed, TargetUnavailable
-from .plan import Node, Ref, build_plan, node_key, short
+from .plan import Node, Ref, build_plan, code_hash, node_key, short
+from .provenance import host_environment, nondeterministic_artifacts
 from .runners.base import Runner, StageRequest
 from .workspace import REPORT_FILES, Workspace, disk_error
 
@@ -186,6 +187,7 @@ def _host_verify(matrix: Matrix, ws: Workspace, node: Node, tmp: Path, inputs: d
     rep["model"] = report.model_facts(p["model"], meta)
     rep["runner"] = p["runner"]
     rep["stages"] = p["stages"]
+    rep["nondeterministic"] = p.get("nondeterministic", [])
     if p.get("gathered"):
         rep["gathered"] = p["gathered"]
     html = None
@@ -434,6 +436,8 @@ def verify_params(
         "model": {k: m.model[k] for k in ("arch", "checkpoint", "neck_feat", "last_stride", "input_size", "seed")},
         "runner": runner,
         "stages": stages,
+        # artifacts whose bytes differ between runs (target.yaml nondeterministic): judged by outputs
+        "nondeterministic": nondeterministic_artifacts(m.targets, enabled),
     }
     if html:
         # report.html: thumbnails of the worst images come from the dataset, throughput from the last bench
@@ -576,7 +580,7 @@ class MatrixRun:
         key = node_key(node, fingerprint, digests, folder)
         t0 = time.perf_counter()
         try:
-            return self._produce(node, key, fingerprint, paths, t0)
+            return self._produce(node, key, fingerprint, paths, t0, digests)
         except ModelMatrixError as exc:
             if node.target is None:
                 raise  # a host node's error (dataset, checkpoint) stops the run
@@ -592,11 +596,49 @@ class MatrixRun:
                 kind=_failure_kind(exc),
             )
 
-    def _produce(self, node: Node, key: str, fingerprint: str, paths: dict[str, Path], t0: float) -> Outcome:
+    def _provenance(self, node: Node, fingerprint: str, digests: dict[str, str]) -> dict[str, Any]:
+        """What the sidecars of ``node``'s outputs say besides node, key and digests (provenance.py)."""
+        if node.target is None:
+            env = host_environment("host", ["numpy", "pillow"], fingerprint)
+            folder = None
+            nondet: dict[str, str] = {}
+        else:
+            tdef = self.matrix.targets[node.target]
+            env = {**self.runner.provenance(tdef), "fingerprint": fingerprint}
+            folder = tdef.folder
+            nondet = dict(tdef.stages[node.stage].nondeterministic)
+        inputs: dict[str, dict[str, Any]] = {}
+        for name, digest in sorted(digests.items()):
+            ref = node.inputs.get(name)
+            if ref is not None:
+                origin = f"{ref.producer}/{ref.file}"
+            else:  # the files a host node reads itself: the checkpoint (source), the dataset (prepare)
+                origin = str(node.params.get("path" if node.id == "source" else "dataset", name))
+            inputs[name] = {"from": origin, "sha256": digest}
+        return {
+            "target": node.target,
+            "stage": node.stage,
+            "code": code_hash(node, folder),
+            "environment": env,
+            "inputs": inputs,
+            "params": node.params,
+            "nondeterministic": nondet,
+        }
+
+    def _produce(
+        self,
+        node: Node,
+        key: str,
+        fingerprint: str,
+        paths: dict[str, Path],
+        t0: float,
+        digests: dict[str, str] | None = None,
+    ) -> Outcome:
         with self.ws.stage(node.id, key, node.outputs, force=self.force) as slot:
             if slot.cached:
                 return Outcome(node, CACHED, key=key, dir=slot.dir, stamp=slot.stamp)
             assert slot.tmp is not None
+            slot.provenance = self._provenance(node, fingerprint, digests or {})
             self.progress.start(node.id)
             if node.host:
                 try:
@@ -755,7 +797,15 @@ class DryRun(MatrixRun):
         stage_reason = self.runner.stage_unavailable_reason(self.matrix.targets[node.target], node.stage)
         return Outcome(node, SKIPPED, stage_reason) if stage_reason else Outcome(node, WOULD_RUN)
 
-    def _produce(self, node: Node, key: str, fingerprint: str, paths: dict[str, Path], t0: float) -> Outcome:
+    def _produce(
+        self,
+        node: Node,
+        key: str,
+        fingerprint: str,
+        paths: dict[str, Path],
+        t0: float,
+        digests: dict[str, str] | None = None,
+    ) -> Outcome:
         stamp, damaged = (None, None) if self.force else self.ws.find(node.id, key)
         if stamp is not None:
             return Outcome(node, CACHED, key=key, dir=self.ws.stage_dir(node.id, key), stamp=stamp)
@@ -971,6 +1021,14 @@ def run_verify(
             with ws.stage(node.id, key, node.outputs, force=force) as slot:
                 if not slot.cached:
                     assert slot.tmp is not None
+                    slot.provenance = {
+                        "target": None,
+                        "stage": node.stage,
+                        "code": code_hash(node),
+                        "environment": host_environment("host", ["numpy", "pillow"], HOST_FINGERPRINT),
+                        "inputs": {n: {"from": str(paths[n]), "sha256": d} for n, d in sorted(digests.items())},
+                        "params": node.params,
+                    }
                     atomic_write_json(slot.tmp / "result.json", _host_verify(matrix, ws, node, slot.tmp, paths))
                     slot.extra = {"seconds": round(time.perf_counter() - t0, 3), "runner": HOST_FINGERPRINT}
             outcome = Outcome(

@@ -166,6 +166,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in targets_in_order(report):
         lines.append("| " + " | ".join(_md_escape(c) for c in _row(name, r)) + " |")
+    lines += _nondeterministic_md(report)
     lines += ["", "## Details", ""]
     for name, r in targets_in_order(report):
         lines.append(f"### {name}: {label(r['status'])}")
@@ -190,6 +191,28 @@ def to_markdown(report: dict[str, Any]) -> str:
             )
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _nondeterministic_md(report: dict[str, Any]) -> list[str]:
+    """The artifacts that are not byte-identical from run to run (their targets' manifests say so,
+    ``nondeterministic:``): named with the reason and what is compared instead of their bytes."""
+    rows = report.get("nondeterministic") or []
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Non-deterministic artifacts",
+        "",
+        "These outputs are not byte-identical between two runs on the same inputs (each target's "
+        "target.yaml says why); their bytes are never compared, their outputs are:",
+        "",
+    ]
+    for r in rows:
+        lines.append(
+            f"- `{_md_escape(r['node'])}` `{_md_escape(r['artifact'])}`: {_md_escape(r['reason'])}; "
+            f"compared instead: {_md_escape(r['compared_by'])}"
+        )
+    return lines
 
 
 # --------------------------------------------------------------------------- junit
@@ -287,6 +310,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         if r.get("allowed"):
             detail += f"  (skip allowed: {r['allowed']})"
         out.append(f"{name:<{width}}  {label(status):<9}  {detail}")
+    nondet = report.get("nondeterministic") or []
+    if nondet:
+        named = ", ".join(f"{r['node']} {r['artifact']}" for r in nondet)
+        out.append(f"not byte-reproducible (compared by their outputs instead): {named}")
     c = report.get("counts") or {}
     out.append(
         f"summary: {c.get('passed', 0)} passed, {c.get('failed', 0)} failed, "

@@ -2,15 +2,17 @@
 
 Layout (all under the workspace root, shared with containers as a volume):
 
-    stages/<node>/<key16>/          one finished stage: its outputs + spec.json, result.json, stamp.json
+    stages/<node>/<key16>/          one finished stage: its outputs, one <output>.provenance.json
+                                    per output (modelmatrix/provenance.py), spec.json, result.json, stamp.json
     stages/<node>/.tmp-<key16>-<pid>  a stage being produced (never read as a result)
     targets/<target>/<stage>        symlink to the current stages/<node>/<key16>
     report.json, report.md, junit.xml   copies of the latest verify outputs
     .cache/hashes.json              (path, size, mtime_ns) -> sha256, so unchanged files are not re-read
 
-A stage folder is renamed into place only after its stamp.json (key + output digests) is
-written, so a killed stage leaves at most a .tmp-* folder, which nothing mistakes for a result
-and which the next run removes.
+A stage folder is renamed into place only after its stamp.json (key + output digests + the
+digests of the provenance sidecars) is written, so a killed stage leaves at most a .tmp-* folder,
+which nothing mistakes for a result and which the next run removes. The sidecars are part of the
+result: one that is missing or changed makes the stored result damaged (rebuilt), like an output.
 
 The store owns the whole per-stage transaction (:meth:`Workspace.stage`): it looks the key up,
 re-checks every stored output against the digest in its stamp (cheaply: through the hash cache,
@@ -35,6 +37,7 @@ from typing import IO, Any
 
 from targets.common.contract import atomic_write_bytes, atomic_write_json
 
+from . import provenance as _provenance
 from .errors import ModelMatrixError
 from .hashing import HashCache, iter_files, sha256_file, sha256_json  # noqa: F401 (re-exported)
 
@@ -71,6 +74,7 @@ class Slot:
     tmp: Path | None = None  # set when the stage must run
     damaged: str | None = None  # why a stored result was refused (then it is rebuilt)
     extra: dict[str, Any] | None = None  # merged into the stamp at commit
+    provenance: dict[str, Any] | None = None  # what every output's sidecar says besides node, key, digests
 
     @property
     def cached(self) -> bool:
@@ -155,6 +159,9 @@ class Workspace:
                 return None, f"its output {name} cannot be read ({exc})"
             if now != digest:
                 return None, f"its output {name} no longer matches the digest it was stored with"
+        why = _provenance.sidecar_problem(folder, data, self.hashes)
+        if why:
+            return None, why
         return data, None
 
     def lookup(self, node: str, key: str) -> dict[str, Any] | None:
@@ -177,7 +184,7 @@ class Workspace:
         slot.tmp = self.begin(node, key)
         try:
             yield slot
-            slot.stamp = self.commit(node, key, slot.tmp, outputs, extra=slot.extra)
+            slot.stamp = self.commit(node, key, slot.tmp, outputs, extra=slot.extra, provenance=slot.provenance)
         except BaseException:
             self.abandon(slot.tmp)
             raise
@@ -190,9 +197,16 @@ class Workspace:
         return tmp
 
     def commit(
-        self, node: str, key: str, tmp: Path, outputs: list[str], extra: dict[str, Any] | None = None
+        self,
+        node: str,
+        key: str,
+        tmp: Path,
+        outputs: list[str],
+        extra: dict[str, Any] | None = None,
+        provenance: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Hash the declared outputs, write the stamp, then rename the folder into place."""
+        """Hash the declared outputs, write one provenance sidecar per output (``provenance``: what
+        they say besides node, key and digests), write the stamp, then rename the folder into place."""
         digests = {}
         for name in outputs:
             path = tmp / name
@@ -202,7 +216,9 @@ class Workspace:
                     f"broken (targets/.../target.yaml declares it; see {tmp.name}/result.json)"
                 )
             digests[name] = self.hashes.any(path)
-        stamp = {"key": key, "node": node, "outputs": digests, **(extra or {})}
+        common = {"node": node, "key": key, **(provenance or {})}
+        sidecars = _provenance.write_sidecars(tmp, digests, common, self.hashes)
+        stamp = {"key": key, "node": node, "outputs": digests, _provenance.STAMP_KEY: sidecars, **(extra or {})}
         atomic_write_json(tmp / STAMP, stamp)
         final = self.stage_dir(node, key)
         if final.exists():  # a stale, damaged or concurrent copy: replace it

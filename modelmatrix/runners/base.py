@@ -239,6 +239,10 @@ class Runner(abc.ABC):
     def fingerprint(self, target: TargetDef) -> str:
         """The environment a stage's outputs depend on (toolchain versions, image id): part of its key."""
 
+    def provenance(self, target: TargetDef) -> dict[str, Any]:
+        """Where the target's stages run, for their outputs' provenance sidecars (modelmatrix/provenance.py)."""
+        return {"runner": self.name, "fingerprint": self.fingerprint(target)}
+
     @abc.abstractmethod
     def run(self, req: StageRequest) -> str:
         """Run one stage; return the tail of its log. Raise StageFailed on failure."""

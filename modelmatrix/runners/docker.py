@@ -38,6 +38,7 @@ from .. import REPO_ROOT, images
 from ..config import Matrix, TargetDef
 from ..docker_client import SESSION_LABEL, Engine, engine_reason, owner_labels, owner_state
 from ..errors import ConfigError, DockerError, ImageMissing, ModelMatrixError, StageFailed, TargetUnavailable
+from ..provenance import docker_environment
 from .base import (
     LogTail,
     Runner,
@@ -277,6 +278,7 @@ class DockerRunner(Runner):
         self._engine = engine
         self._images: dict[str, tuple[str, str]] = {}
         self._remote: dict[str, Engine] = {}  # docker_host -> its engine
+        self._provenance: dict[str, dict[str, Any]] = {}  # target -> its image's identity (sidecars)
 
     def remote_host(self, target: TargetDef) -> str | None:
         """The target stanza's ``docker_host``: its stages run on that engine, with their inputs copied
@@ -338,6 +340,24 @@ class DockerRunner(Runner):
         apt may bring other packages) is another environment, so stage results are not reused."""
         image_id, tag = self.image_for(target)
         return f"docker:{image_id}"
+
+    def provenance(self, target: TargetDef) -> dict[str, Any]:
+        """The image the target's stages run in: id, tag, layer diff ids, labels and toolchain
+        versions (its io.modelmatrix.versions label), from the engine's inspect of that id."""
+        if target.name not in self._provenance:
+            image_id, tag = self.image_for(target)
+            engine = self.engine_for(target)
+            inspect = engine.image(image_id)
+            if inspect is None:
+                self._images.pop(target.name, None)
+                raise ImageMissing(
+                    f"{target.name}: image {tag} ({image_id[7:19]}) is gone from the engine; "
+                    f"run `invoke build --target {target.name}` (the docker runner never pulls)"
+                )
+            self._provenance[target.name] = docker_environment(
+                image_id, tag, inspect, self.fingerprint(target), engine.address if self.remote_host(target) else None
+            )
+        return self._provenance[target.name]
 
     def stage_unavailable_reason(self, target: TargetDef, stage: str) -> str | None:
         """One stage's own device needs: on a remote engine asked of that engine, else of this host."""

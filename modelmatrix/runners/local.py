@@ -10,10 +10,12 @@ import signal
 import subprocess
 import sys
 import threading
+from typing import Any
 
 from .. import REPO_ROOT
 from ..config import TargetDef
 from ..errors import StageFailed
+from ..provenance import host_environment
 from .base import LogTail, Runner, StageRequest, device_reason, stage_exit_failure, stage_requires
 
 
@@ -50,6 +52,10 @@ class LocalRunner(Runner):
             except importlib.metadata.PackageNotFoundError:
                 versions.append(f"{module}=?")
         return "local:" + ",".join(versions)
+
+    def provenance(self, target: TargetDef) -> dict[str, Any]:
+        """``runner: local``: this host's Python and the versions of the target's modules."""
+        return host_environment("local", list(target.requires.get("modules", [])), self.fingerprint(target))
 
     def run(self, req: StageRequest) -> str:
         spec = req.write_spec(str(req.workspace))
