@@ -297,17 +297,18 @@ def images(c, config=DEFAULT_CONFIG, verbose=False, quiet=False):
         )
 
 
-@task(help={**VERBOSITY, "force": "re-bootstrap even if the base exists", "config": "matrix file"})
+@task(help={**VERBOSITY, "force": "build again even if the base exists", "config": "matrix file"})
 @_cli
 def bases(c, force=False, config=DEFAULT_CONFIG, verbose=False, quiet=False):
-    """Bootstrap the base images declared in matrix.yaml (debootstrap + docker import), for hosts with no registry."""
+    """Build the base images declared in matrix.yaml (debuerreotype, reproducible), for hosts with no registry."""
     from modelmatrix import bases as mbases
 
     m = _load(config)
     for ref in m.raw["images"]["bases"]:
         info = mbases.bootstrap(m, ref, force=force)
-        state = "bootstrapped" if info.get("created") else "already present"
-        print(f"{ref:<28} -> {info['tag']} ({state})")
+        state = "built" if info.get("created") else "already present"
+        layers = ",".join(d[7:19] for d in info["diff_ids"]) or "-"
+        print(f"{ref:<28} -> {info['tag']} ({state}) image {info['image_id'][7:19]} layer {layers}")
 
 
 @task(
@@ -321,7 +322,7 @@ def bases(c, force=False, config=DEFAULT_CONFIG, verbose=False, quiet=False):
 )
 @_cli
 def ship(c, target, out="dist", push=False, config=DEFAULT_CONFIG, verbose=False, quiet=False):
-    """Write a target image as docker-save .tar.gz plus a manifest JSON (and optionally push it)."""
+    """Write a target image as a deterministic .tar.gz plus a manifest JSON with its SBOM (optionally push it)."""
     from modelmatrix import images
 
     m = _load(config)
@@ -339,6 +340,45 @@ def load(c, archive, verbose=False, quiet=False):
 
     info = images.load(Path(archive))
     print(json.dumps(info, indent=2))
+
+
+@task(
+    name="verify-image",
+    help={
+        **VERBOSITY,
+        "target": "target whose image to rebuild and compare",
+        "keep": "keep the rebuilt image (tag modelmatrix/<t>:verify-<hash>)",
+        "out": "also write the comparison as JSON to this file",
+        "config": "matrix file",
+    },
+)
+@_cli
+def verify_image(c, target, keep=False, out=None, config=DEFAULT_CONFIG, verbose=False, quiet=False):
+    """Rebuild a target's image without cache and prove it identical (layers, shipped archive sha256)."""
+    from modelmatrix import images
+    from modelmatrix.errors import EXIT_CHECK_FAILED
+
+    m = _load(config)
+    r = images.verify_image(m, _known(m, config, target), keep=keep)
+    if out:
+        from targets.common.contract import atomic_write_json
+
+        atomic_write_json(Path(out), r)
+    print(f"{r['tag']}: {r['layers']} layers, rebuilt without cache in {r['seconds']:.0f}s")
+    print(f"  archive sha256 {r['archive_sha256']} (current)")
+    print(f"  archive sha256 {r['rebuild_archive_sha256']} (rebuild)")
+    for d in r["differences"]:
+        print(f"  layer {d['layer']}: {(d['current'] or '-')[:19]} != {(d['rebuild'] or '-')[:19]}")
+        for line in d["paths"]:
+            print(f"    {line}")
+        for line in d["diffoscope"] or []:
+            print(f"    | {line}")
+    if r["identical"]:
+        print("identical")
+        return
+    if not r["differences"]:
+        print("  the layers are identical; the archives differ (the image config: labels or history)")
+    raise Exit("differs: the rebuild is not identical", code=EXIT_CHECK_FAILED)
 
 
 @task(
@@ -535,5 +575,19 @@ def verify(c, from_=None, force=False, plots=True, config=DEFAULT_CONFIG, verbos
 
 
 ns = Collection(
-    data, matrix, build, images, bases, ship, load, clean, bench, doctor, finetune, ci_plan, export_results, verify
+    data,
+    matrix,
+    build,
+    images,
+    bases,
+    ship,
+    load,
+    verify_image,
+    clean,
+    bench,
+    doctor,
+    finetune,
+    ci_plan,
+    export_results,
+    verify,
 )

@@ -29,6 +29,7 @@ target.yaml ``items`` (the item type: int, float, number, str or bool).
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import logging
 import math
@@ -308,6 +309,15 @@ def _string(
     return check
 
 
+def _timestamp(value: Any) -> str:
+    """A UTC time as debuerreotype takes it; YAML's own (unquoted) timestamps are accepted too."""
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+        return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _string(pattern=r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", example="a UTC time like 2025-05-20T00:00:00Z")(value)
+
+
 def _scalar(value: Any) -> Any:
     if isinstance(value, (dict, list)) or value is None or not isinstance(value, (str, int, float, bool)):
         raise _err(
@@ -575,6 +585,8 @@ class BaseSpec(_Strict):
     suite: Annotated[str, _NONEMPTY]
     variant: Annotated[str, _v(_string())] = "minbase"
     mirror: Annotated[str, _v(_string())] = "auto"
+    # Debian's snapshot archive at this time instead of the mirror (debuerreotype's native mode)
+    timestamp: Annotated[str | None, _v(_optional(_timestamp))] = None
     tag: Annotated[str, _NONEMPTY]
 
 

@@ -24,13 +24,13 @@ the labels, and only then is the result tagged: a failed build leaves no tag.
 from __future__ import annotations
 
 import fnmatch
-import gzip
 import hashlib
 import io
 import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import tarfile
 import tempfile
@@ -44,6 +44,16 @@ from typing import IO, Any
 from targets.common.contract import atomic_write, atomic_write_bytes
 
 from . import REPO_ROOT, __version__
+from .archive import (
+    Layer,
+    Saved,
+    canonical_json,
+    iso_epoch,
+    layer_differences,
+    normalized_config,
+    unpack_save,
+    write_gzip_archive,
+)
 from .bases import BaseInfo, resolve, target_base
 from .config import Matrix, TargetDef, discover_targets
 from .docker_client import Engine
@@ -360,7 +370,7 @@ class Recipe:
 
     def builder_args(self) -> dict[str, str]:
         """Build args as sent to the engine: FROM the base by ID, so the builder never pulls."""
-        return {**self.build_args, "BASE_IMAGE": self.base.image_id}
+        return {**self.build_args, "BASE_IMAGE": self.base.image_id, "SOURCE_DATE_EPOCH": str(self.base.epoch)}
 
     @property
     def ca_label(self) -> str:
@@ -464,7 +474,6 @@ def _git(*args: str) -> str | None:
 def image_labels(recipe: Recipe, versions: dict[str, Any]) -> dict[str, str]:
     labels = {
         "org.opencontainers.image.title": f"modelmatrix {recipe.target}",
-        "org.opencontainers.image.source": _git("remote", "get-url", "origin") or f"file://{REPO_ROOT}",
         "org.opencontainers.image.version": __version__,
         "org.opencontainers.image.base.name": recipe.base.ref,
         LABEL_PREFIX + "target": recipe.target,
@@ -480,9 +489,12 @@ def image_labels(recipe: Recipe, versions: dict[str, Any]) -> dict[str, str]:
         labels[LABEL_PREFIX + "user-files"] = ",".join(
             f"{arc.rsplit('/', 1)[-1]}=sha256:{d}" for arc, d in sorted(recipe.declared.items())
         )
-    revision = _git("rev-parse", "HEAD")
-    if revision:
-        labels["org.opencontainers.image.revision"] = revision
+    # Only what the recipe determines: a label of the clone's path or its git HEAD would make two
+    # builds of one recipe differ (the shipped manifest records where and when it was built).
+    source = _git("remote", "get-url", "origin")
+    if source and re.match(r"^(https?|ssh|git)://|^[\w.-]+@[\w.-]+:", source):  # a URL, not a local clone
+        labels["org.opencontainers.image.source"] = source
+    labels[LABEL_PREFIX + "source-date-epoch"] = str(recipe.base.epoch)
     return labels
 
 
@@ -705,21 +717,8 @@ def build(
     if existing and not force:
         _say(target_name, f"{recipe.tag} is up to date (recipe unchanged); not rebuilding")
         return _used_by(_result(recipe, engine, built=False, seconds=time.monotonic() - t0), target_name)
-    where = _rel(recipe.dockerfile)
     supplied = user_files(matrix, target_name, files)  # checked before the engine sees anything
-    stream = BuildStream(target_name, where)
-    image_id = _build_context(
-        engine, {**recipe.files, **supplied}, buildargs=recipe.builder_args(), labels={}, stream=stream, nocache=force
-    )
-    versions = _versions(engine, image_id, recipe)
-    labels = image_labels(recipe, versions)
-    final_id = _build_context(
-        engine,
-        {"Dockerfile": f"FROM {image_id}\n".encode()},
-        buildargs={},
-        labels=labels,
-        stream=BuildStream(target_name, f"{where} (labels)", False),
-    )
+    final_id, versions = _build_image(engine, recipe, supplied, nocache=force)
     engine.tag(final_id, recipe.repository, recipe.tag_name)
     if existing and existing["Id"] != final_id:
         _drop_untagged(engine, existing["Id"], target_name)
@@ -731,6 +730,27 @@ def build(
         f"versions: {', '.join(f'{k} {v}' for k, v in sorted(versions.items()))}",
     )
     return out
+
+
+def _build_image(
+    engine: Engine, recipe: Recipe, supplied: dict[str, Path], *, nocache: bool
+) -> tuple[str, dict[str, Any]]:
+    """Build the recipe (``nocache``: every step runs again), then add the labels; the image is
+    left untagged. Returns (image ID, versions)."""
+    where = _rel(recipe.dockerfile)
+    stream = BuildStream(recipe.target, where)
+    image_id = _build_context(
+        engine, {**recipe.files, **supplied}, buildargs=recipe.builder_args(), labels={}, stream=stream, nocache=nocache
+    )
+    versions = _versions(engine, image_id, recipe)
+    final_id = _build_context(
+        engine,
+        {"Dockerfile": f"FROM {image_id}\n".encode()},
+        buildargs={},
+        labels=image_labels(recipe, versions),
+        stream=BuildStream(recipe.target, f"{where} (labels)", False),
+    )
+    return final_id, versions
 
 
 def _drop_untagged(engine: Engine, image_id: str, target: str) -> None:
@@ -761,7 +781,10 @@ def _current(matrix: Matrix, target: str, engine: Engine) -> dict[str, Any]:
 def ship(
     matrix: Matrix, target_name: str, out_dir: str | Path, engine: Engine | None = None, compresslevel: int = 3
 ) -> Path:
-    """``docker save`` of the current image, gzipped, plus a manifest JSON next to it."""
+    """The current image as a deterministic ``.tar.gz`` (archive.py: the same layers and labels give
+    the same bytes) plus a manifest JSON next to it: image and layer IDs, the archive's sha256, the
+    recipe's inputs and an SBOM (dpkg packages and a CycloneDX list of the Python packages, read
+    from the shipped layers themselves)."""
     engine = _engine(engine)
     row = _current(matrix, target_name, engine)
     img = engine.image(row["image_id"])
@@ -774,52 +797,133 @@ def ship(
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{IMAGE_NAMESPACE}-{target_name}-{row['recipe_hash'][:16]}"
     archive = out_dir / f"{stem}.tar.gz"
-    digest, size = _write_gzip(archive, engine.save(row["tag"]), compresslevel)
+    recipe = plan(matrix, target_name, _base_of(matrix, target_name, engine))
+    with _saved(engine, row["image_id"], out_dir) as saved:
+        config = shipped_config(saved.config, img)
+        box: dict[str, Any] = {}
+
+        def write(raw: IO[bytes]) -> None:
+            box["id"], box["sha"], box["size"] = write_gzip_archive(
+                raw, config, saved.layers, [row["tag"]], compresslevel
+            )
+
+        atomic_write(archive, write)
+        sbom = sbom_of(saved.layers, row["tag"], _epoch_of(img))
     manifest = {
-        "schema": 1,
+        "schema": 2,
         "target": target_name,
         "tag": row["tag"],
-        "image_id": row["image_id"],
+        "image_id": box["id"],  # the ID `docker load` of the archive gives (its config is normalised)
+        "built_image_id": row["image_id"],  # the builder's ID here (its config holds build times)
         "diff_ids": list(img["RootFS"].get("Layers") or []),
         "labels": img["Config"].get("Labels") or {},
         "size": img["Size"],
         "recipe_hash": row["recipe_hash"],
+        "recipe_inputs": recipe_inputs(recipe),
         "versions": row["versions"],
         "archive": archive.name,
-        "archive_sha256": digest,
-        "archive_bytes": size,
+        "archive_sha256": box["sha"],
+        "archive_bytes": box["size"],
+        "sbom": sbom,
+        "shipped_from": {"git_revision": _git("rev-parse", "HEAD"), "engine": engine.address},
         "modelmatrix_version": __version__,
     }
     _atomic_text(out_dir / f"{stem}.manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return archive
 
 
-def _write_gzip(path: Path, chunks: Iterable[bytes], level: int) -> tuple[str, int]:
-    """Stream into ``path`` through a temporary name; returns (sha256, bytes) of the archive."""
-    hashing: list[_HashingWriter] = []
-
-    def write(raw: IO[bytes]) -> None:
-        with _HashingWriter(raw) as hw:
-            hashing.append(hw)
-            with gzip.GzipFile(filename="", mode="wb", fileobj=hw, mtime=0, compresslevel=level) as gz:
-                for chunk in chunks:
-                    gz.write(chunk)
-
-    atomic_write(path, write)
-    return hashing[0].sha.hexdigest(), hashing[0].size
+def _base_of(matrix: Matrix, target_name: str, engine: Engine) -> BaseInfo:
+    owner = image_owner(matrix, target_name)
+    return resolve(
+        matrix, _owner_base(matrix, owner), engine, allow_pull=False, where=f"targets.{owner.name}.image.base"
+    )
 
 
-class _HashingWriter(io.RawIOBase):
-    def __init__(self, raw: IO[bytes]) -> None:
-        self.raw, self.sha, self.size = raw, hashlib.sha256(), 0
+def _epoch_of(img: dict[str, Any]) -> int:
+    value = str(((img.get("Config") or {}).get("Labels") or {}).get(LABEL_PREFIX + "source-date-epoch", ""))
+    return int(value) if value.isdigit() else CONTEXT_MTIME
 
-    def writable(self) -> bool:
-        return True
 
-    def write(self, data: Any) -> int:
-        self.sha.update(data)
-        self.size += len(data)
-        return self.raw.write(data)
+def shipped_config(config: dict[str, Any], img: dict[str, Any]) -> bytes:
+    return canonical_json(normalized_config(config, _epoch_of(img)))
+
+
+def _saved(engine: Engine, image_id: str, near: Path) -> Saved:
+    scratch = Path(os.environ.get("MM_SHIP_TMP") or near)
+    return unpack_save(engine.save(image_id), f"image {image_id[7:19]}", scratch)
+
+
+def recipe_inputs(recipe: Recipe) -> dict[str, Any]:
+    """What the recipe hash is made of, each input by its sha256 (the CA bundle and wheels too)."""
+    return {
+        "files": {arc: _sha256(src) for arc, src in sorted(recipe.files.items())},
+        "user_files": dict(sorted(recipe.declared.items())),
+        "build_args": recipe.builder_args(),
+        "base": {"ref": recipe.base.ref, "image_id": recipe.base.image_id, "epoch": recipe.base.epoch},
+    }
+
+
+def sbom_of(layers: list[Layer], name: str, epoch: int) -> dict[str, Any]:
+    """dpkg's installed packages and the Python distributions, as the layers leave them."""
+    dpkg_status: bytes | None = None
+    dists: dict[str, tuple[str, str]] = {}  # dist-info dir -> (name, version)
+    for layer in layers:
+        with tarfile.open(layer.path, mode="r:") as tf:
+            for member in tf:
+                path = member.name.removeprefix("./")
+                base = path.rsplit("/", 1)[-1]
+                if base.startswith(".wh."):
+                    gone = path.rsplit("/", 1)[0] + "/" + base[4:] if "/" in path else base[4:]
+                    dists = {k: v for k, v in dists.items() if not (k == gone or k.startswith(gone + "/"))}
+                    if gone in ("var/lib/dpkg/status", "var/lib/dpkg", "var/lib", "var"):
+                        dpkg_status = None
+                    continue
+                if path == "var/lib/dpkg/status" and member.isfile():
+                    fh = tf.extractfile(member)
+                    dpkg_status = fh.read() if fh else None
+                elif re.search(r"[^/]+\.dist-info/METADATA$", path) and member.isfile():
+                    fh = tf.extractfile(member)
+                    meta = (fh.read() if fh else b"").decode(errors="replace")
+                    fields = dict(re.findall(r"^(Name|Version): *(.+?)\s*$", meta.split("\n\n", 1)[0], re.M))
+                    if "Name" in fields and "Version" in fields:
+                        dists[path.rsplit("/", 1)[0]] = (fields["Name"], fields["Version"])
+    packages = []
+    for para in (dpkg_status or b"").decode(errors="replace").split("\n\n"):
+        fields = dict(re.findall(r"^(Package|Version|Architecture|Status): *(.+?)\s*$", para, re.M))
+        if fields.get("Status", "").endswith(" installed") and "Package" in fields:
+            packages.append(
+                {
+                    "package": fields["Package"],
+                    "version": fields.get("Version", ""),
+                    "arch": fields.get("Architecture", ""),
+                }
+            )
+    components = sorted(
+        {
+            (n, v, f"{d.split('/site-packages/')[0]}" if "/site-packages/" in d else d.rsplit("/", 1)[0])
+            for d, (n, v) in dists.items()
+        }
+    )
+    return {
+        "dpkg": sorted(packages, key=lambda p: (p["package"], p["arch"])),
+        "python": {
+            "bomFormat": "CycloneDX",
+            "specVersion": "1.5",
+            "version": 1,
+            "metadata": {"timestamp": iso_epoch(epoch), "component": {"type": "container", "name": name}},
+            "components": [
+                {
+                    "type": "library",
+                    "bom-ref": f"pkg:pypi/{_norm(n)}@{v}?location=/{where}",
+                    "name": n,
+                    "version": v,
+                    "purl": f"pkg:pypi/{_norm(n)}@{v}",
+                    "properties": [{"name": "modelmatrix:location", "value": f"/{where}"}],
+                }
+                for n, v, where in components
+            ],
+        },
+    }
 
 
 def _atomic_text(path: Path, text: str) -> None:
@@ -832,7 +936,7 @@ def manifest_path(archive: Path) -> Path:
 
 
 def load(archive_path: str | Path, engine: Engine | None = None) -> dict[str, Any]:
-    """Load an archive written by :func:`ship`; checks its sha256 and the loaded image ID."""
+    """Load an archive written by :func:`ship`; checks its sha256 before and the image ID after."""
     archive = Path(archive_path)
     mpath = manifest_path(archive)
     if not archive.is_file():
@@ -841,9 +945,11 @@ def load(archive_path: str | Path, engine: Engine | None = None) -> dict[str, An
         raise DataError(f"{mpath}: not found next to the archive; `invoke ship` writes both")
     try:
         manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{mpath}: not valid JSON ({exc})") from None
-    if _sha256(archive) != manifest.get("archive_sha256"):
+    if not isinstance(manifest, dict) or not {"archive_sha256", "tag", "image_id"} <= set(manifest):
+        raise DataError(f"{mpath}: not a modelmatrix ship manifest (archive_sha256, tag, image_id missing)")
+    if _sha256(archive) != manifest["archive_sha256"]:
         raise DataError(f"{archive}: sha256 differs from {mpath.name}; the archive is damaged, ship it again")
     engine = _engine(engine)
     with open(archive, "rb") as fh:
@@ -851,6 +957,8 @@ def load(archive_path: str | Path, engine: Engine | None = None) -> dict[str, An
     img = engine.image(manifest["tag"])
     if not img or img["Id"] != manifest["image_id"]:
         raise DockerError(f"{archive}: loaded, but {manifest['tag']} is not image {manifest['image_id'][:19]}")
+    if manifest.get("diff_ids") and list(img["RootFS"].get("Layers") or []) != manifest["diff_ids"]:
+        raise DockerError(f"{archive}: loaded, but the layers of {manifest['tag']} are not the manifest's diff_ids")
     return {
         "archive": str(archive),
         "target": manifest["target"],
@@ -859,6 +967,87 @@ def load(archive_path: str | Path, engine: Engine | None = None) -> dict[str, An
         "recipe_hash": manifest["recipe_hash"],
         "loaded": lines,
     }
+
+
+# --------------------------------------------------------------------------- verify-image
+
+
+def verify_image(
+    matrix: Matrix, target_name: str, engine: Engine | None = None, *, keep: bool = False, scratch: Path | None = None
+) -> dict[str, Any]:
+    """Rebuild the target's image without the layer cache under a scratch tag and compare it with
+    the current one: layer diff IDs and the sha256 of the archive `invoke ship` would write. For
+    each layer that differs, the paths that differ (diffoscope's first lines where installed)."""
+    engine = _engine(engine)
+    t0 = time.monotonic()
+    current = build(matrix, target_name, engine=engine, allow_pull=False)  # a no-op when up to date
+    owner = image_owner(matrix, target_name)
+    recipe = plan(matrix, target_name, _base_of(matrix, target_name, engine))
+    scratch_tag = f"verify-{recipe.tag_name}"
+    _say(target_name, f"rebuilding {recipe.tag} without the layer cache as {recipe.repository}:{scratch_tag}")
+    rebuilt_id, _versions_ = _build_image(engine, recipe, user_files(matrix, target_name), nocache=True)
+    engine.tag(rebuilt_id, recipe.repository, scratch_tag)
+    try:
+        a, b = engine.image(current["image_id"]), engine.image(rebuilt_id)
+        if a is None or b is None:
+            raise ImageMissing(f"{target_name}: an image vanished during verify-image; run it again")
+        la, lb = list(a["RootFS"].get("Layers") or []), list(b["RootFS"].get("Layers") or [])
+        where = Path(scratch or os.environ.get("MM_SHIP_TMP") or tempfile.gettempdir())
+        with _saved(engine, a["Id"], where) as sa, _saved(engine, b["Id"], where) as sb:
+            sha_a = write_gzip_archive(None, shipped_config(sa.config, a), sa.layers, [recipe.tag])[1]
+            sha_b = write_gzip_archive(None, shipped_config(sb.config, b), sb.layers, [recipe.tag])[1]
+            differences = []
+            for i, (x, y) in enumerate(zip(sa.layers, sb.layers, strict=False)):
+                if x.diff_id != y.diff_id:
+                    differences.append(
+                        {
+                            "layer": i,
+                            "current": x.diff_id,
+                            "rebuild": y.diff_id,
+                            "paths": layer_differences(x.path, y.path),
+                            "diffoscope": _diffoscope(x.path, y.path),
+                        }
+                    )
+        if len(la) != len(lb):
+            differences.append(
+                {
+                    "layer": min(len(la), len(lb)),
+                    "current": None,
+                    "rebuild": None,
+                    "paths": [f"{len(la)} layers in the current image, {len(lb)} in the rebuild"],
+                    "diffoscope": None,
+                }
+            )
+    finally:
+        if not keep:
+            engine.remove_image(f"{recipe.repository}:{scratch_tag}", force=True)
+    identical = la == lb and sha_a == sha_b and not differences
+    return {
+        "target": owner.name,
+        "tag": recipe.tag,
+        "identical": identical,
+        "layers": len(la),
+        "diff_ids": la,
+        "rebuild_diff_ids": lb,
+        "archive_sha256": sha_a,
+        "rebuild_archive_sha256": sha_b,
+        "image_ids": [a["Id"], b["Id"]],
+        "differences": differences,
+        "kept": f"{recipe.repository}:{scratch_tag}" if keep else None,
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+
+
+def _diffoscope(a: Path, b: Path, lines: int = 40) -> list[str] | None:
+    if not shutil.which("diffoscope"):
+        return None
+    try:
+        out = subprocess.run(
+            ["diffoscope", "--no-progress", "--text", "-", str(a), str(b)], capture_output=True, text=True, timeout=600
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return [f"diffoscope did not finish: {exc}"]
+    return out.stdout.splitlines()[:lines]
 
 
 def push(matrix: Matrix, target_name: str, engine: Engine | None = None) -> dict[str, Any]:

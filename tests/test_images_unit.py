@@ -82,7 +82,7 @@ def test_context_holds_exactly_the_recipe(project):
     assert [w.name for w in recipe.wheels] == [WHEEL]  # not unrelated-*, not numpy 2.4.6
     assert recipe.files[images.CA_ARCNAME] == b""  # ca_bundle: null -> empty file
     assert recipe.tag == f"modelmatrix/demo:{recipe.hash[:16]}"
-    assert recipe.builder_args() == {"BASE_IMAGE": BASE.image_id}
+    assert recipe.builder_args() == {"BASE_IMAGE": BASE.image_id, "SOURCE_DATE_EPOCH": str(BASE.epoch)}
 
 
 def test_hash_is_stable_and_follows_every_input(tmp_path, monkeypatch):
@@ -222,8 +222,11 @@ def test_proxies_never_reach_the_builder(tmp_path, monkeypatch):
 def test_labels(project):
     recipe = images.plan(project, "demo", BASE)
     labels = images.image_labels(recipe, {"demo": "1.0", "python": "3.11.2"})
+    # nothing of the clone (its path, its HEAD) is a label: two builds of one recipe must agree
+    assert "org.opencontainers.image.revision" not in labels
+    assert not any(str(REPO_ROOT) in v for v in labels.values())
+    assert labels["io.modelmatrix.source-date-epoch"] == str(BASE.epoch)
     for key in (
-        "org.opencontainers.image.source",
         "org.opencontainers.image.version",
         "org.opencontainers.image.base.name",
     ):
