@@ -272,11 +272,16 @@ def write_apt_pins(dockerfile: Path, arg: str, pins: Sequence[tuple[str, str]]) 
 def _policy_script(packages: Sequence[str], sources: Sequence[str]) -> str:
     opts = "-o Dir::State::Lists=/tmp/mm-lock/lists -o Dir::Cache=/tmp/mm-lock/cache"
     if sources:
-        opts += " -o Dir::Etc::SourceList=/tmp/mm-lock/sources.list -o Dir::Etc::SourceParts=/tmp/mm-lock/none"
+        # another distribution's archive: the base's own installed packages must not count as candidates
+        opts += (
+            " -o Dir::Etc::SourceList=/tmp/mm-lock/sources.list -o Dir::Etc::SourceParts=/tmp/mm-lock/none"
+            " -o Dir::State::status=/tmp/mm-lock/status"
+        )
     lines = "\\n".join(sources)
     return (
         "set -eu; mkdir -p /tmp/mm-lock/lists/partial /tmp/mm-lock/cache/archives/partial /tmp/mm-lock/none; "
         f"printf '{lines}\\n' > /tmp/mm-lock/sources.list; "
+        ": > /tmp/mm-lock/status; "
         f"apt-get {opts} -qq update >/dev/null; "
         f"LC_ALL=C apt-cache {opts} policy {' '.join(packages)}"
     )
@@ -359,7 +364,11 @@ _PIP_MISSING_PKG = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+) --hash="
 _PIP_NO_VERSION = re.compile(
     r"Could not find a version that satisfies the requirement ([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)"
 )
-_APT_VERSION = re.compile(r"E: Version '([^']+)' for '([^']+)' was not found")
+# apt's "E: Version '...' for '...' was not found" (stderr); the build log interleaves it with stdout, so
+# the "E" may land on another line: measured on Docker 20.10's classic builder ("E" + "Package python3 is
+# not available ..." lines + ": Version '3.11.2-0+gone1' for 'python3' was not found").
+_APT_VERSION = re.compile(r"Version '([^']+)' for '([^']+)' was not found")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _REQ_FILE = re.compile(r"\(from -r (\S+) \(line \d+\)\)")
 
 
@@ -370,6 +379,7 @@ def explain_build_failure(lines: list[str], lock_file: str) -> str | None:
     pip lock as the user knows it (``images/<t>/requirements.txt``); apt pins are named in the Dockerfile
     next to it."""
     recipe = str(Path(lock_file).parent / "Dockerfile")
+    lines = [_ANSI.sub("", ln) for ln in lines]
 
     def named_lock(at: int) -> str:
         # pip names the file it read inside the build (/tmp/mm/requirements-fake-toolkit.txt): the same name here
