@@ -343,6 +343,31 @@ def load(c, archive, verbose=False, quiet=False):
 
 
 @task(
+    help={
+        **VERBOSITY,
+        "target": "only this image's locks (default: every image)",
+        "pip": "refresh the pip locks (images/<t>/requirements.in -> requirements.txt with hashes)",
+        "apt": "refresh the apt pins (the MM_APT_* defaults in each Dockerfile, from its base)",
+        "config": "matrix file (for the wheelhouses)",
+    }
+)
+@_cli
+def lock(c, target=None, pip=True, apt=False, config=DEFAULT_CONFIG, verbose=False, quiet=False):
+    """Regenerate the pinned inputs of the image recipes: pip locks with hashes, optionally apt pins."""
+    from modelmatrix import images
+    from modelmatrix import lock as mlock
+
+    m = _load(config)
+    root = images.REPO_ROOT / "images"
+    if pip:
+        for path in mlock.lock_pip(root, find_links=images.wheelhouses(m), only=target):
+            print(f"locked {path.relative_to(images.REPO_ROOT)}")
+    if apt:
+        for path in mlock.lock_apt(root, only=target):
+            print(f"pinned {path.relative_to(images.REPO_ROOT)}")
+
+
+@task(
     name="verify-image",
     help={
         **VERBOSITY,

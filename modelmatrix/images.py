@@ -58,6 +58,7 @@ from .bases import BaseInfo, resolve, target_base
 from .config import Matrix, TargetDef, discover_targets
 from .docker_client import Engine
 from .errors import BuildFailed, ConfigError, DataError, DockerError, ImageMissing, UserFileMissing
+from .lock import explain_build_failure
 
 IMAGE_NAMESPACE = "modelmatrix"
 RECIPE_SCHEMA = "modelmatrix-recipe-1"
@@ -640,6 +641,9 @@ class BuildStream:
         output = [ln for ln in list(self.step_lines)[1:] if not re.match(r"^( ---> |Removing interm)", ln)]
         last = f"; last output: {_shorten(output[-1].strip(), 200)}" if output else ""
         where = self.step or "the build"
+        stale = explain_build_failure(output, str(Path(self.dockerfile).parent / "requirements.txt"))
+        if stale:  # a pin the lock or the mirror no longer honours: say which, not pip's 30 lines
+            return BuildFailed(f"{self.dockerfile}: {where} failed: {stale}", self.tail())
         return BuildFailed(f"{self.dockerfile}: {where} failed: {what}{last}", self.tail())
 
 

@@ -14,7 +14,7 @@ import yaml
 from modelmatrix import REPO_ROOT
 from modelmatrix.config import Matrix, load_matrix
 
-CI_BASE = "modelmatrix/base:bookworm-minbase"  # bootstrapped by `invoke bases` (debootstrap)
+CI_BASE = "modelmatrix/base:bookworm-minbase"  # built by `invoke bases` (debuerreotype)
 BULLSEYE_BASE = "modelmatrix/base:bullseye-minbase"
 
 
