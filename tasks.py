@@ -605,6 +605,7 @@ ns = Collection(
     build,
     images,
     bases,
+    lock,
     ship,
     load,
     verify_image,
