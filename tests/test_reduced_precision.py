@@ -81,6 +81,79 @@ def test_int8_writes_symmetric_per_channel_qdq_at_opset_13(tmp_path):
     assert not any(i.name.startswith("w_scale") for i in model.graph.initializer)
 
 
+def necked_net(path: Path) -> Path:
+    """conv_net plus a BNNeck (BatchNormalization on the flattened pooled feature, running stats
+    measured on the test images, as a trained model's): what bias_correction neck corrects."""
+    conv_net(path)
+    model = onnx.load(str(path))
+    feats = _run_onnx(model.SerializeToString(), "class", _images(6))
+    mean, var = feats.mean(0), feats.var(0) + 1e-3
+    rng = np.random.default_rng(2)
+    stats = {
+        "bn_scale": rng.uniform(0.5, 1.5, 6),
+        "bn_bias": rng.normal(0, 0.1, 6),
+        "bn_mean": mean,
+        "bn_var": var,
+    }
+    model.graph.initializer.extend(numpy_helper.from_array(v.astype(np.float32), k) for k, v in stats.items())
+    model.graph.node[-1].output[0] = "pooled"
+    model.graph.node.append(helper.make_node("BatchNormalization", ["pooled", *stats], ["class"], name="neck_bn"))
+    onnx.save(model, str(path))
+    return path
+
+
+def _images(n: int) -> np.ndarray:
+    return np.random.default_rng(1).normal(size=(n, 3, 16, 8)).astype(np.float32)
+
+
+def _run_onnx(model: bytes, output: str, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    if output != "class":
+        m = onnx.load_from_string(model)
+        m.graph.output.append(helper.make_tensor_value_info(output, TensorProto.FLOAT, None))
+        model = m.SerializeToString()
+    sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    return sess.run([output], {"image": x})[0].astype(np.float64)
+
+
+@pytest.mark.parametrize("correction", ["neck", "none"])
+def test_bias_correction_gives_the_int8_neck_the_fp32_mean_feature(tmp_path, correction):
+    """keep_fp32 stem+neck + bias_correction neck (the defaults): the BNNeck stays fp32 and its
+    running mean absorbs the int8 trunk's mean shift, so over the calibration images the int8
+    model's mean feature equals the fp32 model's (BatchNormalization is affine per channel);
+    with bias_correction none the shift stays."""
+    necked_net(tmp_path / "model.onnx")
+    np.save(tmp_path / "inputs.npy", _images(6))
+    (tmp_path / "out").mkdir()
+    spec = tmp_path / "out" / "spec.json"
+    inputs = {"onnx": "model.onnx", "calibration": "inputs.npy"}
+    params = {"calibration_images": 6, "bias_correction": correction}
+    spec.write_text(json.dumps(spec_to_json("quantize", "int8", str(tmp_path), inputs, "out", params)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "targets.quantize.int8", str(spec)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    side = json.loads((tmp_path / "out" / "quantization.json").read_text())
+    assert side["keep_fp32"] == "stem+neck" and side["fp32_nodes"] == ["conv", "neck_bn"]
+    assert side["bias_correction"]["applied"] == (correction == "neck"), side["bias_correction"]
+    qmodel = (tmp_path / "out" / "model.qdq.onnx").read_bytes()
+    neck = next(n for n in onnx.load_from_string(qmodel).graph.node if n.name == "neck_bn")
+    assert neck.input[1] == "bn_scale"  # fp32 weights: no DequantizeLinear in front of the neck
+    x = _images(6)
+    ref = _run_onnx((tmp_path / "model.onnx").read_bytes(), "class", x).mean(0)
+    got = _run_onnx(qmodel, "class", x).mean(0)
+    gap = np.abs(got - ref).max()
+    if correction == "neck":
+        assert gap < 1e-4 * np.abs(ref).max(), (got, ref)
+    else:
+        assert gap > 1e-3 * np.abs(ref).max(), (got, ref)  # the uncorrected int8 shift is visible
+
+
 def test_keep_fp32_none_quantises_the_first_conv_too(tmp_path):
     proc = run_stage(tmp_path, "int8", {"calibration_images": 4, "keep_fp32": "none"})
     assert proc.returncode == 0, proc.stdout + proc.stderr

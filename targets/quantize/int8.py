@@ -5,11 +5,18 @@ it), then ONNX Runtime's ``quantize_static`` writes QuantizeLinear/DequantizeLin
 weights, symmetric, per output channel; int8 activations, symmetric (zero point 0). That is what
 TensorRT's explicit quantisation accepts, and ONNX Runtime's CPU provider runs the same file.
 
-``keep_fp32`` (default ``stem``): the first Conv (the one reading the image: 3 input channels, 2% of
-the MACs) gets no Q/DQ and stays fp32; ``none`` quantises every Conv. Measured on the fine-tuned
-checkpoint (report: targets/quantize/target.yaml) it lifts the cosine to fp32 in every case, and a
-QDQ graph with an unquantised layer is still what TensorRT's explicit quantisation accepts (that
-layer runs in the tensor's own precision).
+``keep_fp32`` (default ``stem+neck``): the first Conv (the one reading the image: 3 input channels,
+2% of the MACs) gets no Q/DQ and stays fp32 (measured: it lifts the cosine to fp32 in every case),
+and so does the BNNeck (the last BatchNormalization, on the pooled feature: 2048 multiply-adds);
+``stem`` keeps the stem only, ``none`` quantises every Conv. A QDQ graph with an unquantised layer
+is still what TensorRT's explicit quantisation accepts (that layer runs in its tensor's precision).
+
+``bias_correction`` (default ``neck``): the BNNeck subtracts a running mean and divides by a spread
+that is a small fraction of the pooled feature's mean, so the int8 trunk's small per-channel mean
+shift of the pooled feature becomes a large constant offset of the BNNeck feature. The shift is
+measured on the calibration images (the same images through the fp32 and the QDQ model, paired)
+and added to the fp32 BNNeck's running mean in model.qdq.onnx (empirical bias correction); the
+sidecar says by how much. Measured in targets/onnxruntime_int8/target.yaml.
 
 Calibration: the first ``calibration_images`` rows of prepare/inputs.npy (the same tensor every
 backend reads; all of them, said in the sidecar and the log, when there are fewer), method minmax,
@@ -22,10 +29,11 @@ from __future__ import annotations
 import hashlib
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
 from targets.common.arrays import load_inputs
@@ -39,19 +47,100 @@ METHODS = {
     "percentile": CalibrationMethod.Percentile,
 }
 CALIBRATION_BATCH = 8
-KEEP_FP32 = ("none", "stem")
+KEEP_FP32 = ("none", "stem", "stem+neck")
+CORRECTIONS = ("none", "neck")
+
+
+def neck_node(model: onnx.ModelProto) -> Optional[onnx.NodeProto]:
+    """The BNNeck: the last BatchNormalization, when it normalises a pooled (N x C) feature."""
+    bns = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+    if not bns:
+        return None
+    last = bns[-1]
+    producers = {o: n for n in model.graph.node for o in n.output}
+    src = producers.get(last.input[0])
+    while src is not None and src.op_type in ("DequantizeLinear", "QuantizeLinear"):  # the QDQ pair in front
+        src = producers.get(src.input[0])
+    if src is None or src.op_type not in ("Flatten", "Reshape", "Squeeze", "GlobalAveragePool"):
+        return None
+    if not last.name:
+        last.name = "modelmatrix_neck_bn"
+    return last
 
 
 def fp32_nodes(model: onnx.ModelProto, keep: str) -> List[str]:
     """The node names ``keep_fp32`` leaves unquantised (named: quantize_static excludes by name)."""
+    out: List[str] = []
     if keep == "none":
-        return []
+        return out
     first = next((n for n in model.graph.node if n.op_type == "Conv"), None)
-    if first is None:
-        return []
-    if not first.name:
-        first.name = "modelmatrix_stem_conv"
-    return [first.name]
+    if first is not None:
+        if not first.name:
+            first.name = "modelmatrix_stem_conv"
+        out.append(first.name)
+    if keep == "stem+neck":
+        neck = neck_node(model)
+        if neck is not None:
+            out.append(neck.name)
+    return out
+
+
+def _with_output(model: onnx.ModelProto, name: str) -> bytes:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return m.SerializeToString()
+
+
+def _tensor(model: bytes, input_name: str, output: str, images: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    outs = [
+        sess.run([output], {input_name: np.ascontiguousarray(images[i : i + CALIBRATION_BATCH])})[0]
+        for i in range(0, images.shape[0], CALIBRATION_BATCH)
+    ]
+    return np.concatenate(outs).reshape(images.shape[0], -1).astype(np.float64)
+
+
+def correct_neck_bias(
+    fp32: onnx.ModelProto, qmodel: onnx.ModelProto, input_name: str, images: np.ndarray
+) -> Dict[str, Any]:
+    """Empirical bias correction of the fp32 BNNeck (Nagel et al. 2019, "Data-free quantization",
+    sec. 4.2, measured instead of modelled): the int8 trunk shifts the pooled feature's mean per
+    channel; the BNNeck subtracts a running mean that is a fraction of that feature's spread
+    across images, so an uncorrected shift becomes a constant offset of the BNNeck feature. The
+    shift is the mean over the calibration images of (int8 pooled - fp32 pooled), paired image by
+    image (the same images through both models); it is added to the BNNeck's running mean in the
+    QDQ model. Returns what was done (for the sidecar)."""
+    neck, ref_neck = neck_node(qmodel), neck_node(fp32)
+    if neck is None or ref_neck is None:
+        return {"applied": False, "reason": "no BatchNormalization on a pooled feature (no BNNeck)"}
+    inits = {i.name for i in qmodel.graph.initializer}
+    if neck.input[1] not in inits:  # its scale comes from a DequantizeLinear: the neck is int8
+        return {"applied": False, "reason": f"{neck.name} is quantised (keep_fp32 stem+neck keeps it fp32)"}
+    # the same tensor in both graphs (quantize_static renames the neck's input to a DQ output)
+    ref = _tensor(_with_output(fp32, ref_neck.input[0]), input_name, ref_neck.input[0], images)
+    got = _tensor(_with_output(qmodel, neck.input[0]), input_name, neck.input[0], images)
+    shift = (got - ref).mean(axis=0)
+    mean_init = next((i for i in qmodel.graph.initializer if i.name == neck.input[3]), None)
+    var_init = next((i for i in qmodel.graph.initializer if i.name == neck.input[4]), None)
+    if mean_init is None or var_init is None:
+        return {"applied": False, "reason": f"{neck.name}: running mean/var are not initializers"}
+    mean = numpy_helper.to_array(mean_init).astype(np.float64)
+    std = np.sqrt(numpy_helper.to_array(var_init).astype(np.float64))
+    if shift.shape != mean.shape or not np.isfinite(shift).all():
+        return {"applied": False, "reason": f"{neck.name}: the measured shift is not finite or has another shape"}
+    mean_init.CopyFrom(numpy_helper.from_array((mean + shift).astype(np.float32), mean_init.name))
+    return {
+        "applied": True,
+        "node": neck.name,
+        "images": int(images.shape[0]),
+        "shift_over_running_std": {
+            "median": round(float(np.median(np.abs(shift) / np.maximum(std, 1e-12))), 4),
+            "max": round(float(np.max(np.abs(shift) / np.maximum(std, 1e-12))), 4),
+        },
+    }
 
 
 class Reader(CalibrationDataReader):
@@ -78,9 +167,12 @@ def run(spec: Spec) -> Dict[str, Any]:
     if requested < 1:
         raise StageError(f"calibration_images must be >= 1, got {requested}")
     opset = int(spec.param("opset", 13))
-    keep = str(spec.param("keep_fp32", "stem"))
+    keep = str(spec.param("keep_fp32", "stem+neck"))
     if keep not in KEEP_FP32:
         raise StageError(f"keep_fp32: expected one of {', '.join(KEEP_FP32)}, got {keep!r}")
+    correction = str(spec.param("bias_correction", "neck"))
+    if correction not in CORRECTIONS:
+        raise StageError(f"bias_correction: expected one of {', '.join(CORRECTIONS)}, got {correction!r}")
     model = upgrade(load_model(path), opset, path)
     exclude = fp32_nodes(model, keep)
     inp = model.graph.input[0]
@@ -121,6 +213,11 @@ def run(spec: Spec) -> Dict[str, Any]:
             raise StageError(f"{path}: ONNX Runtime's quantize_static failed ({type(exc).__name__}: {first})") from None
         data = dst.read_bytes()
     qmodel = onnx.load_from_string(data)
+    corrected: Dict[str, Any] = {"applied": False, "reason": "bias_correction: none"}
+    if correction == "neck":
+        corrected = correct_neck_bias(model, qmodel, inp.name, images)
+        if corrected["applied"]:
+            data = qmodel.SerializeToString()
     counts: Dict[str, int] = {}
     for node in qmodel.graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
@@ -143,6 +240,7 @@ def run(spec: Spec) -> Dict[str, Any]:
         "notes": notes,
         "keep_fp32": keep,
         "fp32_nodes": exclude,
+        "bias_correction": {"method": correction, **corrected},
         "versions": versions(),
     }
     atomic_write_json(spec.output("quantization.json"), side)
