@@ -223,7 +223,6 @@ def bootstrap(
             "io.modelmatrix.base.tool": f"debuerreotype {_tool_version()}",
             EPOCH_LABEL: str(epoch),
             "io.modelmatrix.base.rootfs-sha256": tar_sha,
-            "org.opencontainers.image.ref.name": tag,
             **{f"io.modelmatrix.base.{k}": v for k, v in source.items()},
         }
         image_id = _load_rootfs(engine, tar, tar_sha, labels, epoch, tmp)
