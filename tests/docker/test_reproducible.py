@@ -104,13 +104,22 @@ def test_a_clamped_step_rebuilds_identical_and_ships_the_same_bytes(tmp_path, ci
             docker_engine.remove_image(row["tag"], force=True)
 
 
-def test_verify_image_cli_exits_1_naming_the_path(tmp_path, ci_base, docker_engine):
+def test_verify_image_task_exits_1_naming_the_path(tmp_path, ci_base, docker_engine, monkeypatch, capsys):
+    import invoke
+
+    sys.path.insert(0, str(REPO_ROOT))
+    import tasks
+
     m, row = _tiny(tmp_path, "stampcli", STAMPED, docker_engine)
+    monkeypatch.setattr(tasks, "_load", lambda config, *a, **k: m)  # the throwaway project's targets
+    monkeypatch.setattr(tasks, "_known", lambda matrix, config, name: name)
     try:
-        out = _invoke("verify-image", "--target", "stampcli", "--config", str(m.path), check=False)
-        assert out.returncode == 1, out.stdout + out.stderr
-        assert "/opt/modelmatrix/built-at: content" in out.stdout
-        assert "error: differs: the rebuild is not identical" in out.stderr
+        with pytest.raises(invoke.Exit) as exc:
+            tasks.verify_image.body(invoke.Context(), target="stampcli", out=str(tmp_path / "r.json"))
+        assert exc.value.code == 1 and "differs: the rebuild is not identical" in str(exc.value.message)
+        printed = capsys.readouterr().out
+        assert "/opt/modelmatrix/built-at: content" in printed and "identical\n" not in printed
+        assert json.loads((tmp_path / "r.json").read_text())["identical"] is False
     finally:
         docker_engine.remove_image(row["tag"], force=True)
 
@@ -123,7 +132,8 @@ def test_an_unreachable_mirror_is_one_line_naming_the_url(tmp_path, docker_engin
                 "bases": {
                     "x:1": {"suite": "bookworm", "mirror": "http://127.0.0.1:9/debian", "tag": "modelmatrix/base:nope"}
                 }
-            }
+            },
+            "targets": {"torch": {}},
         },
     )
     with pytest.raises(ConfigError) as exc:
@@ -139,13 +149,19 @@ def test_an_unreachable_mirror_is_one_line_naming_the_url(tmp_path, docker_engin
 def test_a_timestamp_must_be_a_utc_time(tmp_path):
     path = write_yaml(
         tmp_path / "m.yaml",
-        {"images": {"bases": {"x:1": {"suite": "bookworm", "timestamp": "May 2025", "tag": "t:1"}}}},
+        {
+            "images": {"bases": {"x:1": {"suite": "bookworm", "timestamp": "May 2025", "tag": "t:1"}}},
+            "targets": {"torch": {}},
+        },
     )
     with pytest.raises(
         ConfigError, match=r"images\.bases\.x:1\.timestamp: expected a UTC time like 2025-05-20T00:00:00Z"
     ):
         load_matrix(path)
-    path.write_text("images:\n  bases:\n    x:1: {suite: bookworm, timestamp: 2025-05-20T00:00:00Z, tag: 't:1'}\n")
+    path.write_text(
+        "images:\n  bases:\n    x:1: {suite: bookworm, timestamp: 2025-05-20T00:00:00Z, tag: 't:1'}\n"
+        "targets: {torch: {}}\n"
+    )
     assert load_matrix(path).raw["images"]["bases"]["x:1"]["timestamp"] == "2025-05-20T00:00:00Z"
 
 
@@ -158,7 +174,11 @@ def test_bases_twice_give_the_same_layer_and_image(tmp_path, docker_engine, ci_b
     run), else with a second `--force` run. Either way two independent debuerreotype runs."""
     decl = load_matrix(REPO_ROOT / "matrix.yaml").raw["images"]["bases"]["python:3.11-slim-bookworm"]
     path = write_yaml(
-        tmp_path / "m.yaml", {"images": {"bases": {"repro:bookworm": {**decl, "tag": "modelmatrix/base:repro-test"}}}}
+        tmp_path / "m.yaml",
+        {
+            "images": {"bases": {"repro:bookworm": {**decl, "tag": "modelmatrix/base:repro-test"}}},
+            "targets": {"torch": {}},
+        },
     )
     try:
         first = _invoke("bases", "--force", "--config", str(path))
