@@ -189,7 +189,7 @@ def test_shipped_manifests_pass_with_complete_requires():
 def test_manifest_unknown_keys_anywhere(tmp_path):
     assert (
         _target_error(tmp_path, "onnxruntime", "outputs: [features.npy]", "ouputs: [features.npy]")
-        == "stages.infer.ouputs: unknown key (allowed: inputs, params, outputs, on_demand, requires)"
+        == "stages.infer.ouputs: unknown key (allowed: inputs, params, outputs, on_demand, requires, nondeterministic)"
     )
     assert (
         _target_error(tmp_path, "caffe", "requires:", "requirs:")
