@@ -211,7 +211,7 @@ def test_verify_image_of_the_real_images_prints_identical(target, base, tmp_path
         {
             "workspace": str(tmp_path / "ws"),
             "images": {"bases": load_matrix(REPO_ROOT / "matrix.yaml").raw["images"]["bases"]},
-            "targets": {target: {"image": {"base": base}}},
+            "targets": {"torch": {"enabled": False}, target: {"image": {"base": base}}},
         },
     )
     out = _invoke("verify-image", "--target", target, "--config", str(path), "--out", str(tmp_path / "r.json"))
