@@ -476,12 +476,10 @@ def image_labels(recipe: Recipe, versions: dict[str, Any]) -> dict[str, str]:
     labels = {
         "org.opencontainers.image.title": f"modelmatrix {recipe.target}",
         "org.opencontainers.image.version": __version__,
-        "org.opencontainers.image.base.name": recipe.base.ref,
+        "org.opencontainers.image.base.digest": recipe.base.image_id,
         LABEL_PREFIX + "target": recipe.target,
         LABEL_PREFIX + "recipe-hash": recipe.hash,
-        LABEL_PREFIX + "base-requested": recipe.base.requested,
         LABEL_PREFIX + "base-id": recipe.base.image_id,
-        LABEL_PREFIX + "base-source": recipe.base.source,
         LABEL_PREFIX + "ca-bundle": recipe.ca_label,
         LABEL_PREFIX + "wheelhouse": ",".join(w.name for w in recipe.wheels) or "none",
         LABEL_PREFIX + "versions": json.dumps(versions, sort_keys=True, separators=(",", ":")),
@@ -490,8 +488,10 @@ def image_labels(recipe: Recipe, versions: dict[str, Any]) -> dict[str, str]:
         labels[LABEL_PREFIX + "user-files"] = ",".join(
             f"{arc.rsplit('/', 1)[-1]}=sha256:{d}" for arc, d in sorted(recipe.declared.items())
         )
-    # Only what the recipe determines: a label of the clone's path or its git HEAD would make two
-    # builds of one recipe differ (the shipped manifest records where and when it was built).
+    # Only what the recipe hash covers: the tag is shared by every build of the recipe, so a label
+    # of how the base was named (python:3.11-slim-bookworm or its bootstrap tag), of the clone's
+    # path or of its git HEAD would make two builds of one tag differ (found by verify-image); the
+    # shipped manifest records those.
     source = _git("remote", "get-url", "origin")
     if source and re.match(r"^(https?|ssh|git)://|^[\w.-]+@[\w.-]+:", source):  # a URL, not a local clone
         labels["org.opencontainers.image.source"] = source

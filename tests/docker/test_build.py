@@ -22,7 +22,7 @@ def test_onnxruntime_image_is_labelled(ort_image, docker_engine, ci_base, real_m
     assert labels["io.modelmatrix.recipe-hash"] == ort_image["recipe_hash"]
     assert labels["io.modelmatrix.target"] == "onnxruntime"
     assert labels["io.modelmatrix.base-id"] == ci_base["Id"]
-    assert labels["org.opencontainers.image.base.name"] == CI_BASE
+    assert labels["org.opencontainers.image.base.digest"] == ci_base["Id"]
     assert labels["org.opencontainers.image.version"] and "org.opencontainers.image.revision" not in labels
     assert labels["io.modelmatrix.source-date-epoch"] == ci_base["Config"]["Labels"]["io.modelmatrix.base.epoch"]
     versions = json.loads(labels["io.modelmatrix.versions"])
