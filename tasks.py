@@ -354,17 +354,17 @@ def load(c, archive, verbose=False, quiet=False):
 @_cli
 def lock(c, target=None, pip=True, apt=False, config=DEFAULT_CONFIG, verbose=False, quiet=False):
     """Regenerate the pinned inputs of the image recipes: pip locks with hashes, optionally apt pins."""
-    from modelmatrix import images
+    from modelmatrix import REPO_ROOT, images
     from modelmatrix import lock as mlock
 
     m = _load(config)
-    root = images.REPO_ROOT / "images"
+    root = REPO_ROOT / "images"
     if pip:
         for path in mlock.lock_pip(root, find_links=images.wheelhouses(m), only=target):
-            print(f"locked {path.relative_to(images.REPO_ROOT)}")
+            print(f"locked {path.relative_to(REPO_ROOT)}")
     if apt:
         for path in mlock.lock_apt(root, only=target):
-            print(f"pinned {path.relative_to(images.REPO_ROOT)}")
+            print(f"pinned {path.relative_to(REPO_ROOT)}")
 
 
 @task(

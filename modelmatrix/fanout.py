@@ -44,6 +44,7 @@ from .config import Matrix
 from .errors import ConfigError, ModelMatrixError
 from .hashing import sha256_file
 from .plan import build_plan
+from .provenance import sidecar_name
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +211,9 @@ def _pack(
         for name in NODE_FILES + extra:
             if (folder / name).is_file():
                 copy_in(folder / name, f"{node}/{name}")
+                sidecar = sidecar_name(name)  # what it was made from travels with it
+                if (folder / sidecar).is_file():
+                    copy_in(folder / sidecar, f"{node}/{sidecar}")
         nodes[node] = {
             "key": stamp.get("key"),
             "outputs": stamp.get("outputs", {}),

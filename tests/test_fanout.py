@@ -159,6 +159,8 @@ def test_export_carries_what_the_report_needs_only(fanned):
         "torch.export/meta.json",
         "prepare/stamp.json",
         "onnxruntime.infer/result.json",
+        "onnxruntime.infer/features.npy.provenance.json",  # the provenance travels with the artifact
+        "torch.export/meta.json.provenance.json",
     } <= files
     assert not any(f.endswith(("model.onnx", "inputs.npy", "weights.pt")) for f in files)
     ws = fanned["root"] / "job-onnxruntime" / "ws"

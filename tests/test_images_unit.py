@@ -232,7 +232,9 @@ def test_labels(project):
     ):
         assert labels[key]
     assert labels["org.opencontainers.image.base.digest"] == BASE.image_id
-    assert not [k for k in labels if k.endswith(("base.name", "base-requested", "base-source"))]  # naming is not content
+    assert not [
+        k for k in labels if k.endswith(("base.name", "base-requested", "base-source"))
+    ]  # naming is not content
     assert labels["io.modelmatrix.recipe-hash"] == recipe.hash
     assert labels["io.modelmatrix.target"] == "demo"
     assert labels["io.modelmatrix.ca-bundle"] == "none"
