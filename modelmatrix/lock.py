@@ -20,12 +20,12 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from modelmatrix.errors import ModelMatrixError
+from targets.common.contract import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -181,16 +181,7 @@ def lock_image(
     body = proc.stdout
     if "--hash=sha256:" not in body:
         raise LockError(f"{src}: uv wrote no hashes (is the file empty?); add requirements, then {LOCK_COMMAND}")
-    text = _header(requirements_in, python_version, platform, no_emit, note) + body
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=image_dir)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(out, (_header(requirements_in, python_version, platform, no_emit, note) + body).encode())
     return out
 
 
@@ -256,16 +247,7 @@ def write_apt_pins(dockerfile: Path, arg: str, pins: Sequence[tuple[str, str]]) 
     new = f'ARG {arg}="' + " \\\n    ".join(words) + '"'
     if m.group(0) == new:
         return False
-    updated = text[: m.start()] + new + text[m.end() :]
-    fd, tmp = tempfile.mkstemp(prefix=f".{dockerfile.name}.", dir=dockerfile.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(updated)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dockerfile)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(dockerfile, (text[: m.start()] + new + text[m.end() :]).encode())
     return True
 
 
