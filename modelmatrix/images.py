@@ -876,8 +876,9 @@ def sbom_of(layers: list[Layer], name: str, epoch: int) -> dict[str, Any]:
             for member in tf:
                 path = member.name.removeprefix("./")
                 base = path.rsplit("/", 1)[-1]
-                if base.startswith(".wh."):
-                    gone = path.rsplit("/", 1)[0] + "/" + base[4:] if "/" in path else base[4:]
+                if base.startswith(".wh."):  # a deletion; ".wh..wh..opq" hides the whole folder below
+                    folder = path.rsplit("/", 1)[0] if "/" in path else ""
+                    gone = folder if base == ".wh..wh..opq" else (f"{folder}/" if folder else "") + base[4:]
                     dists = {k: v for k, v in dists.items() if not (k == gone or k.startswith(gone + "/"))}
                     if gone in ("var/lib/dpkg/status", "var/lib/dpkg", "var/lib", "var"):
                         dpkg_status = None

@@ -372,3 +372,38 @@ def test_image_refs_split():
     assert _split_ref("localhost:5000/modelmatrix/torch:abc") == ("localhost:5000/modelmatrix/torch", "abc")
     assert _split_ref("localhost:5000/modelmatrix/torch") == ("localhost:5000/modelmatrix/torch", "latest")
     assert _split_ref("debian@sha256:" + "0" * 64) == ("debian@sha256:" + "0" * 64, None)
+
+
+def _layer(path: Path, entries: dict[str, bytes]) -> images.Layer:
+    with tarfile.open(path, "w") as tf:
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return images.Layer("sha256:" + "0" * 64, path)
+
+
+def test_sbom_reads_dpkg_and_python_from_the_layers_and_honours_whiteouts(tmp_path):
+    status = (
+        b"Package: base-files\nStatus: install ok installed\nArchitecture: amd64\nVersion: 12.4\n\n"
+        b"Package: gone\nStatus: deinstall ok config-files\nVersion: 1\n"
+    )
+    site = "opt/venv/lib/python3.11/site-packages"
+    meta = b"Metadata-Version: 2.1\nName: onnx\nVersion: 1.23.2\n\nName: not-the-header\n"
+    first = _layer(
+        tmp_path / "1.tar",
+        {
+            "var/lib/dpkg/status": status,
+            f"{site}/onnx-1.23.2.dist-info/METADATA": meta,
+            f"{site}/six-1.16.0.dist-info/METADATA": b"Name: six\nVersion: 1.16.0\n",
+            "usr/lib/py/old-1.dist-info/METADATA": b"Name: old\nVersion: 1\n",
+        },
+    )
+    second = _layer(tmp_path / "2.tar", {f"{site}/.wh.six-1.16.0.dist-info": b"", "usr/lib/py/.wh..wh..opq": b""})
+    sbom = images.sbom_of([first, second], "modelmatrix/x:1", 315532800)
+    assert sbom["dpkg"] == [{"package": "base-files", "version": "12.4", "arch": "amd64"}]  # installed only
+    comps = sbom["python"]["components"]
+    assert [(c["name"], c["version"], c["purl"]) for c in comps] == [("onnx", "1.23.2", "pkg:pypi/onnx@1.23.2")]
+    assert (
+        sbom["python"]["bomFormat"] == "CycloneDX" and sbom["python"]["metadata"]["timestamp"] == "1980-01-01T00:00:00Z"
+    )
