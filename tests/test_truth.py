@@ -412,6 +412,9 @@ def test_ctrl_c_says_interrupted_exits_130_and_leaves_a_trustworthy_workspace(tm
         stderr=subprocess.PIPE,
         text=True,
         stdin=subprocess.DEVNULL,
+        # a terminal's Ctrl-C: a parent started in the background (`cmd &` without job control)
+        # hands SIGINT down ignored, and Python then keeps it ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list((m.workspace / "stages").glob("torch.export/.tmp-*")):
