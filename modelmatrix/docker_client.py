@@ -236,21 +236,6 @@ class Engine:
             return box["error"]
         return None if self.image(ref) else "pull finished but the image is not there"
 
-    def import_tar(self, chunks: Iterable[bytes], changes: list[str]) -> str:
-        """``docker import`` of a streamed root filesystem tar; returns the new image ID (untagged)."""
-        with _translated("docker import"):
-            answer = self.long.import_image_from_data(iter(chunks), changes=changes)
-        image_id = ""
-        for line in str(answer).splitlines():
-            with contextlib.suppress(ValueError):
-                msg = json.loads(line)
-                if "error" in msg:
-                    raise DockerError(f"docker import: {str(msg['error']).strip()[:300]}")
-                image_id = msg.get("status", image_id)
-        if not image_id.startswith("sha256:"):
-            raise DockerError(f"docker import: unexpected answer {str(answer)[:200]!r}")
-        return image_id
-
     def save(self, ref: str) -> Iterator[bytes]:
         with _translated(f"docker save {ref}", ref):
             yield from self.long.get_image(ref, chunk_size=1 << 20)
