@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import socket
 import tarfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import docker
