@@ -117,7 +117,7 @@ def run_finetune(
     matrix: Matrix,
     runner_choice: str | None = None,
     out: Path | None = None,
-    identities: int = 32,
+    identities: int = 64,
     images_per_identity: int = 8,
     force: bool = False,
 ) -> dict[str, Any]:
