@@ -1,4 +1,4 @@
-"""Stage ``onnxruntime_int8.bench`` (run by ``invoke bench``): as ``onnxruntime.bench``, on the QDQ model."""
+"""Stage ``onnxruntime_int8.bench`` (run by ``invoke bench``): as ``onnxruntime.bench``, on the QDQ model infer runs."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ from typing import Any, Dict
 from targets.common.contract import Spec, atomic_write_json, main
 from targets.onnxruntime import bench as ort_bench
 
-PARAMS = {"providers": ["CPUExecutionProvider"], "graph_optimization": "all"}
+from .infer import qdq_input
 
 
 def run(spec: Spec) -> Dict[str, Any]:
-    spec.params = {**PARAMS, **spec.params}
-    report = ort_bench.run(spec)
+    report = ort_bench.run(qdq_input(spec))
     # the process's peak resident set over every batch size (Linux reports KiB)
     report["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     atomic_write_json(spec.output("bench.json"), report)

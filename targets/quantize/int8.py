@@ -47,7 +47,13 @@ METHODS = {
     "percentile": CalibrationMethod.Percentile,
 }
 CALIBRATION_BATCH = 8
-KEEP_FP32 = ("none", "stem", "stem+neck")
+KEEP_FP32 = ("none", "stem", "neck", "stem+neck")
+#: the activation encodings: int8 symmetric (zero point 0: TensorRT's explicit quantisation) for
+#: quantize.int8, uint8 asymmetric for quantize.int8_u8 (ONNX Runtime's fast x86 path, U8S8)
+ACTIVATIONS = {
+    "int8": (QuantType.QInt8, True, "int8 symmetric per-tensor"),
+    "uint8": (QuantType.QUInt8, False, "uint8 asymmetric per-tensor"),
+}
 CORRECTIONS = ("none", "neck")
 
 
@@ -71,14 +77,12 @@ def neck_node(model: onnx.ModelProto) -> Optional[onnx.NodeProto]:
 def fp32_nodes(model: onnx.ModelProto, keep: str) -> List[str]:
     """The node names ``keep_fp32`` leaves unquantised (named: quantize_static excludes by name)."""
     out: List[str] = []
-    if keep == "none":
-        return out
     first = next((n for n in model.graph.node if n.op_type == "Conv"), None)
-    if first is not None:
+    if first is not None and keep in ("stem", "stem+neck"):
         if not first.name:
             first.name = "modelmatrix_stem_conv"
         out.append(first.name)
-    if keep == "stem+neck":
+    if keep in ("neck", "stem+neck"):
         neck = neck_node(model)
         if neck is not None:
             out.append(neck.name)
@@ -118,7 +122,7 @@ def correct_neck_bias(
         return {"applied": False, "reason": "no BatchNormalization on a pooled feature (no BNNeck)"}
     inits = {i.name for i in qmodel.graph.initializer}
     if neck.input[1] not in inits:  # its scale comes from a DequantizeLinear: the neck is int8
-        return {"applied": False, "reason": f"{neck.name} is quantised (keep_fp32 stem+neck keeps it fp32)"}
+        return {"applied": False, "reason": f"{neck.name} is quantised (keep_fp32 neck or stem+neck keeps it fp32)"}
     # the same tensor in both graphs (quantize_static renames the neck's input to a DQ output)
     ref = _tensor(_with_output(fp32, ref_neck.input[0]), input_name, ref_neck.input[0], images)
     got = _tensor(_with_output(qmodel, neck.input[0]), input_name, neck.input[0], images)
@@ -159,6 +163,12 @@ class Reader(CalibrationDataReader):
 
 
 def run(spec: Spec) -> Dict[str, Any]:
+    """quantize.int8: the file TensorRT compiles (int8 symmetric activations)."""
+    return quantize(spec, "int8", "keep_fp32", "stem+neck")
+
+
+def quantize(spec: Spec, activations: str, keep_key: str, keep_default: str) -> Dict[str, Any]:
+    act_type, act_symmetric, act_label = ACTIVATIONS[activations]
     path = spec.input("onnx")
     method = spec.param("method", "minmax")
     if method not in METHODS:
@@ -167,9 +177,9 @@ def run(spec: Spec) -> Dict[str, Any]:
     if requested < 1:
         raise StageError(f"calibration_images must be >= 1, got {requested}")
     opset = int(spec.param("opset", 13))
-    keep = str(spec.param("keep_fp32", "stem+neck"))
+    keep = str(spec.param(keep_key, keep_default))
     if keep not in KEEP_FP32:
-        raise StageError(f"keep_fp32: expected one of {', '.join(KEEP_FP32)}, got {keep!r}")
+        raise StageError(f"{keep_key}: expected one of {', '.join(KEEP_FP32)}, got {keep!r}")
     correction = str(spec.param("bias_correction", "neck"))
     if correction not in CORRECTIONS:
         raise StageError(f"bias_correction: expected one of {', '.join(CORRECTIONS)}, got {correction!r}")
@@ -188,7 +198,7 @@ def run(spec: Spec) -> Dict[str, Any]:
         print(f"warning: {notes[-1]}", flush=True)
     images = np.ascontiguousarray(arr[:used], dtype=np.float32)
     calib_sha = hashlib.sha256(images.tobytes()).hexdigest()
-    extra: Dict[str, Any] = {"ActivationSymmetric": True, "WeightSymmetric": True}
+    extra: Dict[str, Any] = {"ActivationSymmetric": act_symmetric, "WeightSymmetric": True}
     if method == "percentile":
         extra["CalibPercentile"] = float(spec.param("percentile", 99.999))
     with tempfile.TemporaryDirectory(prefix=".quantize-", dir=spec.out_dir) as tmp:
@@ -202,7 +212,7 @@ def run(spec: Spec) -> Dict[str, Any]:
                 Reader(inp.name, images),
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
-                activation_type=QuantType.QInt8,
+                activation_type=act_type,
                 weight_type=QuantType.QInt8,
                 calibrate_method=METHODS[method],
                 extra_options=extra,
@@ -234,7 +244,7 @@ def run(spec: Spec) -> Dict[str, Any]:
         "opset": default_opset(qmodel),
         "source_sha256": sha256_file(path),
         "weights": "int8 symmetric per-channel",
-        "activations": "int8 symmetric per-tensor",
+        "activations": act_label,
         "percentile": extra.get("CalibPercentile"),
         "qdq_nodes": counts,
         "notes": notes,
