@@ -52,7 +52,8 @@ def run_stage(tmp: Path, stage: str, params: dict, n_images: int = 6, custom_op:
     conv_net(tmp / "model.onnx", custom_op)
     np.save(tmp / "inputs.npy", np.random.default_rng(1).normal(size=(n_images, 3, 16, 8)).astype(np.float32))
     (tmp / "out").mkdir(exist_ok=True)
-    inputs = {"onnx": "model.onnx", "calibration": "inputs.npy"} if stage == "int8" else {"onnx": "model.onnx"}
+    calibrated = stage in ("int8", "int8_u8")
+    inputs = {"onnx": "model.onnx", "calibration": "inputs.npy"} if calibrated else {"onnx": "model.onnx"}
     spec = tmp / "out" / "spec.json"
     spec.write_text(json.dumps(spec_to_json("quantize", stage, str(tmp), inputs, "out", params)))
     return subprocess.run(
@@ -79,6 +80,25 @@ def test_int8_writes_symmetric_per_channel_qdq_at_opset_13(tmp_path):
     conv = next(n for n in model.graph.node if n.name == "conv")
     assert conv.input[1] == "w" and side["fp32_nodes"] == ["conv"]
     assert not any(i.name.startswith("w_scale") for i in model.graph.initializer)
+
+
+def test_int8_u8_writes_uint8_activations_and_quantises_the_stem_by_default(tmp_path):
+    """quantize.int8_u8 (the CPU's file): weights as quantize.int8's (int8 symmetric per channel),
+    activations uint8 with their own zero points; cpu_keep_fp32 neck leaves the stem quantised."""
+    proc = run_stage(tmp_path, "int8_u8", {"calibration_images": 4, "method": "minmax"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    side = json.loads((tmp_path / "out" / "quantization.json").read_text())
+    assert side["activations"] == "uint8 asymmetric per-tensor" and side["keep_fp32"] == "neck"
+    model = onnx.load(str(tmp_path / "out" / "model.qdq.onnx"))
+    zps = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith("zero_point")}
+    act = [z for n, z in zps.items() if not n.startswith(("w_", "w2_", "b_", "b2_"))]
+    weights = [z for n, z in zps.items() if n.startswith(("w_", "w2_"))]
+    assert act and all(z.dtype == np.uint8 for z in act)
+    assert weights and all(z.dtype == np.int8 and not z.any() for z in weights)
+    assert any(i.name.startswith("w_scale") for i in model.graph.initializer)  # the stem Conv is int8
+    assert side["fp32_nodes"] == []  # conv_net has no BNNeck, so nothing stays fp32
+    bad = run_stage(tmp_path, "int8_u8", {"cpu_keep_fp32": "trunk"})
+    assert bad.returncode != 0 and "cpu_keep_fp32: expected one of none, stem, neck, stem+neck" in bad.stderr
 
 
 def necked_net(path: Path) -> Path:
@@ -293,6 +313,9 @@ def test_int8_target_runs_the_shared_qdq_model_and_is_judged_at_task_level(reduc
     ws = reduced_run["ws"]
     side = json.loads((ws / "targets" / "quantize" / "int8" / "quantization.json").read_text())
     assert side["opset"] == 13 and side["method"] == "minmax" and side["qdq_nodes"]["QuantizeLinear"] > 50
+    # the CPU target runs the uint8-activation file by default (TensorRT's file is the one above)
+    cpu = json.loads((ws / "targets" / "quantize" / "int8_u8" / "quantization.json").read_text())
+    assert cpu["activations"].startswith("uint8") and cpu["calibration_sha256"] == side["calibration_sha256"]
     t = reduced_run["report"]["targets"]["onnxruntime_int8"]
     assert t["status"] in ("passed", "failed"), t  # compared, never skipped or an error
     by_name = {c["name"]: c for c in t["checks"]}
@@ -425,3 +448,32 @@ def test_an_image_use_of_an_unknown_or_using_target_is_one_line(tmp_path):
         images.image_owner(m, "a")
     with pytest.raises(ConfigError, match=r"image.use: 'c' itself uses 'torch'"):
         images.image_owner(m, "b")
+
+
+def test_roofline_counts_the_models_macs_and_takes_the_faster_fp32_gemm(tmp_path):
+    """quantize.roofline on conv_net: its MACs counted from the graph (conv 3->4 and 4->6, 3x3, on
+    16x8: 16*8*4*27 + 16*8*6*36), and the fp32 limit is the faster of numpy's and ONNX Runtime's GEMM
+    (numpy alone under-read it on an AVX-512 EPYC: a backend read as 181% of its roofline)."""
+    conv_net(tmp_path / "model.onnx")
+    (tmp_path / "out").mkdir()
+    spec = tmp_path / "out" / "spec.json"
+    params = {"gemm_n": 128, "seconds": 0.05}
+    spec.write_text(
+        json.dumps(spec_to_json("quantize", "roofline", str(tmp_path), {"onnx": "model.onnx"}, "out", params))
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "targets.quantize.roofline", str(spec)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    roof = json.loads((tmp_path / "out" / "roofline.json").read_text())
+    assert roof["model"]["macs_by_op"] == {"Conv": 16 * 8 * 4 * 27 + 16 * 8 * 6 * 36}
+    fp32 = roof["gemm"]["fp32"]
+    cands = fp32["candidates"]
+    assert set(cands) == {"numpy", "onnxruntime"}
+    assert fp32["gflops"] == max(c["gflops"] for c in cands.values()) > 0
+    assert roof["gemm"]["int8"]["gflops"] > 0
+    assert roof["int8_over_fp32"] == round(roof["gemm"]["int8"]["gflops"] / fp32["gflops"], 2)
