@@ -198,7 +198,7 @@ def test_one_calibration_image_works_and_is_flagged(tmp_path):
     assert side["calibration_images"] == 1 and any("ONE image" in n for n in side["notes"])
 
 
-@pytest.mark.parametrize("stage", ["int8", "fp16"])
+@pytest.mark.parametrize("stage", ["int8", "int8_u8", "fp16"])
 def test_an_op_the_quantiser_cannot_handle_is_named_in_one_line(tmp_path, stage):
     proc = run_stage(tmp_path, stage, {}, custom_op=True)
     assert proc.returncode == 2

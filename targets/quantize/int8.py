@@ -3,7 +3,9 @@
 The exported model (opset 11, for ATC) is upgraded to opset 13 (per-channel DequantizeLinear needs
 it), then ONNX Runtime's ``quantize_static`` writes QuantizeLinear/DequantizeLinear pairs: int8
 weights, symmetric, per output channel; int8 activations, symmetric (zero point 0). That is what
-TensorRT's explicit quantisation accepts, and ONNX Runtime's CPU provider runs the same file.
+TensorRT's explicit quantisation accepts; ONNX Runtime's CPU provider runs it too, but at fp32
+speed on x86, so ``quantize.int8_u8`` (int8_u8.py) writes the CPU's file from the same code with
+uint8 activations (``quantize``'s ``activations`` argument).
 
 ``keep_fp32`` (default ``stem+neck``): the first Conv (the one reading the image: 3 input channels,
 2% of the MACs) gets no Q/DQ and stays fp32 (measured: it lifts the cosine to fp32 in every case),
