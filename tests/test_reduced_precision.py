@@ -454,20 +454,7 @@ def test_roofline_counts_the_models_macs_and_takes_the_faster_fp32_gemm(tmp_path
     """quantize.roofline on conv_net: its MACs counted from the graph (conv 3->4 and 4->6, 3x3, on
     16x8: 16*8*4*27 + 16*8*6*36), and the fp32 limit is the faster of numpy's and ONNX Runtime's GEMM
     (numpy alone under-read it on an AVX-512 EPYC: a backend read as 181% of its roofline)."""
-    conv_net(tmp_path / "model.onnx")
-    (tmp_path / "out").mkdir()
-    spec = tmp_path / "out" / "spec.json"
-    params = {"gemm_n": 128, "seconds": 0.05}
-    spec.write_text(
-        json.dumps(spec_to_json("quantize", "roofline", str(tmp_path), {"onnx": "model.onnx"}, "out", params))
-    )
-    proc = subprocess.run(
-        [sys.executable, "-m", "targets.quantize.roofline", str(spec)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_stage(tmp_path, "roofline", {"gemm_n": 128, "seconds": 0.05})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     roof = json.loads((tmp_path / "out" / "roofline.json").read_text())
     assert roof["model"]["macs_by_op"] == {"Conv": 16 * 8 * 4 * 27 + 16 * 8 * 6 * 36}
